@@ -1,0 +1,140 @@
+"""Whole-volume synthesis: volumes by modality name + a bundle -> synthetic target volume.
+
+Used as it is by the command line, the Slicer module and evaluation.
+
+    >>> from MRISynthesisLib.inference import synthesize
+    >>> flair = synthesize({"t1": "t1.nii.gz", "t2": "t2.nii.gz"}, "model.safetensors",
+    ...                    precision="bf16")
+    >>> flair.array.shape, flair.affine      # the T1's grid, exactly
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Callable, Mapping, Optional, Union
+
+import numpy as np
+import torch
+
+from .bundle import ModelBundle, load_bundle
+from .errors import Cancelled, InputError
+from .preprocessing import SliceStack
+from .volumes import Volume, align_to_reference, load_volume, resample_to_reference, validate_volume
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_BATCH_SIZE = 8
+
+VolumeLike = Union[Volume, str, os.PathLike]
+ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    if device not in DEVICES:
+        raise InputError(f"unknown device {device!r}; expected one of {DEVICES}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(device)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _as_volume(value: VolumeLike, name: str) -> Volume:
+    if isinstance(value, Volume):
+        return validate_volume(value, name)
+    return load_volume(value, name)
+
+
+def check_inputs(inputs: Mapping[str, Optional[VolumeLike]], bundle: ModelBundle) -> dict:
+    """The bundle's sources, each given exactly once; extra modalities are refused by name."""
+    given = {k: v for k, v in inputs.items() if v is not None}
+    missing = [s for s in bundle.sources if s not in given]
+    if missing:
+        raise InputError(f"the model needs {', '.join(bundle.sources)} but {', '.join(missing)} "
+                         f"{'was' if len(missing) == 1 else 'were'} not given")
+    extra = [s for s in given if s not in bundle.sources]
+    if extra:
+        raise InputError(f"the model ({' + '.join(bundle.sources)} -> {bundle.target}) cannot use "
+                         f"{', '.join(extra)}; choose a model trained with those inputs or leave them out")
+    return given
+
+
+def synthesize(
+    inputs: Mapping[str, Optional[VolumeLike]],
+    bundle: Union[ModelBundle, str, os.PathLike],
+    mask: Optional[VolumeLike] = None,
+    reference: Optional[str] = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+    generator: Optional[torch.nn.Module] = None,
+) -> Volume:
+    """Synthesise the bundle's target contrast on the reference volume's grid.
+
+    inputs: modality name ("t1", "t2", "t1c") -> Volume or file path.
+    reference: the modality whose grid the output takes; default the bundle's first source
+        (T1). Inputs on other grids are resampled onto it in physical space, with a warning.
+    mask: optional brain mask (non-zero = brain); default: the non-zero voxels.
+    progress(done, total) is called after each batch; cancel() returning True raises
+    ``Cancelled`` between batches. ``generator`` reuses an already built network.
+    Returns a float32 Volume in [0, output_max] (see preprocessing).
+    """
+    if not isinstance(bundle, ModelBundle):
+        bundle = load_bundle(bundle)
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    given = check_inputs(inputs, bundle)
+    reference = reference or bundle.sources[0]
+    if reference not in given:
+        raise InputError(f"reference modality {reference!r} is not among the inputs {sorted(given)}")
+    torch_device = resolve_device(device)
+    autocast = autocast_context(torch_device, precision)
+
+    volumes = {name: _as_volume(given[name], name) for name in bundle.sources}
+    volumes = align_to_reference(volumes, reference)
+    ref = volumes[reference]
+    mask_array = None
+    if mask is not None:
+        mask_vol = _as_volume(mask, "mask")
+        if not mask_vol.same_grid(ref):
+            log.warning("mask is on a different grid than %s; resampling it (nearest neighbour)", reference)
+            mask_vol = resample_to_reference(mask_vol, ref, "mask", interpolation="nearest")
+        mask_array = mask_vol.array > 0
+        if not mask_array.any():
+            raise InputError("mask: no voxel is inside the mask")
+
+    stack = SliceStack([volumes[s].array for s in bundle.sources], ref.affine, bundle.preprocessing,
+                       mask=mask_array, names=bundle.sources)
+    del volumes
+    net = generator if generator is not None else bundle.build_generator(torch_device)
+    output = stack.empty_output()
+    indices = stack.brain_slices
+    total = len(indices)
+    if progress:
+        progress(0, total)
+    with torch.inference_mode(), autocast:
+        for start in range(0, total, batch_size):
+            if cancel is not None and cancel():
+                raise Cancelled("synthesis cancelled")
+            chunk = indices[start : start + batch_size]
+            x = stack.batch(chunk).to(torch_device, non_blocking=True)
+            y = net(x).synthetic
+            stack.put(output, chunk, y.float().cpu())
+            if progress:
+                progress(min(start + batch_size, total), total)
+    return Volume(stack.finish(output), ref.affine.copy())

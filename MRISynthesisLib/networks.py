@@ -1,0 +1,366 @@
+"""Networks of the feature-disentanglement GAN and its pix2pix baseline.
+
+Everything here follows ``shared/reference/METHOD.md``; widths scale with
+``ModelConfig.base_width`` (64 is the paper's value) so that smaller models can be
+trained on a CPU without changing the structure.
+
+Factories in the style of pix2pix's ``networks.py``: ``build_generator``,
+``build_discriminator``, ``init_weights`` and ``norm_layer`` (chosen by name).
+AdaIN parameters are sized from the decoder as MUNIT's ``get_num_adain_params`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+ARCHITECTURES = ("fdgan", "pix2pix_unet")
+LAF_GRIDS = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a generator; stored in every model bundle."""
+
+    architecture: str = "fdgan"
+    num_sources: int = 2
+    base_width: int = 64
+    laf_grid: int = 2
+    # False gives the shared-information-only ablation (MILR-like): no LAF/SPE/AdaIN.
+    specific_encoder: bool = True
+    num_res_blocks: int = 4
+    style_dim: int = 8
+    # Hidden width of the SPE's MLP; None means 4 * base_width (256 in the paper).
+    mlp_dim: Optional[int] = None
+    image_size: int = 256
+    # pix2pix U-Net options (the paper's baseline uses batch norm and dropout).
+    unet_norm: str = "batch"
+    unet_dropout: bool = True
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+        if self.num_sources < 1:
+            raise ValueError(f"num_sources must be >= 1, got {self.num_sources}")
+        if self.base_width < 1:
+            raise ValueError(f"base_width must be >= 1, got {self.base_width}")
+        if self.laf_grid not in LAF_GRIDS:
+            raise ValueError(f"laf_grid must be one of {LAF_GRIDS}, got {self.laf_grid}")
+        if self.image_size % 16 != 0:
+            raise ValueError(f"image_size must be a multiple of 16, got {self.image_size}")
+        if self.architecture == "pix2pix_unet" and self.image_size != 256:
+            raise ValueError("the pix2pix U-Net (8 downsamplings) needs image_size 256")
+
+    @property
+    def hidden_mlp_dim(self) -> int:
+        return self.mlp_dim if self.mlp_dim is not None else 4 * self.base_width
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model configuration keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+class GeneratorOutput(NamedTuple):
+    synthetic: torch.Tensor
+    # LAF pseudo-target; None for generators without one (pix2pix, shared-only ablation).
+    pseudo_target: Optional[torch.Tensor]
+
+
+def norm_layer(name: str, num_features: int) -> nn.Module:
+    """Normalisation layer chosen by name, as pix2pix's get_norm_layer."""
+    if name == "batch":
+        return nn.BatchNorm2d(num_features, affine=True, track_running_stats=True)
+    if name == "instance":
+        return nn.InstanceNorm2d(num_features, affine=False, track_running_stats=False)
+    if name == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown normalisation {name!r}; expected batch, instance or none")
+
+
+# --------------------------------------------------------------------------- AdaIN
+
+
+class AdaptiveInstanceNorm2d(nn.Module):
+    """AdaIN(x) = std' * (x - mu(x)) / sigma(x) + mean'; std'/mean' are set per sample
+    by ``assign_adain_params`` before each forward pass (MUNIT's convention)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.weight: Optional[torch.Tensor] = None  # std', shape (B, C)
+        self.bias: Optional[torch.Tensor] = None  # mean', shape (B, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.bias is None:
+            raise RuntimeError("AdaIN parameters were not assigned before the forward pass")
+        normalized = F.instance_norm(x, eps=self.eps)
+        return normalized * self.weight[:, :, None, None] + self.bias[:, :, None, None]
+
+
+def get_num_adain_params(model: nn.Module) -> int:
+    """Number of values the SPE's MLP must produce for ``model`` (mean and std per channel)."""
+    return sum(2 * m.num_features for m in model.modules() if isinstance(m, AdaptiveInstanceNorm2d))
+
+
+def assign_adain_params(adain_params: torch.Tensor, model: nn.Module) -> None:
+    """Hand each AdaIN layer of ``model`` its slice of ``adain_params`` (B, N)."""
+    offset = 0
+    for m in model.modules():
+        if isinstance(m, AdaptiveInstanceNorm2d):
+            c = m.num_features
+            m.bias = adain_params[:, offset : offset + c]
+            m.weight = adain_params[:, offset + c : offset + 2 * c]
+            offset += 2 * c
+    if offset != adain_params.shape[1]:
+        raise RuntimeError(f"AdaIN parameter count mismatch: model needs {offset}, got {adain_params.shape[1]}")
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def conv_norm_relu(in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel, stride, padding), norm_layer(norm, out_ch), nn.ReLU(True))
+
+
+class ResidualBlock(nn.Module):
+    """pad-Conv3x3-norm-ReLU-pad-Conv3x3-norm with an identity skip; norm "adain" uses AdaIN."""
+
+    def __init__(self, channels: int, norm: str = "instance"):
+        super().__init__()
+
+        def make_norm():
+            return AdaptiveInstanceNorm2d(channels) if norm == "adain" else norm_layer(norm, channels)
+
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), make_norm(), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), make_norm(),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class SharedEncoder(nn.Module):
+    """SRE: 1-channel slice -> (4w, H/4, W/4) content features."""
+
+    def __init__(self, width: int, num_res_blocks: int):
+        super().__init__()
+        self.model = nn.Sequential(
+            conv_norm_relu(1, width, 7, 1, 3, "instance"),
+            conv_norm_relu(width, 2 * width, 4, 2, 1, "instance"),
+            conv_norm_relu(2 * width, 4 * width, 4, 2, 1, "instance"),
+            *[ResidualBlock(4 * width, "instance") for _ in range(num_res_blocks)],
+        )
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class LocalAdaptiveFusion(nn.Module):
+    """LAF: a g x g grid of blocks, each block position with its own 1x1 conv (M -> 1)."""
+
+    def __init__(self, num_sources: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        # Start from the average of the sources so the pseudo-target carries signal from
+        # the first iteration; the N(0, 0.02) spread matches the rest of the network.
+        self.weight = nn.Parameter(torch.full((grid, grid, num_sources), 1.0 / num_sources)
+                                   + 0.02 * torch.randn(grid, grid, num_sources))
+        self.bias = nn.Parameter(torch.zeros(grid, grid))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, m, h, w = x.shape
+        g = self.grid
+        if h % g or w % g:
+            raise ValueError(f"slice size {h}x{w} is not divisible by the LAF grid {g}")
+        blocks = x.reshape(b, m, g, h // g, g, w // g)
+        fused = torch.einsum("bmiyjx,ijm->biyjx", blocks, self.weight.to(x.dtype))
+        fused = fused + self.bias.to(x.dtype)[None, :, None, :, None]
+        return fused.reshape(b, 1, h, w)
+
+
+class SpecificEncoder(nn.Module):
+    """SPE: pseudo-target -> style code (style_dim) -> MLP -> AdaIN parameters."""
+
+    def __init__(self, width: int, style_dim: int, mlp_dim: int, num_adain_params: int):
+        super().__init__()
+        chans = [width, 2 * width, 4 * width, 4 * width, 4 * width]
+        layers = [nn.Conv2d(1, width, 7, 1, 3), nn.ReLU(True)]
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.ReLU(True)]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Conv2d(4 * width, style_dim, 1)]
+        self.encoder = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(
+            nn.Linear(style_dim, mlp_dim), nn.ReLU(True),
+            nn.Linear(mlp_dim, mlp_dim), nn.ReLU(True),
+            nn.Linear(mlp_dim, num_adain_params),
+        )
+
+    def forward(self, pseudo_target):
+        style = self.encoder(pseudo_target).flatten(1)
+        return self.mlp(style)
+
+
+class Decoder(nn.Module):
+    """Residual blocks (AdaIN, or IN for the shared-only ablation) and upsampling to an image."""
+
+    def __init__(self, width: int, num_res_blocks: int, norm: str):
+        super().__init__()
+        self.model = nn.Sequential(
+            *[ResidualBlock(4 * width, norm) for _ in range(num_res_blocks)],
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1), nn.ReLU(True),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.ReLU(True),
+            # The paper's third ConvT block: stride 1, maps to the image.
+            nn.ConvTranspose2d(width, 1, 7, 1, 3), nn.Tanh(),
+        )
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class FeatureDisentanglementGenerator(nn.Module):
+    """The paper's generator: per-source SREs, Cat-Conv, LAF -> SPE -> AdaIN decoder."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        w, m = config.base_width, config.num_sources
+        self.shared_encoders = nn.ModuleList(SharedEncoder(w, config.num_res_blocks) for _ in range(m))
+        self.cat_conv = nn.Conv2d(4 * w * m, 4 * w, 3, 1, 1)
+        if config.specific_encoder:
+            self.decoder = Decoder(w, config.num_res_blocks, "adain")
+            self.laf = LocalAdaptiveFusion(m, config.laf_grid)
+            self.specific_encoder = SpecificEncoder(w, config.style_dim, config.hidden_mlp_dim,
+                                                    get_num_adain_params(self.decoder))
+        else:
+            self.decoder = Decoder(w, config.num_res_blocks, "instance")
+            self.laf = None
+            self.specific_encoder = None
+
+    def forward(self, sources: torch.Tensor) -> GeneratorOutput:
+        """sources: (B, M, H, W) in [-1, 1] -> synthetic target and pseudo-target (B, 1, H, W)."""
+        if sources.dim() != 4 or sources.shape[1] != self.config.num_sources:
+            raise ValueError(f"expected sources of shape (B, {self.config.num_sources}, H, W), got {tuple(sources.shape)}")
+        content = torch.cat([enc(sources[:, i : i + 1]) for i, enc in enumerate(self.shared_encoders)], dim=1)
+        content = self.cat_conv(content)
+        pseudo = None
+        if self.specific_encoder is not None:
+            pseudo = self.laf(sources)
+            assign_adain_params(self.specific_encoder(pseudo), self.decoder)
+        return GeneratorOutput(self.decoder(content), pseudo)
+
+
+class UnetSkipBlock(nn.Module):
+    """pix2pix's UnetSkipConnectionBlock: down - submodule - up, with a skip concatenation."""
+
+    def __init__(self, outer_nc, inner_nc, input_nc=None, submodule=None, outermost=False,
+                 innermost=False, norm="batch", use_dropout=False):
+        super().__init__()
+        self.outermost = outermost
+        use_bias = norm != "batch"
+        input_nc = outer_nc if input_nc is None else input_nc
+        downconv = nn.Conv2d(input_nc, inner_nc, 4, 2, 1, bias=use_bias)
+        downrelu, uprelu = nn.LeakyReLU(0.2, True), nn.ReLU(True)
+        if outermost:
+            upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, 2, 1)
+            model = [downconv, submodule, uprelu, upconv, nn.Tanh()]
+        elif innermost:
+            upconv = nn.ConvTranspose2d(inner_nc, outer_nc, 4, 2, 1, bias=use_bias)
+            model = [downrelu, downconv, uprelu, upconv, norm_layer(norm, outer_nc)]
+        else:
+            upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, 2, 1, bias=use_bias)
+            model = [downrelu, downconv, norm_layer(norm, inner_nc), submodule,
+                     uprelu, upconv, norm_layer(norm, outer_nc)]
+            if use_dropout:
+                model.append(nn.Dropout(0.5))
+        self.model = nn.Sequential(*model)
+
+    def forward(self, x):
+        return self.model(x) if self.outermost else torch.cat([x, self.model(x)], 1)
+
+
+class UnetGenerator(nn.Module):
+    """pix2pix ``unet_256`` with the M sources stacked as input channels."""
+
+    def __init__(self, config: ModelConfig, num_downs: int = 8):
+        super().__init__()
+        self.config = config
+        ngf, norm, drop = config.base_width, config.unet_norm, config.unet_dropout
+        block = UnetSkipBlock(ngf * 8, ngf * 8, innermost=True, norm=norm)
+        for _ in range(num_downs - 5):
+            block = UnetSkipBlock(ngf * 8, ngf * 8, submodule=block, norm=norm, use_dropout=drop)
+        block = UnetSkipBlock(ngf * 4, ngf * 8, submodule=block, norm=norm)
+        block = UnetSkipBlock(ngf * 2, ngf * 4, submodule=block, norm=norm)
+        block = UnetSkipBlock(ngf, ngf * 2, submodule=block, norm=norm)
+        self.model = UnetSkipBlock(1, ngf, input_nc=config.num_sources, submodule=block, outermost=True, norm=norm)
+
+    def forward(self, sources: torch.Tensor) -> GeneratorOutput:
+        if sources.dim() != 4 or sources.shape[1] != self.config.num_sources:
+            raise ValueError(f"expected sources of shape (B, {self.config.num_sources}, H, W), got {tuple(sources.shape)}")
+        return GeneratorOutput(self.model(sources), None)
+
+
+class PatchDiscriminator(nn.Module):
+    """Conditional 70x70 PatchGAN: (M sources + target) -> patch logits; 64-128-256-512-1."""
+
+    def __init__(self, num_sources: int, width: int = 64, n_layers: int = 3, norm: str = "batch"):
+        super().__init__()
+        use_bias = norm != "batch"
+        layers = [nn.Conv2d(num_sources + 1, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(width * prev, width * mult, 4, stride, 1, bias=use_bias),
+                       norm_layer(norm, width * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(width * mult, 1, 4, 1, 1))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, sources: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Logits (no sigmoid): train with BCEWithLogitsLoss, the numerically safe sigmoid/BCE."""
+        return self.model(torch.cat([sources, target], dim=1))
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def build_generator(config: ModelConfig) -> nn.Module:
+    if config.architecture == "fdgan":
+        return FeatureDisentanglementGenerator(config)
+    return UnetGenerator(config)
+
+
+def build_discriminator(num_sources: int, width: int = 64, norm: str = "batch") -> PatchDiscriminator:
+    return PatchDiscriminator(num_sources, width, norm=norm)
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
+    """pix2pix's "normal" init: conv/linear weights N(0, gain), biases 0, BN weights N(1, gain)."""
+
+    def init_fn(m):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
+
+    return net.apply(init_fn)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

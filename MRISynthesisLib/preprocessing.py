@@ -1,0 +1,222 @@
+"""Preprocessing shared by training and inference (one implementation, used by both).
+
+1. Intensity: each volume is normalised on its own, robustly: the ``lower_percentile``
+   and ``upper_percentile`` of the voxels inside the brain mask (or the non-zero voxels
+   when no mask is given) map to -1 and 1, values are clipped to [-1, 1], and voxels
+   outside the mask are set to -1 (background).
+2. Orientation: volumes are reoriented from their affine to the closest RAS axis order so
+   that slices along the third axis are truly axial whatever the storage order; the
+   inverse puts results back in the file's own voxel order.
+3. In-plane size: each axial slice is padded symmetrically to a square physical field of
+   view of at least ``min_field_of_view_mm`` and resized to ``image_size`` pixels
+   (240x240 @ 1 mm, 182x218, 334x352 @ 0.72 mm all become 256x256), and back.
+4. Slices whose mask (or foreground) is empty are not sent to the network.
+
+The synthetic target comes out in [-1, 1] and is mapped to the documented output scale
+[0, ``output_max``]: 0 is background, ``output_max`` is the intensity of the
+``upper_percentile`` of the brain in a real target scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel import orientations
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """Settings stored in every model bundle so that inference repeats training exactly."""
+
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    image_size: int = 256
+    min_field_of_view_mm: float = 240.0
+    output_max: float = 1000.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
+            raise ValueError("need 0 <= lower_percentile < upper_percentile <= 100")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PreprocessingConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+# ------------------------------------------------------------------------- intensity
+
+
+@dataclass(frozen=True)
+class IntensityWindow:
+    low: float
+    high: float
+
+
+def foreground_mask(array: np.ndarray) -> np.ndarray:
+    """Voxels that hold signal: non-zero (skull-stripped scans have exact-zero background)."""
+    return array != 0
+
+
+def intensity_window(array: np.ndarray, mask: Optional[np.ndarray], config: PreprocessingConfig,
+                     name: str = "volume") -> IntensityWindow:
+    region = foreground_mask(array) if mask is None else mask
+    values = array[region]
+    if values.size == 0:
+        raise InputError(f"{name}: no voxels inside the {'brain mask' if mask is not None else 'non-zero region'}")
+    low, high = np.percentile(values, [config.lower_percentile, config.upper_percentile])
+    if not high > low:
+        raise InputError(f"{name}: constant intensity inside the brain; cannot normalise")
+    return IntensityWindow(float(low), float(high))
+
+
+def normalize_intensity(array: np.ndarray, mask: Optional[np.ndarray], config: PreprocessingConfig,
+                        name: str = "volume") -> np.ndarray:
+    """Map a volume to [-1, 1] robustly (see module docstring); float32 output."""
+    window = intensity_window(array, mask, config, name)
+    out = (array.astype(np.float32) - window.low) * np.float32(2.0 / (window.high - window.low)) - 1.0
+    np.clip(out, -1.0, 1.0, out=out)
+    region = foreground_mask(array) if mask is None else mask
+    out[~region] = -1.0
+    return out
+
+
+def to_output_scale(normalized, config: PreprocessingConfig):
+    """[-1, 1] network output -> documented output scale [0, output_max]."""
+    return (normalized + 1.0) * (config.output_max / 2.0)
+
+
+# ------------------------------------------------------------------------- orientation
+
+
+class AxialReorientation:
+    """Permute/flip a (I, J, K) volume into RAS order (X, Y, Z) from its affine, and back."""
+
+    def __init__(self, affine: np.ndarray):
+        self.to_ras = orientations.io_orientation(affine)
+        self.from_ras = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), self.to_ras)
+        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+        self.ras_spacing = np.empty(3)
+        for axis, (target, _) in enumerate(self.to_ras):
+            self.ras_spacing[int(target)] = spacing[axis]
+
+    def forward(self, array: np.ndarray) -> np.ndarray:
+        return orientations.apply_orientation(array, self.to_ras)
+
+    def inverse(self, array: np.ndarray) -> np.ndarray:
+        return orientations.apply_orientation(array, self.from_ras)
+
+
+# ------------------------------------------------------------------------- in-plane size
+
+
+class SliceResizer:
+    """Pad slices (X, Y) to a square physical field of view, resize to image_size, and back."""
+
+    def __init__(self, shape: Sequence[int], spacing: Sequence[float], config: PreprocessingConfig):
+        self.shape = tuple(int(n) for n in shape)
+        self.size = config.image_size
+        extent = max(self.shape[0] * spacing[0], self.shape[1] * spacing[1], config.min_field_of_view_mm)
+        self.padded = tuple(max(n, int(round(extent / s))) for n, s in zip(self.shape, spacing))
+        self.pad_before = tuple((p - n) // 2 for p, n in zip(self.padded, self.shape))
+
+    def forward(self, slices: torch.Tensor, fill: float = -1.0) -> torch.Tensor:
+        """(N, C, X, Y) -> (N, C, size, size)."""
+        (px, py), (bx, by) = self.padded, self.pad_before
+        ax, ay = px - self.shape[0] - bx, py - self.shape[1] - by
+        x = F.pad(slices, (by, ay, bx, ax), value=fill)
+        if x.shape[-2:] == (self.size, self.size):
+            return x
+        downsampling = px > self.size or py > self.size
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                             antialias=downsampling)
+
+    def inverse(self, slices: torch.Tensor) -> torch.Tensor:
+        """(N, C, size, size) -> (N, C, X, Y)."""
+        (px, py), (bx, by) = self.padded, self.pad_before
+        x = slices
+        if (px, py) != (self.size, self.size):
+            x = F.interpolate(x, size=(px, py), mode="bilinear", align_corners=False,
+                              antialias=px < self.size or py < self.size)
+        return x[..., bx : bx + self.shape[0], by : by + self.shape[1]]
+
+
+# ------------------------------------------------------------------------- one subject
+
+
+class SliceStack:
+    """Co-registered volumes of one subject, normalised and cut into axial slices.
+
+    ``arrays`` are on one grid with ``affine``; ``mask`` (optional) is the brain mask on
+    that grid. ``brain_slices`` lists the axial indices that contain brain; ``batch``
+    returns network-ready (N, C, size, size) tensors for chosen indices, and ``assemble``
+    puts network outputs back into a volume in the original voxel order.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray], affine: np.ndarray, config: PreprocessingConfig,
+                 mask: Optional[np.ndarray] = None, names: Optional[Sequence[str]] = None):
+        names = list(names) if names is not None else [f"volume {i}" for i in range(len(arrays))]
+        self.config = config
+        self.orientation = AxialReorientation(affine)
+        self.input_shape = tuple(arrays[0].shape)
+        ras_mask = None if mask is None else self.orientation.forward(np.asarray(mask) > 0)
+        # Normalise in RAS order: (C, X, Y, Z) float32; one home for the intensity rule.
+        self.channels = np.stack([
+            normalize_intensity(self.orientation.forward(a), ras_mask, config, name)
+            for a, name in zip(arrays, names)
+        ])
+        if ras_mask is None:
+            ras_mask = np.zeros(self.channels.shape[1:], dtype=bool)
+            for a in arrays:
+                ras_mask |= foreground_mask(self.orientation.forward(a))
+        self.mask = ras_mask
+        self.brain_slices = np.flatnonzero(ras_mask.any(axis=(0, 1)))
+        if self.brain_slices.size == 0:
+            raise InputError("no axial slice contains brain (the mask or the volumes are empty)")
+        self.resizer = SliceResizer(self.channels.shape[1:3], self.orientation.ras_spacing[:2], config)
+
+    @property
+    def num_slices(self) -> int:
+        return self.channels.shape[-1]
+
+    def batch(self, indices: Sequence[int], channels: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Network-ready slices (N, C, size, size) for axial indices, channels selectable."""
+        data = self.channels if channels is None else self.channels[list(channels)]
+        x = torch.from_numpy(np.ascontiguousarray(data[..., list(indices)].transpose(3, 0, 1, 2)))
+        return self.resizer.forward(x)
+
+    def empty_output(self) -> np.ndarray:
+        """A background-filled RAS-ordered output volume (X, Y, Z) in network units."""
+        return np.full(self.channels.shape[1:], -1.0, dtype=np.float32)
+
+    def put(self, output: np.ndarray, indices: Sequence[int], slices: torch.Tensor) -> None:
+        """Write network outputs (N, 1, size, size) for ``indices`` into ``output`` (RAS order)."""
+        back = self.resizer.inverse(slices.float()).numpy()[:, 0]  # (N, X, Y)
+        output[..., list(indices)] = back.transpose(1, 2, 0)
+
+    def finish(self, output: np.ndarray) -> np.ndarray:
+        """Background outside the brain, map to the output scale, original voxel order."""
+        output = np.where(self.mask, np.clip(output, -1.0, 1.0), -1.0).astype(np.float32)
+        return np.ascontiguousarray(self.orientation.inverse(to_output_scale(output, self.config)))
+
+
+def select_middle_slices(brain_slices: Sequence[int], count: Optional[int]) -> np.ndarray:
+    """The ``count`` middle entries of the brain slices (all if count is None or larger)."""
+    brain_slices = np.asarray(brain_slices)
+    if count is None or count >= brain_slices.size:
+        return brain_slices
+    start = (brain_slices.size - count) // 2
+    return brain_slices[start : start + count]

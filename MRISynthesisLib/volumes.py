@@ -1,0 +1,187 @@
+"""Volumes with geometry: reading, writing, validation and physical-space resampling.
+
+A ``Volume`` is a 3D numpy array indexed (i, j, k) like the file's voxel axes, plus the
+4x4 voxel-to-RAS affine (NIfTI convention, millimetres). NIfTI goes through nibabel,
+everything else (NRRD, MHA, ...) through SimpleITK, whose LPS geometry is converted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Affines equal to this tolerance (mm, and direction cosines) count as the same grid.
+GEOMETRY_ATOL = 1e-4
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (I, J, K)
+    affine: np.ndarray  # 4x4 voxel (i, j, k) -> RAS mm
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    def same_grid(self, other: "Volume") -> bool:
+        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=GEOMETRY_ATOL)
+
+
+def is_nifti(path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_volume(path, name: str = "volume") -> Volume:
+    """Read a 3D image; ``name`` (e.g. "t2") is used in error messages."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{name}: file not found: {path}")
+    try:
+        if is_nifti(path):
+            import nibabel as nib
+
+            img = nib.load(path)
+            array = np.asarray(img.dataobj, dtype=np.float32)
+            affine = np.asarray(img.affine, dtype=np.float64)
+        else:
+            import SimpleITK as sitk
+
+            image = sitk.ReadImage(path)
+            if image.GetNumberOfComponentsPerPixel() != 1:
+                raise InputError(f"{name}: {path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar volume")
+            array, affine = _array_affine_from_sitk(image)
+    except InputError:
+        raise
+    except Exception as exc:  # nibabel/ITK raise many types for unreadable files
+        raise InputError(f"{name}: cannot read {path}: {exc}") from exc
+    return validate_volume(Volume(array, affine), name=f"{name} ({path})")
+
+
+def save_volume(volume: Volume, path) -> None:
+    """Write NIfTI (.nii/.nii.gz) with nibabel, any other extension ITK knows with SimpleITK."""
+    path = os.fspath(path)
+    array = np.asarray(volume.array, dtype=np.float32)
+    if is_nifti(path):
+        import nibabel as nib
+
+        img = nib.Nifti1Image(array, volume.affine)
+        img.set_qform(volume.affine, code=1)
+        img.set_sform(volume.affine, code=1)
+        nib.save(img, path)
+    else:
+        import SimpleITK as sitk
+
+        sitk.WriteImage(volume_to_sitk(Volume(array, volume.affine)), path, True)
+
+
+def validate_volume(volume: Volume, name: str = "volume") -> Volume:
+    """Refuse what cannot be a 3D scalar MRI: wrong dimensionality, NaN/inf, all zero."""
+    array = np.asarray(volume.array)
+    # A trailing singleton time axis (X, Y, Z, 1) is still one 3D volume.
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(f"{name}: expected a 3D volume, got {array.ndim}D with shape {array.shape}")
+    if min(array.shape) < 1:
+        raise InputError(f"{name}: empty volume with shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise InputError(f"{name}: unsupported voxel type {array.dtype}")
+    array = array.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{name}: contains NaN or infinite values ({int(np.sum(~np.isfinite(array)))} voxels)")
+    if not np.any(array):
+        raise InputError(f"{name}: all voxels are zero")
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{name}: invalid voxel-to-world matrix")
+    return Volume(array, affine)
+
+
+# ----------------------------------------------------------------------------- ITK
+
+
+def _array_affine_from_sitk(image):
+    import SimpleITK as sitk
+
+    array = np.asarray(sitk.GetArrayFromImage(image), dtype=np.float32).transpose(2, 1, 0)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_FROM_RAS @ direction @ np.diag(spacing)
+    affine[:3, 3] = _LPS_FROM_RAS @ origin
+    return array, affine
+
+
+def volume_to_sitk(volume: Volume):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(volume.array).transpose(2, 1, 0)))
+    spacing = volume.spacing
+    lps = _LPS_FROM_RAS @ volume.affine[:3, :]
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (lps[:, :3] / spacing).ravel()])
+    image.SetOrigin([float(v) for v in lps[:, 3]])
+    return image
+
+
+def volume_from_sitk(image) -> Volume:
+    return Volume(*_array_affine_from_sitk(image))
+
+
+def _world_corners(volume: Volume) -> np.ndarray:
+    i, j, k = (np.array([-0.5, n - 0.5]) for n in volume.shape)
+    corners = np.array([[a, b, c, 1.0] for a in i for b in j for c in k])
+    return (volume.affine @ corners.T).T[:, :3]
+
+
+def fields_of_view_overlap(a: Volume, b: Volume) -> bool:
+    """True if the physical bounding boxes of the two voxel grids intersect."""
+    ca, cb = _world_corners(a), _world_corners(b)
+    return bool(np.all(ca.min(0) < cb.max(0)) and np.all(cb.min(0) < ca.max(0)))
+
+
+def resample_to_reference(moving: Volume, reference: Volume, name: str = "volume",
+                          interpolation: str = "linear") -> Volume:
+    """Resample ``moving`` onto ``reference``'s grid in physical space (outside -> 0)."""
+    import SimpleITK as sitk
+
+    if not fields_of_view_overlap(moving, reference):
+        raise InputError(f"{name}: its field of view does not overlap the reference volume; "
+                         "inputs must be co-registered scans of the same head")
+    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}[interpolation]
+    out = sitk.Resample(volume_to_sitk(moving), volume_to_sitk(reference), sitk.Transform(), interp, 0.0,
+                        sitk.sitkFloat32)
+    result = volume_from_sitk(out)
+    return Volume(result.array, reference.affine.copy())
+
+
+def align_to_reference(volumes: dict, reference_name: str) -> dict:
+    """Return ``volumes`` with every volume on the reference grid, resampling (with a warning)
+    those on another grid."""
+    reference = volumes[reference_name]
+    aligned = {}
+    for name, vol in volumes.items():
+        if name == reference_name or vol.same_grid(reference):
+            aligned[name] = vol if name == reference_name else Volume(vol.array, reference.affine.copy())
+            continue
+        message = (f"{name} is on a different grid than {reference_name} "
+                   f"(shape {vol.shape} vs {reference.shape}); resampling it onto {reference_name} in physical space")
+        log.warning(message)
+        warnings.warn(message, stacklevel=2)
+        aligned[name] = resample_to_reference(vol, reference, name=name)
+    return aligned

@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from .bundle import BUNDLE_SUFFIX
+# Same value as bundle.BUNDLE_SUFFIX, defined here so that listing and resolving models never
+# imports torch (the Slicer panel lists models before PyTorch is installed).
+BUNDLE_SUFFIX = ".safetensors"
 from .errors import BundleError
 
 MODELS_ENV = "MRISYNTHESIS_MODELS"

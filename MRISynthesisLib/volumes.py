@@ -75,17 +75,26 @@ def save_volume(volume: Volume, path) -> None:
     """Write NIfTI (.nii/.nii.gz) with nibabel, any other extension ITK knows with SimpleITK."""
     path = os.fspath(path)
     array = np.asarray(volume.array, dtype=np.float32)
-    if is_nifti(path):
-        import nibabel as nib
+    # Write next to the target under a temporary name (same suffix, so the writers pick
+    # the same format), then rename: a failed write never leaves a half file at ``path``.
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{base}")
+    try:
+        if is_nifti(path):
+            import nibabel as nib
 
-        img = nib.Nifti1Image(array, volume.affine)
-        img.set_qform(volume.affine, code=1)
-        img.set_sform(volume.affine, code=1)
-        nib.save(img, path)
-    else:
-        import SimpleITK as sitk
+            img = nib.Nifti1Image(array, volume.affine)
+            img.set_qform(volume.affine, code=1)
+            img.set_sform(volume.affine, code=1)
+            nib.save(img, tmp)
+        else:
+            import SimpleITK as sitk
 
-        sitk.WriteImage(volume_to_sitk(Volume(array, volume.affine)), path, True)
+            sitk.WriteImage(volume_to_sitk(Volume(array, volume.affine)), tmp, True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def validate_volume(volume: Volume, name: str = "volume") -> Volume:
@@ -179,8 +188,12 @@ def align_to_reference(volumes: dict, reference_name: str) -> dict:
         if name == reference_name or vol.same_grid(reference):
             aligned[name] = vol if name == reference_name else Volume(vol.array, reference.affine.copy())
             continue
-        message = (f"{name} is on a different grid than {reference_name} "
-                   f"(shape {vol.shape} vs {reference.shape}); resampling it onto {reference_name} in physical space")
+        if not fields_of_view_overlap(vol, reference):
+            raise InputError(f"{name}: its field of view does not overlap {reference_name}'s; "
+                             "inputs must be co-registered scans of the same head")
+        message = (f"{name} is on a different grid than {reference_name} (shape {vol.shape} vs "
+                   f"{reference.shape}, or another position/orientation); resampling it onto "
+                   f"{reference_name} in physical space")
         log.warning(message)
         warnings.warn(message, stacklevel=2)
         aligned[name] = resample_to_reference(vol, reference, name=name)

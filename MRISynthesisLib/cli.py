@@ -1,0 +1,128 @@
+"""The ``mrisynthesis`` command line.
+
+    mrisynthesis predict --t1 T1 [--t2 T2] [--t1c T1C] [--mask MASK] [--model BUNDLE] -o OUT
+    mrisynthesis info BUNDLE
+
+Errors are reported as one line ``mrisynthesis: error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+
+from . import __version__
+from .errors import MRISynthesisError, InputError
+
+SOURCE_OPTIONS = ("t1", "t2", "t1c")
+# Single-file formats only: they are written under a temporary name and renamed.
+OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+
+
+def _same_file(a: str, b: str) -> bool:
+    a, b = os.path.abspath(a), os.path.abspath(b)
+    if a == b:
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+class _Progress:
+    """A one-line progress display on stderr (quiet when not a terminal, except the end)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.start, self.tty = stream, time.perf_counter(), stream.isatty()
+
+    def __call__(self, done: int, total: int):
+        if not self.tty and done < total:
+            return
+        width = 30
+        filled = int(width * done / max(total, 1))
+        elapsed = time.perf_counter() - self.start
+        end = "\n" if done >= total else ""
+        self.stream.write(f"\rsynthesising [{'#' * filled}{'.' * (width - filled)}] {done}/{total} slices "
+                          f"{elapsed:5.1f}s{end}")
+        self.stream.flush()
+
+
+def cmd_predict(args) -> int:
+    from .inference import synthesize
+    from .models import resolve_model
+    from .volumes import save_volume
+
+    inputs = {name: getattr(args, name) for name in SOURCE_OPTIONS if getattr(args, name)}
+    if not args.output.lower().endswith(OUTPUT_SUFFIXES):
+        raise InputError(f"output {args.output}: unsupported extension; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    for name, path in list(inputs.items()) + ([("mask", args.mask)] if args.mask else []):
+        if not os.path.isfile(path):
+            raise InputError(f"--{name}: file not found: {path}")
+        if _same_file(path, args.output):
+            raise InputError(f"output {args.output} is the --{name} input; refusing to overwrite an input")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"output folder does not exist: {out_dir}")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise InputError(f"output {args.output} exists; pass --overwrite to replace it")
+    model_path = resolve_model(args.model, inputs)
+    result = synthesize(inputs, str(model_path), mask=args.mask, device=args.device, precision=args.precision,
+                        batch_size=args.batch_size, progress=None if args.quiet else _Progress())
+    save_volume(result, args.output)
+    if not args.quiet:
+        print(f"wrote {args.output} (model {model_path})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .bundle import load_bundle
+
+    print(load_bundle(args.bundle).describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrisynthesis", description="Synthesise a missing MRI contrast (FLAIR).")
+    parser.add_argument("--version", action="version", version=f"mrisynthesis {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="synthesise FLAIR from T1 [+ T2 [+ T1c]] NIfTI/NRRD files")
+    p.add_argument("--t1", required=True, help="T1-weighted volume (the output takes its grid)")
+    p.add_argument("--t2", help="T2-weighted volume")
+    p.add_argument("--t1c", help="post-contrast T1 volume")
+    p.add_argument("--mask", help="brain mask (non-zero = brain); default: non-zero voxels")
+    p.add_argument("--model", help="model bundle file or shipped model name; default: the shipped model "
+                                   "that takes exactly the given inputs")
+    p.add_argument("-o", "--output", required=True, help="output file (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                   help="bf16 is several times faster on AMX CPUs and GPUs (default)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (memory scales with it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("info", help="print what a model bundle expects and how it was trained")
+    p.add_argument("bundle", help="model bundle file (.safetensors)")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="mrisynthesis: %(levelname)s: %(message)s")
+    warnings.simplefilter("ignore", UserWarning)  # resampling warnings are logged once instead
+    try:
+        return args.func(args)
+    except MRISynthesisError as exc:
+        print(f"mrisynthesis: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mrisynthesis: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+
+from MRISynthesisLib.errors import Cancelled, InputError
+from MRISynthesisLib.inference import synthesize
+from MRISynthesisLib.volumes import Volume, load_volume
+
+from conftest import head_phantom, make_bundle
+
+
+def _inputs(shape=(40, 48, 24), affine=None):
+    return {"t1": head_phantom(shape, 0, affine), "t2": head_phantom(shape, 1, affine)}
+
+
+def test_output_on_reference_grid(tiny_bundle):
+    inputs = _inputs()
+    out = synthesize(inputs, tiny_bundle, device="cpu")
+    assert out.array.shape == inputs["t1"].shape and out.array.dtype == np.float32
+    assert np.array_equal(out.affine, inputs["t1"].affine)
+    assert out.array.min() >= 0 and out.array.max() <= 1000
+    assert np.all(out.array[inputs["t1"].array == 0] == 0)  # background stays background
+    assert out.array[inputs["t1"].array != 0].std() > 0
+
+
+def test_batch_size_does_not_change_result(tiny_bundle):
+    inputs = _inputs()
+    a = synthesize(inputs, tiny_bundle, batch_size=1, device="cpu")
+    b = synthesize(inputs, tiny_bundle, batch_size=7, device="cpu")
+    assert np.allclose(a.array, b.array, atol=1e-3)
+
+
+def test_bf16_close_to_fp32(tiny_bundle):
+    inputs = _inputs()
+    a = synthesize(inputs, tiny_bundle, precision="fp32", device="cpu")
+    b = synthesize(inputs, tiny_bundle, precision="bf16", device="cpu")
+    assert np.abs(a.array - b.array).mean() < 10  # on a 0..1000 scale
+
+
+def test_progress_and_cancel(tiny_bundle):
+    calls = []
+    synthesize(_inputs(), tiny_bundle, batch_size=5, progress=lambda d, t: calls.append((d, t)))
+    total = calls[-1][1]
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    seen = []
+
+    def cancel():
+        seen.append(1)
+        return len(seen) > 1
+
+    with pytest.raises(Cancelled):
+        synthesize(_inputs(), tiny_bundle, batch_size=5, cancel=cancel)
+
+
+def test_inputs_on_other_grid_are_resampled_with_warning(tiny_bundle):
+    inputs = _inputs()
+    t1 = inputs["t1"]
+    # the T2 on a coarser grid over the same physical region
+    coarse_affine = t1.affine.copy()
+    coarse_affine[:3, :3] *= 2
+    coarse_affine[:3, 3] += np.diag(t1.affine)[:3] * 0.5
+    t2_coarse = Volume(inputs["t2"].array[::2, ::2, ::2].copy(), coarse_affine)
+    with pytest.warns(UserWarning, match="resampling"):
+        out = synthesize({"t1": t1, "t2": t2_coarse}, tiny_bundle)
+    assert out.shape == t1.shape and np.array_equal(out.affine, t1.affine)
+
+
+def test_non_overlapping_inputs_refused(tiny_bundle):
+    inputs = _inputs()
+    far = inputs["t2"].affine.copy()
+    far[:3, 3] += 500.0
+    with pytest.raises(InputError, match="does not overlap"):
+        synthesize({"t1": inputs["t1"], "t2": Volume(inputs["t2"].array, far)}, tiny_bundle)
+
+
+def test_modality_errors(tiny_bundle):
+    inputs = _inputs()
+    with pytest.raises(InputError, match="t2 was not given"):
+        synthesize({"t1": inputs["t1"]}, tiny_bundle)
+    with pytest.raises(InputError, match="cannot use t1c"):
+        synthesize({**inputs, "t1c": inputs["t1"]}, tiny_bundle)
+
+
+def test_bad_volumes(tiny_bundle):
+    good = _inputs()["t1"]
+    cases = {
+        "expected a 3D volume": Volume(good.array[:, :, 0], good.affine),
+        "NaN": Volume(np.where(good.array > 400, np.nan, good.array).astype(np.float32), good.affine),
+        "all voxels are zero": Volume(np.zeros_like(good.array), good.affine),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(InputError, match=message):
+            synthesize({"t1": good, "t2": bad}, tiny_bundle)
+
+
+def test_mask_restricts_output(tiny_bundle):
+    inputs = _inputs()
+    mask = np.zeros(inputs["t1"].shape, np.float32)
+    mask[10:30, 10:38, 6:18] = 1
+    out = synthesize(inputs, tiny_bundle, mask=Volume(mask, inputs["t1"].affine))
+    assert np.all(out.array[mask == 0] == 0)
+    assert np.all(out.array[:, :, :6] == 0)
+
+
+def test_three_source_bundle_and_reference_choice(tmp_path, subject_files):
+    bundle = make_bundle(tmp_path / "m3.safetensors", sources=("t1", "t2", "t1c"))
+    files = {k: subject_files[k] for k in ("t1", "t2", "t1c")}
+    out = synthesize(files, bundle, reference="t2")
+    t2 = load_volume(subject_files["t2"])
+    assert np.allclose(out.affine, t2.affine) and out.shape == t2.shape

@@ -1,0 +1,61 @@
+import math
+
+import numpy as np
+import pytest
+
+from MRISynthesisLib.metrics import aggregate, nrmse, psnr, slice_metrics, ssim, subject_metrics
+
+
+def test_psnr_by_hand():
+    real = np.array([[0.0, 2.0], [4.0, 4.0]])
+    fake = np.array([[1.0, 2.0], [4.0, 2.0]])
+    # MSE = (1 + 0 + 0 + 4) / 4 = 1.25, MAX = 4
+    assert psnr(real, fake) == pytest.approx(10 * math.log10(16 / 1.25))
+    mask = np.array([[False, True], [True, True]])
+    # masked: MSE = 4 / 3, MAX = 4
+    assert psnr(real, fake, mask) == pytest.approx(10 * math.log10(16 / (4 / 3)))
+    assert psnr(real, real) == math.inf
+
+
+def test_nrmse_by_hand():
+    real = np.array([[3.0, 4.0]])
+    fake = np.array([[3.0, 0.0]])
+    assert nrmse(real, fake) == pytest.approx(math.sqrt(16 / 25))
+    assert nrmse(real, fake, np.array([[True, False]])) == 0.0
+
+
+def test_ssim_identity_and_constant_shift():
+    rng = np.random.default_rng(0)
+    real = rng.uniform(0, 1, (32, 32))
+    assert ssim(real, real) == pytest.approx(1.0)
+    # A constant image c against a constant image d (no variance): SSIM reduces to the
+    # luminance term (2 c d + C1) / (c^2 + d^2 + C1), C1 = (0.01 L)^2, L = data range.
+    a, b = np.full((16, 16), 2.0), np.full((16, 16), 1.0)
+    a[0, 0] = 0.0  # data range L = 2 of the real image
+    c1 = (0.01 * 2.0) ** 2
+    expected = (2 * 2 * 1 + c1) / (4 + 1 + c1)
+    center = np.zeros_like(a, bool)
+    center[8:12, 8:12] = True  # windows away from the one different pixel
+    assert ssim(a, b, center) == pytest.approx(expected, rel=1e-6)
+    assert ssim(real, 1 - real) < 0
+
+
+def test_subject_aggregation():
+    real = np.stack([np.full((8, 8), 2.0), np.full((8, 8), 4.0), np.zeros((8, 8))])
+    fake = real.copy()
+    fake[0] -= 1.0  # NRMSE slice 0 = 1/2, slice 1 = 0; the empty slice is skipped
+    res = subject_metrics(real, fake)
+    assert res["num_slices"] == 2
+    assert res["nrmse"] == pytest.approx(0.25)
+    agg = aggregate([{"psnr": 20.0}, {"psnr": 24.0}])
+    assert agg["psnr"]["mean"] == 22.0 and agg["psnr"]["std"] == pytest.approx(math.sqrt(8)) and agg["psnr"]["n"] == 2
+
+
+def test_slice_metrics_masked_keys():
+    real = np.random.default_rng(1).uniform(0, 1, (16, 16))
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 4:12] = True
+    out = slice_metrics(real, real * 0.9, mask)
+    assert set(out) == {"psnr", "ssim", "nrmse", "psnr_masked", "ssim_masked", "nrmse_masked"}
+    assert out["nrmse"] == pytest.approx(0.1)
+    assert out["nrmse_masked"] == pytest.approx(0.1)

@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import torch
+from nibabel import orientations
+
+from MRISynthesisLib.errors import InputError
+from MRISynthesisLib.preprocessing import (AxialReorientation, PreprocessingConfig, SliceResizer, SliceStack,
+                                           normalize_intensity, select_middle_slices, to_output_scale)
+
+CFG = PreprocessingConfig()
+
+
+def test_normalisation_maps_brain_percentiles_to_unit_range():
+    rng = np.random.default_rng(0)
+    vol = np.zeros((20, 20, 20), np.float32)
+    vol[5:15, 5:15, 5:15] = rng.uniform(100, 1100, (10, 10, 10))
+    out = normalize_intensity(vol, None, CFG)
+    inside = vol != 0
+    lo, hi = np.percentile(vol[inside], [0.5, 99.5])
+    assert out.dtype == np.float32 and out.min() == -1.0 and out.max() == 1.0
+    assert np.all(out[~inside] == -1.0)
+    v = vol[7, 7, 7]
+    assert out[7, 7, 7] == pytest.approx(np.clip((v - lo) / (hi - lo) * 2 - 1, -1, 1), abs=1e-5)
+
+
+def test_normalisation_is_scale_and_offset_invariant():
+    rng = np.random.default_rng(1)
+    vol = np.zeros((16, 16, 16), np.float32)
+    vol[3:13, 3:13, 3:13] = rng.uniform(1, 2, (10, 10, 10))
+    mask = vol != 0
+    a = normalize_intensity(vol, mask, CFG)
+    b = normalize_intensity(vol * 37.0 - 5.0, mask, CFG)  # raw scanner scale with negatives
+    assert np.allclose(a, b, atol=1e-5)
+
+
+def test_normalisation_uses_mask_and_refuses_constant():
+    vol = np.full((10, 10, 10), 50.0, np.float32)  # not skull-stripped: no zero background
+    mask = np.zeros(vol.shape, bool)
+    mask[2:8, 2:8, 2:8] = True
+    vol[mask] = np.linspace(100, 200, mask.sum())
+    out = normalize_intensity(vol, mask, CFG)
+    assert np.all(out[~mask] == -1.0) and out[mask].max() == 1.0
+    with pytest.raises(InputError, match="constant intensity"):
+        normalize_intensity(np.ones((4, 4, 4), np.float32), None, CFG)
+
+
+def test_output_scale():
+    assert to_output_scale(np.array([-1.0, 0.0, 1.0]), CFG).tolist() == [0.0, 500.0, 1000.0]
+
+
+AFFINES = {
+    "ras": np.diag([1.0, 1.0, 1.0, 1.0]),
+    "lps": np.diag([-1.0, -1.0, 1.0, 1.0]),
+    # stored coronal: voxel axes (i, j, k) = (R, S, P)
+    "coronal": np.array([[1.0, 0, 0, 0], [0, 0, -1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]]),
+    # stored sagittal with anisotropic voxels: (i, j, k) = (A, S, L)
+    "sagittal": np.array([[0, 0, -2.0, 0], [0.9, 0, 0, 0], [0, 1.1, 0, 0], [0, 0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", AFFINES)
+def test_axial_slices_are_truly_axial_and_invertible(name):
+    affine = AFFINES[name]
+    shape = (6, 7, 8)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    height = world[..., 2].astype(np.float32)  # the superior coordinate of every voxel
+    reo = AxialReorientation(affine)
+    ras = reo.forward(height)
+    for k in range(ras.shape[2]):  # each axial slice has one S coordinate
+        assert np.ptp(ras[:, :, k]) == 0
+    assert np.all(np.diff(ras[0, 0, :]) > 0)  # inferior -> superior
+    right = (ijk @ affine[:3, :3].T)[..., 0]
+    assert np.all(np.diff(reo.forward(right)[:, 0, 0]) > 0)  # left -> right along X
+    assert np.array_equal(reo.inverse(ras), height)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    assert sorted(reo.ras_spacing) == sorted(spacing)
+    assert orientations.aff2axcodes(affine) is not None
+
+
+@pytest.mark.parametrize("shape,spacing", [((240, 240), (1.0, 1.0)), ((182, 218), (1.0, 1.0)),
+                                           ((334, 352), (0.72, 0.72)), ((256, 256), (0.9375, 0.9375)),
+                                           ((100, 60), (1.0, 2.0))])
+def test_resizer_roundtrip(shape, spacing):
+    resizer = SliceResizer(shape, spacing, CFG)
+    x = torch.full((2, 1, *shape), -1.0)
+    x[:, :, shape[0] // 4 : 3 * shape[0] // 4, shape[1] // 4 : 3 * shape[1] // 4] = 1.0
+    y = resizer.forward(x)
+    assert y.shape == (2, 1, 256, 256)
+    back = resizer.inverse(y)
+    assert back.shape == x.shape
+    assert (back - x).abs().mean() < 0.1
+    # padding is background and the square field of view keeps the aspect ratio
+    assert y[0, 0, 0, 0] == -1.0
+    fov = max(shape[0] * spacing[0], shape[1] * spacing[1], CFG.min_field_of_view_mm)
+    pixel_mm = fov / 256
+    extent_x = (y[0, 0, :, 128] > 0).sum().item() * pixel_mm
+    assert extent_x == pytest.approx(shape[0] * spacing[0] / 2, rel=0.05, abs=2 * pixel_mm)
+
+
+def test_slice_stack_skips_slices_without_brain():
+    vol = np.zeros((30, 30, 12), np.float32)
+    vol[5:25, 5:25, 3:9] = np.random.default_rng(0).uniform(1, 2, (20, 20, 6))
+    stack = SliceStack([vol, vol * 2], np.eye(4), CFG, names=["t1", "t2"])
+    assert stack.brain_slices.tolist() == [3, 4, 5, 6, 7, 8]
+    batch = stack.batch([3, 4])
+    assert batch.shape == (2, 2, 256, 256) and batch.min() >= -1 and batch.max() <= 1
+    out = stack.empty_output()
+    stack.put(out, [3, 4], torch.ones(2, 1, 256, 256))
+    final = stack.finish(out)
+    assert final.shape == vol.shape
+    assert np.all(final[:, :, :3] == 0) and np.all(final[vol == 0] == 0)
+    assert np.allclose(final[10, 10, 3:5], 1000.0)
+
+
+def test_select_middle_slices():
+    assert select_middle_slices(np.arange(10, 110), 80).tolist() == list(range(20, 100))
+    assert select_middle_slices(np.arange(5), 80).tolist() == list(range(5))

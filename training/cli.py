@@ -1,0 +1,137 @@
+"""Command line: ``python -m training {train,evaluate,export,subjects} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from MRISynthesisLib.errors import MRISynthesisError
+
+S = argparse.SUPPRESS
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (also under torchrun for several processes)",
+                       argument_default=S, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="folder of subject folders (required unless --resume)")
+    g.add_argument("--out", required=True, help="run folder (checkpoints, logs, figures, model.safetensors)")
+    g.add_argument("--sources", help="comma-separated source modalities (default t1,t2)")
+    g.add_argument("--target", help="target modality (default flair)")
+    g.add_argument("--subjects", help="comma-separated subset of subject folders to use")
+    g.add_argument("--slices-per-subject", type=int, help="middle brain slices per subject (default 80; 0 = all)")
+    g.add_argument("--val-fraction", type=float, help="fraction of subject groups for validation (default 0.1)")
+    g.add_argument("--test-fraction", type=float, help="fraction of subject groups held out for testing (default 0.2)")
+    g.add_argument("--split", help="reuse a split.json (e.g. another run's) instead of a seeded split")
+    g.add_argument("--group", action="append", help="same-patient subjects kept in one split, e.g. a,b (repeatable)")
+    g.add_argument("--groups-file", help="JSON list of lists of same-patient subject names")
+    g.add_argument("--no-default-groups", action="store_true",
+                   help="drop the built-in groups (brats20-001+brats18-cbica-aab, ms-long-01a+ms-long-01b)")
+    g.add_argument("--cache-dir", help="preprocessed-slice cache (default RUN/cache; share it between runs)")
+    g = p.add_argument_group("model")
+    g.add_argument("--architecture", choices=("fdgan", "pix2pix_unet"), help="generator (default fdgan)")
+    g.add_argument("--width", type=int, help="generator base channels (default 64, the paper's)")
+    g.add_argument("--d-width", type=int, help="discriminator base channels (default: --width)")
+    g.add_argument("--laf-grid", type=int, choices=(1, 2, 4, 8, 16), help="LAF grid g (default 2)")
+    g.add_argument("--no-specific-encoder", action="store_true",
+                   help="shared-information-only ablation (no LAF/SPE/AdaIN; MILR-like)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="total epochs, split in half: constant lr, then linear decay")
+    g.add_argument("--epochs-constant", type=int, help="epochs at constant lr (default 100)")
+    g.add_argument("--epochs-decay", type=int, help="epochs of linear decay to 0 (default 100)")
+    g.add_argument("--batch-size", type=int, help="slices per step per process (default 3)")
+    g.add_argument("--lr", type=float, help="Adam learning rate for G and D (default 2e-4)")
+    g.add_argument("--beta1", type=float, help="Adam beta1 (default 0.5)")
+    g.add_argument("--beta2", type=float, help="Adam beta2 (default 0.999)")
+    g.add_argument("--l1-reduction", choices=("mean", "sum"),
+                   help="L1 terms as per-pixel mean (default, lambda 100) or per-image sum (paper, lambda 0.1)")
+    g.add_argument("--lambda1", type=float, help="weight of L1(G(x), y) (default by reduction: 100 / 0.1)")
+    g.add_argument("--lambda2", type=float, help="weight of L1(pseudo-target, y) (default as --lambda1)")
+    g.add_argument("--seed", type=int, help="seed for the split, initialisation and data order (default 0)")
+    g.add_argument("--precision", choices=("fp32", "bf16"), help="fp32 (default) or bf16 autocast")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    g.add_argument("--num-threads", type=int, help="CPU threads for torch")
+    g.add_argument("--max-val-slices", type=int, help="validate on at most this many slices (evenly spaced)")
+    g = p.add_argument_group("runs")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--stop-after-steps", type=int, help="debugging: stop after this many steps in total")
+    g.add_argument("--stop-mode", choices=("interrupt", "crash"),
+                   help="debugging: 'interrupt' saves a checkpoint like Ctrl-C; 'crash' exits without one")
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="compare models (and trivial baselines) against the real target")
+    p.add_argument("--model", action="append", default=[], help="model bundle (repeatable); NAME=PATH sets its label")
+    p.add_argument("--baseline", action="append", default=[],
+                   help="trivial reference: t2 (the normalised T2), linear (least-squares fit of the normalised "
+                        "sources; linear:t1,t2 picks the sources) (repeatable)")
+    p.add_argument("--data", required=True, help="folder of subject folders")
+    p.add_argument("--subjects", help="comma-separated subjects to evaluate")
+    p.add_argument("--split", help="a run's split.json: evaluate its --split-name subjects; linear fits on its train")
+    p.add_argument("--split-name", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", required=True, help="report folder (metrics.json, report.md, figure.png)")
+    p.add_argument("--slices-per-subject", type=int, default=80, help="middle brain slices compared (0 = all)")
+    p.add_argument("--target", default="flair")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a model bundle from a run's checkpoint")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--out", required=True, help="bundle path (.safetensors)")
+    p.add_argument("--checkpoint", help="checkpoint file (default RUN/checkpoint.pt)")
+    p.add_argument("--half", action="store_true", help="store weights as fp16 (half the size)")
+
+
+def add_subjects(sub) -> None:
+    p = sub.add_parser("subjects", help="list the subjects of a data folder and the modalities each has")
+    p.add_argument("--data", required=True)
+    p.add_argument("--sources", default="t1,t2")
+    p.add_argument("--target", default="flair")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train(sub)
+    add_evaluate(sub)
+    add_export(sub)
+    add_subjects(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from .trainer import train
+
+            given = {k: v for k, v in vars(args).items() if k != "command"}
+            result = train(given)
+            if result.get("stopped"):
+                return 130
+            print(result["bundle"] if result.get("bundle") else "")
+            return 0
+        if args.command == "export":
+            from .trainer import export_run
+
+            if not args.out.endswith(".safetensors"):
+                parser.error("--out must end with .safetensors")
+            print(export_run(args.run, args.out, args.half, args.checkpoint))
+            return 0
+        if args.command == "evaluate":
+            from .evaluate import evaluate_cli
+
+            return evaluate_cli(args)
+        if args.command == "subjects":
+            from .data import availability_report, discover
+
+            needed = [s.strip() for s in args.sources.split(",")] + [args.target]
+            print(availability_report(discover(args.data), needed))
+            return 0
+    except MRISynthesisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1

@@ -1,0 +1,275 @@
+"""Training data: subject discovery, the subject-level split and the slice cache.
+
+A data folder holds one folder per subject; each file is one modality. Recognised names
+(case-insensitive, ``.nii.gz``/``.nii``/``.nrrd``/``.mha``/``.mhd``):
+
+- this project: ``t1``, ``t1c``, ``t2``, ``flair``, ``mask`` (brain mask, optional);
+- BraTS 2015-2020: ``<anything>_t1``, ``_t1ce``, ``_t2``, ``_flair``;
+- BraTS 2023: ``<anything>-t1n``, ``-t1c``, ``-t2w``, ``-t2f``.
+
+Other files (``seg``, ``seg_auto``, ...) are ignored. Two files that mean the same
+modality in one folder are an error, never a guess.
+
+The split is by subject (never by slice), over *all* subjects found, so that one data
+folder and seed give the same split whatever sources a model uses; subjects that lack a
+modality the task needs are then left out of their split with a message. Known
+same-patient groups are kept in one split (``DEFAULT_GROUPS``).
+
+Preprocessed slices are cached as ``.npy`` (float16, values in [-1, 1]) keyed by the
+files' paths, sizes and modification times, the modalities and the preprocessing, so an
+epoch never re-reads NIfTI and a second run on the same data reuses the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from MRISynthesisLib.errors import InputError
+from MRISynthesisLib.preprocessing import PreprocessingConfig, SliceStack, select_middle_slices
+from MRISynthesisLib.volumes import load_volume
+
+MODALITIES = ("t1", "t1c", "t2", "flair")
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+# Name token -> modality; tokens are the whole file stem, or its last part after "_"/"-".
+TOKENS = {
+    "t1": "t1", "t1n": "t1",
+    "t1c": "t1c", "t1ce": "t1c", "t1gd": "t1c",
+    "t2": "t2", "t2w": "t2",
+    "flair": "flair", "t2f": "flair",
+    "mask": "mask", "brainmask": "mask",
+}
+# Same-patient subjects of /work/shared/data (see its README): never split apart.
+DEFAULT_GROUPS = (("brats20-001", "brats18-cbica-aab"), ("ms-long-01a", "ms-long-01b"))
+CACHE_VERSION = 1
+
+
+def modality_of(filename: str) -> Optional[str]:
+    """The modality a file name stands for, or None (not an image, or another kind of file)."""
+    lower = filename.lower()
+    for suffix in SUFFIXES:
+        if lower.endswith(suffix):
+            stem = lower[: -len(suffix)]
+            break
+    else:
+        return None
+    if stem in TOKENS:
+        return TOKENS[stem]
+    for sep in ("_", "-"):
+        if sep in stem:
+            token = stem.rsplit(sep, 1)[1]
+            if token in TOKENS:
+                return TOKENS[token]
+    return None
+
+
+@dataclass
+class Subject:
+    name: str
+    folder: Path
+    files: Dict[str, Path] = field(default_factory=dict)  # modality (and "mask") -> path
+
+    @property
+    def mask(self) -> Optional[Path]:
+        return self.files.get("mask")
+
+    def missing(self, modalities: Sequence[str]) -> List[str]:
+        return [m for m in modalities if m not in self.files]
+
+
+def discover(data_dir) -> List[Subject]:
+    """Every subject folder under ``data_dir`` that holds at least one recognised image."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(f"data folder not found: {data_dir}")
+    subjects = []
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        files: Dict[str, Path] = {}
+        for path in sorted(folder.iterdir()):
+            modality = modality_of(path.name)
+            if modality is None or not path.is_file():
+                continue
+            if modality in files:
+                raise InputError(f"{folder}: both {files[modality].name} and {path.name} look like "
+                                 f"{modality}; keep one or rename the other")
+            files[modality] = path
+        if any(m in files for m in MODALITIES):
+            subjects.append(Subject(folder.name, folder, files))
+    if not subjects:
+        raise InputError(f"{data_dir}: no subject folders with recognised images "
+                         f"(expected e.g. SUBJECT/t1.nii.gz or BraTS names like SUBJECT/x_t1.nii.gz)")
+    return subjects
+
+
+def availability_report(subjects: Sequence[Subject], needed: Sequence[str] = MODALITIES) -> str:
+    """A table of which subject has which modality (and a mask), for the log and the CLI."""
+    cols = list(MODALITIES) + ["mask"]
+    lines = ["subject".ljust(24) + " ".join(c.ljust(6) for c in cols) + " usable"]
+    for s in subjects:
+        marks = " ".join(("yes" if c in s.files else "-").ljust(6) for c in cols)
+        missing = s.missing(needed)
+        lines.append(s.name.ljust(24) + marks + " " + ("yes" if not missing else "no (lacks " + ", ".join(missing) + ")"))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def parse_groups(specs: Sequence[str] = (), groups_file=None, use_defaults: bool = True) -> List[List[str]]:
+    """Same-patient groups from ``--group a,b`` specs, a JSON file (a list of lists of subject
+    names) and the defaults; groups sharing a subject are merged."""
+    groups = [list(g) for g in DEFAULT_GROUPS] if use_defaults else []
+    groups += [[n.strip() for n in spec.split(",") if n.strip()] for spec in specs]
+    if groups_file:
+        with open(groups_file) as f:
+            loaded = json.load(f)
+        if not isinstance(loaded, list) or not all(isinstance(g, list) and all(isinstance(n, str) for n in g)
+                                                   for g in loaded):
+            raise InputError(f"{groups_file}: expected a JSON list of lists of subject names")
+        groups += [list(g) for g in loaded]
+    merged: List[set] = []
+    for g in groups:
+        g = set(g)
+        for other in [m for m in merged if m & g]:
+            g |= other
+            merged.remove(other)
+        merged.append(g)
+    return [sorted(g) for g in merged if len(g) > 1]
+
+
+def split_subjects(names: Sequence[str], seed: int, val_fraction: float, test_fraction: float,
+                   groups: Sequence[Sequence[str]] = ()) -> Dict[str, List[str]]:
+    """Seeded subject-level split; each group of same-patient subjects lands in one split.
+    Fractions count groups (a lone subject is a group of one); with a fraction > 0 and at
+    least three groups, that split gets at least one group."""
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise InputError(f"need 0 <= val, test fractions and val + test < 1 (got {val_fraction}, {test_fraction})")
+    names = sorted(set(names))
+    present = set(names)
+    units, grouped = [], set()
+    for g in groups:
+        members = sorted(n for n in g if n in present)
+        if members:
+            units.append(members)
+            grouped.update(members)
+    units += [[n] for n in names if n not in grouped]
+    units.sort()
+    random.Random(seed).shuffle(units)
+
+    def count(fraction):
+        n = int(round(fraction * len(units)))
+        return max(n, 1) if fraction > 0 and len(units) >= 3 else n
+
+    n_test, n_val = count(test_fraction), count(val_fraction)
+    if n_test + n_val >= len(units):
+        raise InputError(f"{len(units)} subject groups are too few for the requested validation/test split")
+    pick = lambda part: sorted(n for unit in part for n in unit)  # noqa: E731
+    return {"train": pick(units[n_test + n_val:]), "val": pick(units[n_test:n_test + n_val]),
+            "test": pick(units[:n_test])}
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@dataclass
+class SubjectSlices:
+    """One subject's preprocessed slices: images (N, C, S, S) in [-1, 1], channels in the
+    order of ``modalities``; brain mask (N, S, S); axial indices in RAS order."""
+
+    name: str
+    modalities: tuple
+    images: np.ndarray
+    mask: np.ndarray
+    slice_indices: np.ndarray
+
+
+def _cache_key(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
+               slices_per_subject: Optional[int]) -> str:
+    files = {}
+    for key in list(modalities) + (["mask"] if subject.mask else []):
+        path = subject.files[key].resolve()
+        st = path.stat()
+        files[key] = [str(path), st.st_size, st.st_mtime_ns]
+    blob = json.dumps({"version": CACHE_VERSION, "files": files, "modalities": list(modalities),
+                       "preprocessing": preprocessing.to_dict(), "slices": slices_per_subject}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def preprocess_subject(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
+                       slices_per_subject: Optional[int]) -> SubjectSlices:
+    """Read, normalise and cut one subject with the library's SliceStack (the inference path)."""
+    volumes = [load_volume(subject.files[m], f"{subject.name}/{m}") for m in modalities]
+    ref = volumes[0]
+    for m, v in zip(modalities, volumes):
+        if not v.same_grid(ref):
+            raise InputError(f"{subject.name}: {m} is not on the grid of {modalities[0]} "
+                             f"(shape {v.shape} vs {ref.shape}); training needs co-registered volumes on one grid")
+    mask = None
+    if subject.mask is not None:
+        mask_vol = load_volume(subject.mask, f"{subject.name}/mask")
+        if not mask_vol.same_grid(ref):
+            raise InputError(f"{subject.name}: mask is not on the grid of {modalities[0]}")
+        mask = mask_vol.array > 0
+    stack = SliceStack([v.array for v in volumes], ref.affine, preprocessing, mask=mask,
+                       names=[f"{subject.name}/{m}" for m in modalities])
+    indices = select_middle_slices(stack.brain_slices, slices_per_subject)
+    images = stack.batch(indices).numpy().astype(np.float16)
+    mask_slices = torch.from_numpy(stack.mask[..., indices].transpose(2, 0, 1)[:, None].astype(np.float32))
+    mask_slices = (stack.resizer.forward(mask_slices, fill=0.0)[:, 0] > 0.5).numpy()
+    return SubjectSlices(subject.name, tuple(modalities), images, mask_slices, np.asarray(indices))
+
+
+def load_or_build(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
+                  slices_per_subject: Optional[int], cache_dir, log: Callable[[str], None] = print) -> SubjectSlices:
+    """The subject's slices from the cache, preprocessing (and caching) them on a miss."""
+    cache_dir = Path(cache_dir)
+    key = _cache_key(subject, modalities, preprocessing, slices_per_subject)
+    base = cache_dir / f"{subject.name}-{'_'.join(modalities)}-{key}"
+    paths = [Path(f"{base}.images.npy"), Path(f"{base}.mask.npy"), Path(f"{base}.slices.npy")]
+    if all(p.is_file() for p in paths):
+        images = np.load(paths[0], mmap_mode="r")
+        return SubjectSlices(subject.name, tuple(modalities), images, np.load(paths[1]), np.load(paths[2]))
+    log(f"preprocessing {subject.name} ({', '.join(modalities)}) -> cache {cache_dir}")
+    result = preprocess_subject(subject, modalities, preprocessing, slices_per_subject)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Images last: their presence marks a complete entry.
+    _atomic_save(paths[1], result.mask)
+    _atomic_save(paths[2], result.slice_indices)
+    _atomic_save(paths[0], result.images)
+    return result
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """All slices of some subjects; ``gather(indices)`` -> float32 (B, C, S, S) tensor."""
+
+    def __init__(self, subjects: Sequence[SubjectSlices]):
+        self.subjects = list(subjects)
+        self.index = np.array([(si, k) for si, s in enumerate(self.subjects) for k in range(len(s.images))],
+                              dtype=np.int64).reshape(-1, 2)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        si, k = self.index[i]
+        return torch.from_numpy(np.asarray(self.subjects[si].images[k], dtype=np.float32))
+
+    def gather(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self[int(i)] for i in indices])
+
+    def masks(self, indices: Sequence[int]) -> np.ndarray:
+        return np.stack([self.subjects[self.index[i][0]].mask[self.index[i][1]] for i in indices])

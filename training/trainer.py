@@ -1,0 +1,671 @@
+"""The training loop: one code path for one process or many (torchrun + DDP).
+
+Each iteration updates D then G (pix2pix order):
+    loss_D = 0.5 * (BCE(D(x, y), 1) + BCE(D(x, G(x)), 0))
+    loss_G = BCE(D(x, G(x)), 1) + lambda1 * L1(G(x), y) + lambda2 * L1(F(x), y)
+with L1 reduced per ``l1_reduction`` ("mean": per-pixel mean; "sum": the paper's norm,
+the sum over the pixels of an image, averaged over the batch).
+
+No lost work: ``RUN/checkpoint.pt`` is written atomically after every epoch and on
+SIGINT/SIGTERM (mid-epoch, with the step reached). The data order of epoch e is a
+function of (seed, e) only and the RNG states are saved, so a resumed run ends with
+the same weights as an uninterrupted one (bit-exact on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from MRISynthesisLib import __version__ as lib_version
+from MRISynthesisLib.bundle import bundle_from_generator, save_bundle
+from MRISynthesisLib.errors import InputError
+from MRISynthesisLib.inference import autocast_context, resolve_device
+from MRISynthesisLib.metrics import aggregate, subject_metrics
+from MRISynthesisLib.networks import ModelConfig, build_discriminator, build_generator, count_parameters, init_weights
+from MRISynthesisLib.preprocessing import PreprocessingConfig, to_output_scale
+
+from . import data as data_mod
+
+CHECKPOINT = "checkpoint.pt"
+LOSS_KEYS = ("loss_D", "loss_G", "loss_G_GAN", "loss_G_L1", "loss_G_L1_pseudo")
+VAL_KEYS = ("val_psnr", "val_ssim", "val_nrmse", "val_psnr_masked", "val_ssim_masked", "val_nrmse_masked")
+# Options that may change when resuming; everything else must match the saved run.
+RESUME_OVERRIDABLE = {"resume", "no_progress", "stop_after_steps", "stop_mode", "num_threads", "device",
+                      "epochs", "epochs_constant", "epochs_decay", "data", "cache_dir"}
+
+DEFAULTS = dict(
+    data=None, out=None, sources="t1,t2", target="flair", subjects=None,
+    architecture="fdgan", width=64, d_width=None, laf_grid=2, no_specific_encoder=False,
+    epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
+    l1_reduction="mean", lambda1=None, lambda2=None,
+    slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None,
+    group=[], groups_file=None, no_default_groups=False,
+    seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
+    max_val_slices=None, resume=False, no_progress=False, stop_after_steps=None, stop_mode="interrupt",
+)
+# The L1 weights each reduction defaults to: pix2pix's 100 on a per-pixel mean, or the
+# paper's 0.1 on a per-image sum (see docs/training.md, "Loss reduction").
+DEFAULT_LAMBDA = {"mean": 100.0, "sum": 0.1}
+L1_DECISION = ("default l1_reduction=mean with lambda1=lambda2=100 (pix2pix's weighting): the weight does not "
+               "depend on the image size, and the paper's 0.1 on a per-image sum (= 6553.6 on a 256x256 mean) "
+               "makes the adversarial term about 1e-4 of the objective, i.e. plain L1 regression; the paper's "
+               "setting is --l1-reduction sum (lambda 0.1)")
+
+
+class StopTraining(Exception):
+    """Raised by the debug option --stop-after-steps in "crash" mode (a simulated kill)."""
+
+
+def resolve_config(given: dict) -> dict:
+    """Full option set: defaults, then given values; derived values filled in and checked."""
+    cfg = dict(DEFAULTS)
+    cfg.update({k: v for k, v in given.items() if k in DEFAULTS})
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise InputError(f"unknown training options: {sorted(unknown)}")
+    if cfg["data"] is None or cfg["out"] is None:
+        raise InputError("--data and --out are required")
+    cfg["data"], cfg["out"] = str(Path(cfg["data"]).resolve()), str(Path(cfg["out"]).resolve())
+    sources = [s.strip() for s in cfg["sources"].split(",")] if isinstance(cfg["sources"], str) else list(cfg["sources"])
+    for s in sources + [cfg["target"]]:
+        if s not in data_mod.MODALITIES:
+            raise InputError(f"unknown modality {s!r}; expected one of {data_mod.MODALITIES}")
+    if cfg["target"] in sources or len(set(sources)) != len(sources) or not sources:
+        raise InputError(f"sources {sources} must be distinct, non-empty and not include the target {cfg['target']}")
+    cfg["sources"] = ",".join(sources)
+    if cfg["epochs"] is not None:
+        if cfg["epochs"] < 1:
+            raise InputError("--epochs must be >= 1")
+        cfg["epochs_decay"] = cfg["epochs"] // 2
+        cfg["epochs_constant"] = cfg["epochs"] - cfg["epochs_decay"]
+    if cfg["epochs_constant"] < 0 or cfg["epochs_decay"] < 0 or cfg["epochs_constant"] + cfg["epochs_decay"] < 1:
+        raise InputError("need epochs_constant, epochs_decay >= 0 and at least one epoch in total")
+    if cfg["l1_reduction"] not in DEFAULT_LAMBDA:
+        raise InputError(f"--l1-reduction must be mean or sum, got {cfg['l1_reduction']!r}")
+    for key in ("lambda1", "lambda2"):
+        if cfg[key] is None:
+            cfg[key] = DEFAULT_LAMBDA[cfg["l1_reduction"]]
+    if cfg["d_width"] is None:
+        cfg["d_width"] = cfg["width"]
+    if cfg["batch_size"] < 1 or cfg["width"] < 1 or cfg["d_width"] < 1:
+        raise InputError("--batch-size, --width and --d-width must be >= 1")
+    if cfg["slices_per_subject"] is not None and cfg["slices_per_subject"] <= 0:
+        cfg["slices_per_subject"] = None  # 0 means every brain slice
+    if cfg["precision"] not in ("fp32", "bf16"):
+        raise InputError(f"--precision must be fp32 or bf16, got {cfg['precision']!r}")
+    if cfg["stop_mode"] not in ("interrupt", "crash"):
+        raise InputError("--stop-mode must be interrupt or crash")
+    model_config(cfg)  # validates architecture / grid
+    return cfg
+
+
+def model_config(cfg: dict) -> ModelConfig:
+    try:
+        return ModelConfig(architecture=cfg["architecture"], num_sources=len(cfg["sources"].split(",")),
+                           base_width=cfg["width"], laf_grid=cfg["laf_grid"],
+                           specific_encoder=not cfg["no_specific_encoder"])
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def lr_factor(epoch: int, epochs_constant: int, epochs_decay: int) -> float:
+    """The one learning-rate schedule (pix2pix "linear"): 1 for the first epochs_constant
+    epochs (0-based ``epoch``), then linearly towards 0 over epochs_decay epochs."""
+    if epoch < epochs_constant:
+        return 1.0
+    return max(0.0, 1.0 - (epoch - epochs_constant + 1) / (epochs_decay + 1))
+
+
+def l1_loss(prediction: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    diff = (prediction.float() - target.float()).abs()
+    if reduction == "mean":
+        return diff.mean()
+    return diff.flatten(1).sum(1).mean()  # ||Y - Y'||_1 per image, batch-averaged
+
+
+def git_commit() -> Optional[str]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "training", "MRISynthesisLib"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    import random
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Distributed:
+    """World size, rank and device; a process group only when torchrun started >1 process."""
+
+    def __init__(self, device_request: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(device_request)
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
+            torch.cuda.set_device(device)
+        self.device = device
+        self.active = self.world > 1
+        if self.active and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.active:
+            dist.barrier()
+
+    def all_sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.active:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        if not self.active:
+            return flag
+        return self.all_sum([1.0 if flag else 0.0])[0] > 0
+
+    def gather(self, obj):
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self):
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Run:
+    """Everything about one training run folder."""
+
+    def __init__(self, cfg: dict, dist_: Distributed):
+        self.cfg, self.dist = cfg, dist_
+        self.dir = Path(cfg["out"])
+        self.sources = cfg["sources"].split(",")
+        self.target = cfg["target"]
+        self.modalities = self.sources + [self.target]
+        self.preprocessing = PreprocessingConfig()
+        self.log_file = self.dir / "train.log"
+
+    def log(self, message: str) -> None:
+        if not self.dist.main:
+            return
+        print(message, file=sys.stderr, flush=True)
+        with open(self.log_file, "a") as f:
+            f.write(message + "\n")
+
+    # ------------------------------------------------------------------ data
+
+    def prepare_data(self):
+        cfg = self.cfg
+        cache_dir = Path(cfg["cache_dir"]) if cfg["cache_dir"] else self.dir / "cache"
+        subjects = data_mod.discover(cfg["data"])
+        if cfg["subjects"]:
+            wanted = [s.strip() for s in cfg["subjects"].split(",") if s.strip()]
+            names = {s.name for s in subjects}
+            unknown = [w for w in wanted if w not in names]
+            if unknown:
+                raise InputError(f"--subjects: not found in {cfg['data']}: {', '.join(unknown)}")
+            subjects = [s for s in subjects if s.name in wanted]
+        by_name = {s.name: s for s in subjects}
+        split_path = self.dir / "split.json"
+        if self.dist.main:
+            self.log(data_mod.availability_report(subjects, self.modalities))
+            skipped = {s.name: s.missing(self.modalities) for s in subjects if s.missing(self.modalities)}
+            for name, missing in skipped.items():
+                self.log(f"skipping {name}: lacks {', '.join(missing)} (needed for {' + '.join(self.sources)} -> {self.target})")
+            if split_path.is_file() and cfg["resume"]:
+                split = json.loads(split_path.read_text())
+            else:
+                if cfg["split"]:
+                    given = json.loads(Path(cfg["split"]).read_text())
+                    assignment = {k: list(given[k]) for k in ("train", "val", "test")}
+                    groups = given.get("groups", [])
+                    origin = str(Path(cfg["split"]).resolve())
+                else:
+                    groups = data_mod.parse_groups(cfg["group"], cfg["groups_file"], not cfg["no_default_groups"])
+                    assignment = data_mod.split_subjects(list(by_name), cfg["seed"], cfg["val_fraction"],
+                                                         cfg["test_fraction"], groups)
+                    origin = f"seeded split (seed {cfg['seed']}, val {cfg['val_fraction']}, test {cfg['test_fraction']})"
+                split = {"origin": origin, "data": cfg["data"], "seed": cfg["seed"], "groups": groups,
+                         "train": assignment["train"], "val": assignment["val"], "test": assignment["test"],
+                         "skipped": skipped, "modalities": self.modalities}
+                for part in ("train", "val", "test"):
+                    split[f"{part}_usable"] = [n for n in split[part] if n in by_name and n not in skipped]
+                if not split["train_usable"]:
+                    raise InputError("no training subject has all of " + ", ".join(self.modalities))
+                atomic_write_text(split_path, json.dumps(split, indent=2))
+            self.log(f"split: train {split['train_usable']}, val {split['val_usable']}, test {split['test_usable']}")
+            for part in ("train", "val"):
+                for name in split[f"{part}_usable"]:
+                    data_mod.load_or_build(by_name[name], self.modalities, self.preprocessing,
+                                           cfg["slices_per_subject"], cache_dir, self.log)
+        self.dist.barrier()
+        split = json.loads(split_path.read_text())
+        self.split = split
+        load = lambda n: data_mod.load_or_build(by_name[n], self.modalities, self.preprocessing,  # noqa: E731
+                                                cfg["slices_per_subject"], cache_dir, self.log)
+        self.train_data = data_mod.SliceDataset([load(n) for n in split["train_usable"]])
+        self.val_data = data_mod.SliceDataset([load(n) for n in split["val_usable"]])
+        self.log(f"{len(self.train_data)} training slices, {len(self.val_data)} validation slices")
+
+    # ------------------------------------------------------------------ training
+
+    def build(self):
+        cfg = self.cfg
+        torch.manual_seed(cfg["seed"])
+        self.model_config = model_config(cfg)
+        G = init_weights(build_generator(self.model_config))
+        D = init_weights(build_discriminator(len(self.sources), cfg["d_width"]))
+        self.G, self.D = G.to(self.dist.device), D.to(self.dist.device)
+        betas = (cfg["beta1"], cfg["beta2"])
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg["lr"], betas=betas)
+        self.log(f"generator {self.model_config.architecture}: {count_parameters(G):,} parameters; "
+                 f"discriminator: {count_parameters(D):,}")
+
+    def wrap(self):
+        if self.dist.active:
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            return (DistributedDataParallel(self.G, device_ids=ids), DistributedDataParallel(self.D, device_ids=ids))
+        return self.G, self.D
+
+    def checkpoint_state(self, epoch: int, step: int, sums, history, rng_states) -> dict:
+        return {"format": "mrisynthesis-training-checkpoint", "version": 1, "config": self.cfg,
+                "epoch": epoch, "step": step, "sums": list(sums), "history": history,
+                "G": self.G.state_dict(), "D": self.D.state_dict(),
+                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+                "rng": rng_states, "world": self.dist.world, "time": datetime.datetime.now().isoformat()}
+
+    def save_checkpoint(self, state: dict) -> None:
+        if self.dist.main:
+            atomic_torch_save(state, self.dir / CHECKPOINT)
+
+    def train(self) -> dict:
+        cfg, dist_ = self.cfg, self.dist
+        device = dist_.device
+        n_epochs = cfg["epochs_constant"] + cfg["epochs_decay"]
+        start_epoch, start_step, sums, history = 0, 0, [0.0] * (len(LOSS_KEYS) + 1), []
+        ckpt_path = self.dir / CHECKPOINT
+        if cfg["resume"]:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            if state.get("world", 1) != dist_.world:
+                self.log(f"note: resuming a run saved with {state.get('world')} processes on {dist_.world}; "
+                         "the data order changes, so the weights will not equal an uninterrupted run")
+            self.G.load_state_dict(state["G"])
+            self.D.load_state_dict(state["D"])
+            self.opt_G.load_state_dict(state["opt_G"])
+            self.opt_D.load_state_dict(state["opt_D"])
+            start_epoch, start_step, sums, history = state["epoch"], state["step"], state["sums"], state["history"]
+            rngs = state["rng"]
+            set_rng_state(rngs[dist_.rank] if dist_.rank < len(rngs) else rngs[0])
+            self.log(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, step {start_step}")
+        G, D = self.wrap()
+        D_plain = self.D  # the G step calls D without DDP: D's weights get no gradient there
+        sampler = torch.utils.data.DistributedSampler(self.train_data, num_replicas=dist_.world, rank=dist_.rank,
+                                                      shuffle=True, seed=cfg["seed"], drop_last=False)
+        autocast = lambda: autocast_context(device, cfg["precision"])  # noqa: E731
+        bce = torch.nn.BCEWithLogitsLoss()
+        M = len(self.sources)
+        stop = {"flag": False}
+
+        def on_signal(signum, frame):
+            if stop["flag"]:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            stop["flag"] = True
+            self.log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop now)")
+
+        old_handlers = {}
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, on_signal)
+        global_step = sum(h["steps"] for h in history) + start_step
+        result = {"stopped": False}
+        try:
+            for epoch in range(start_epoch, n_epochs):
+                factor = lr_factor(epoch, cfg["epochs_constant"], cfg["epochs_decay"])
+                for opt in (self.opt_G, self.opt_D):
+                    for group in opt.param_groups:
+                        group["lr"] = cfg["lr"] * factor
+                sampler.set_epoch(epoch)
+                order = list(sampler)
+                batches = [order[i:i + cfg["batch_size"]] for i in range(0, len(order), cfg["batch_size"])]
+                first = start_step if epoch == start_epoch else 0
+                if first == 0:
+                    sums = [0.0] * (len(LOSS_KEYS) + 1)
+                t0 = time.time()
+                G.train()
+                D.train()
+                bar = None
+                if dist_.main and not cfg["no_progress"]:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=len(batches), initial=first, desc=f"epoch {epoch + 1}/{n_epochs}",
+                               leave=False, dynamic_ncols=True)
+                for step in range(first, len(batches)):
+                    batch = self.train_data.gather(batches[step]).to(device)
+                    x, y = batch[:, :M], batch[:, M:M + 1]
+                    with autocast():
+                        out = G(x)
+                    fake = out.synthetic
+                    # D: real pairs -> 1, synthetic pairs -> 0 (pix2pix's 0.5 factor).
+                    for p in self.D.parameters():
+                        p.requires_grad_(True)
+                    self.opt_D.zero_grad(set_to_none=True)
+                    with autocast():
+                        pred_fake = D(x, fake.detach())
+                        pred_real = D(x, y)
+                        loss_D = 0.5 * (bce(pred_fake.float(), torch.zeros_like(pred_fake, dtype=torch.float32))
+                                        + bce(pred_real.float(), torch.ones_like(pred_real, dtype=torch.float32)))
+                    loss_D.backward()
+                    self.opt_D.step()
+                    # G: fool D, plus L1 on the synthetic image and on the LAF pseudo-target.
+                    for p in self.D.parameters():
+                        p.requires_grad_(False)
+                    self.opt_G.zero_grad(set_to_none=True)
+                    with autocast():
+                        pred = D_plain(x, fake)
+                        loss_gan = bce(pred.float(), torch.ones_like(pred, dtype=torch.float32))
+                    loss_l1 = l1_loss(fake, y, cfg["l1_reduction"])
+                    loss_pseudo = (l1_loss(out.pseudo_target, y, cfg["l1_reduction"])
+                                   if out.pseudo_target is not None else torch.zeros((), device=device))
+                    loss_G = loss_gan + cfg["lambda1"] * loss_l1 + cfg["lambda2"] * loss_pseudo
+                    loss_G.backward()
+                    self.opt_G.step()
+                    n = len(batches[step])
+                    values = [loss_D, loss_G, loss_gan, loss_l1, loss_pseudo]
+                    for i, v in enumerate(values):
+                        sums[i] += float(v.detach()) * n
+                    sums[-1] += n
+                    global_step += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(D=f"{float(loss_D.detach()):.3f}", G=f"{float(loss_G.detach()):.3f}")
+                    debug_stop = cfg["stop_after_steps"] is not None and global_step >= cfg["stop_after_steps"]
+                    if debug_stop and cfg["stop_mode"] == "crash":
+                        raise StopTraining(f"--stop-after-steps {cfg['stop_after_steps']}: simulated kill")
+                    if dist_.any(stop["flag"] or debug_stop) and step + 1 < len(batches):
+                        rngs = dist_.gather(rng_state())
+                        self.save_checkpoint(self.checkpoint_state(epoch, step + 1, sums, history, rngs))
+                        self.log(f"stopped in epoch {epoch + 1} after step {step + 1}/{len(batches)}; "
+                                 f"checkpoint {ckpt_path}; continue with --resume")
+                        result["stopped"] = True
+                        return result
+                if bar is not None:
+                    bar.close()
+                totals = dist_.all_sum(sums)
+                row = {"epoch": epoch + 1, "lr": cfg["lr"] * factor, "steps": len(batches)}
+                row.update({k: totals[i] / max(totals[-1], 1) for i, k in enumerate(LOSS_KEYS)})
+                rngs = dist_.gather(rng_state())
+                if dist_.main:
+                    row.update(self.validate())
+                    row["seconds"] = round(time.time() - t0, 2)
+                history = history + [row]
+                self.save_checkpoint(self.checkpoint_state(epoch + 1, 0, [0.0] * len(sums), history, rngs))
+                if dist_.main:
+                    self.write_log(history)
+                    self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+                    self.plot(history)
+                if stop["flag"] or (cfg["stop_after_steps"] is not None and global_step >= cfg["stop_after_steps"]):
+                    self.log(f"stopped after epoch {epoch + 1}; checkpoint {ckpt_path}; continue with --resume")
+                    result["stopped"] = True
+                    return result
+            self.check_replicas()
+            if dist_.main:
+                result["bundle"] = str(self.export(self.dir / "model.safetensors", history))
+            result["history"] = history
+            return result
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+
+    def check_replicas(self) -> None:
+        """Under DDP every rank must hold the same weights; fail loudly if not."""
+        if not self.dist.active:
+            return
+        for name, p in list(self.G.state_dict().items()) + list(self.D.state_dict().items()):
+            if not p.is_floating_point():
+                continue
+            ref = p.detach().clone()
+            dist.broadcast(ref, 0)
+            if not torch.equal(ref, p.detach()):
+                raise RuntimeError(f"rank {self.dist.rank}: parameter {name} differs from rank 0 after training")
+
+    # ------------------------------------------------------------------ outputs
+
+    def predict(self, x: torch.Tensor):
+        self.G.eval()
+        try:
+            with torch.no_grad(), autocast_context(self.dist.device, self.cfg["precision"]):
+                out = self.G(x.to(self.dist.device))
+            pseudo = None if out.pseudo_target is None else out.pseudo_target.float().cpu()
+            return out.synthetic.float().cpu(), pseudo
+        finally:
+            self.G.train()
+
+    def validate(self) -> dict:
+        """PSNR/SSIM/NRMSE on the validation slices (256x256, output units), whole and masked."""
+        data = self.val_data
+        if len(data) == 0:
+            return {}
+        indices = np.arange(len(data))
+        if self.cfg["max_val_slices"] and len(indices) > self.cfg["max_val_slices"]:
+            indices = np.linspace(0, len(data) - 1, self.cfg["max_val_slices"]).round().astype(int)
+        M = len(self.sources)
+        per_subject = {}
+        for start in range(0, len(indices), 8):
+            chunk = indices[start:start + 8]
+            batch = data.gather(chunk)
+            fake, _ = self.predict(batch[:, :M])
+            real = to_output_scale(batch[:, M].numpy(), self.preprocessing)
+            fake = to_output_scale(fake[:, 0].clamp(-1, 1).numpy(), self.preprocessing)
+            masks = data.masks(chunk)
+            for i, idx in enumerate(chunk):
+                entry = per_subject.setdefault(int(data.index[idx][0]), ([], [], []))
+                entry[0].append(real[i])
+                entry[1].append(fake[i])
+                entry[2].append(masks[i])
+        subjects = []
+        for real, fake, masks in per_subject.values():
+            try:
+                subjects.append(subject_metrics(real, fake, masks))
+            except ValueError:
+                continue
+        agg = aggregate(subjects)
+        return {f"val_{k}": agg[k]["mean"] for k in ("psnr", "ssim", "nrmse", "psnr_masked", "ssim_masked", "nrmse_masked")
+                if k in agg}
+
+    def write_log(self, history) -> None:
+        keys = ["epoch", "lr", "steps", *LOSS_KEYS, *VAL_KEYS, "seconds"]
+        path = self.dir / "log.csv"
+        tmp = path.with_name(f"log.csv.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            for row in history:
+                writer.writerow({k: row.get(k, "") for k in keys})
+        os.replace(tmp, path)
+        atomic_write_text(self.dir / "log.json", json.dumps(history, indent=1))
+
+    def plot(self, history) -> None:
+        from .plots import plot_losses, plot_samples
+
+        plot_losses(history, self.dir / "loss_curve.png")
+        data = self.val_data if len(self.val_data) else self.train_data
+        if len(data):
+            # The middle slice of the first and last subject: fixed across epochs.
+            first, last = len(data.subjects[0].images), len(data.subjects[-1].images)
+            second = len(data) - 1 - last // 2 if len(data.subjects) > 1 else first // 4
+            picks = sorted({first // 2, second})
+            batch = data.gather(picks)
+            M = len(self.sources)
+            fake, pseudo = self.predict(batch[:, :M])
+            names = [data.subjects[int(data.index[i][0])].name for i in picks]
+            plot_samples(batch[:, :M], batch[:, M], fake[:, 0], None if pseudo is None else pseudo[:, 0],
+                         self.sources, self.target, names, self.dir / "samples.png",
+                         title=f"epoch {history[-1]['epoch']}")
+
+    def provenance(self, history) -> dict:
+        cfg = self.cfg
+        last_val = {k: history[-1][k] for k in VAL_KEYS if history and k in history[-1]}
+        return {
+            "trained_by": "python -m training train",
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "data": cfg["data"],
+            "split": {part: self.split.get(f"{part}_usable", []) for part in ("train", "val", "test")},
+            "epochs": len(history),
+            "epochs_planned": cfg["epochs_constant"] + cfg["epochs_decay"],
+            "options": {k: v for k, v in cfg.items() if k not in ("resume", "no_progress", "stop_after_steps", "stop_mode")},
+            "loss": {"l1_reduction": cfg["l1_reduction"], "lambda1": cfg["lambda1"], "lambda2": cfg["lambda2"],
+                     "decision": L1_DECISION},
+            "validation": last_val,
+            "slices_per_subject": cfg["slices_per_subject"],
+            "processes": self.dist.world,
+            "git_commit": git_commit(),
+            "torch": torch.__version__,
+            "mrisynthesis": lib_version,
+            "python": platform.python_version(),
+        }
+
+    def export(self, path, history, half_precision: bool = False) -> Path:
+        bundle = bundle_from_generator(self.G, self.model_config, self.sources, self.target,
+                                       self.preprocessing, self.provenance(history))
+        save_bundle(bundle, path, half_precision=half_precision)
+        self.log(f"model bundle: {path}")
+        return Path(path)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(given: dict) -> dict:
+    """Run (or resume) training with options ``given`` (argparse names); returns a summary
+    with "stopped" and, when finished, "bundle" (the exported model) and "history"."""
+    out = Path(given["out"]).resolve()
+    if given.get("resume"):
+        cfg_path = out / "config.json"
+        if not (out / CHECKPOINT).is_file() or not cfg_path.is_file():
+            raise InputError(f"--resume: no checkpoint in {out}")
+        saved = json.loads(cfg_path.read_text())
+        explicit = {k: v for k, v in given.items() if k not in ("out",)}
+        merged = dict(saved)
+        requested = resolve_config({**saved, **explicit})
+        conflicts = sorted(k for k in explicit if k not in RESUME_OVERRIDABLE and requested.get(k) != saved.get(k))
+        if conflicts:
+            raise InputError(f"--resume: options differ from the saved run ({', '.join(conflicts)}); "
+                             f"the run was started with {', '.join(f'{k}={saved.get(k)!r}' for k in conflicts)}")
+        # Overridable options take the new value when given; debug stops never carry over.
+        merged.update({k: requested[k] for k in RESUME_OVERRIDABLE if k in explicit})
+        if {"epochs", "epochs_constant", "epochs_decay"} & set(explicit):
+            merged.update(epochs_constant=requested["epochs_constant"], epochs_decay=requested["epochs_decay"])
+        for k in ("stop_after_steps", "stop_mode", "no_progress"):
+            merged[k] = requested[k] if k in explicit else DEFAULTS[k]
+        cfg = resolve_config({**merged, "resume": True, "epochs": None})
+    else:
+        cfg = resolve_config(given)
+    dist_ = Distributed(cfg["device"])
+    try:
+        if cfg["num_threads"]:
+            torch.set_num_threads(int(cfg["num_threads"]))
+        run_dir = Path(cfg["out"])
+        if dist_.main:
+            if not cfg["resume"] and (run_dir / CHECKPOINT).exists():
+                raise InputError(f"{run_dir} already holds a training run; continue it with --resume or choose "
+                                 "another --out")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
+        dist_.barrier()
+        run = Run(cfg, dist_)
+        run.log(f"training {cfg['architecture']} {cfg['sources'].replace(',', ' + ')} -> {cfg['target']} "
+                f"in {run_dir} on {dist_.device} x{dist_.world} ({cfg['precision']}); loss: {L1_DECISION}")
+        run.prepare_data()
+        run.build()
+        return run.train()
+    finally:
+        dist_.close()
+
+
+def export_run(run_dir, out, half_precision: bool = False, checkpoint=None) -> Path:
+    """Export a bundle from a run's (latest or given) checkpoint."""
+    run_dir = Path(run_dir).resolve()
+    ckpt = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
+    if not ckpt.is_file():
+        raise InputError(f"no checkpoint found: {ckpt}")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state.get("format") != "mrisynthesis-training-checkpoint":
+        raise InputError(f"{ckpt} is not a training checkpoint of this package")
+    cfg = dict(state["config"])
+    dist_ = Distributed("cpu") if int(os.environ.get("WORLD_SIZE", "1")) == 1 else None
+    if dist_ is None:
+        raise InputError("export runs in a single process; do not start it under torchrun")
+    run = Run(cfg, dist_)
+    split_path = run_dir / "split.json"
+    run.split = json.loads(split_path.read_text()) if split_path.is_file() else {}
+    run.model_config = model_config(cfg)
+    run.G = build_generator(run.model_config)
+    run.G.load_state_dict(state["G"])
+    history = state["history"]
+    if state["step"]:
+        print(f"note: {ckpt} was saved mid-epoch ({state['step']} steps into epoch {state['epoch'] + 1})",
+              file=sys.stderr)
+    return run.export(out, history, half_precision=half_precision)

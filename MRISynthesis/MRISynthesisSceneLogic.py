@@ -1,0 +1,442 @@
+"""Scene-level logic of the MRISynthesis Slicer module, free of Qt.
+
+Needs only an MRML scene and MRML nodes (``slicer.vtkMRMLScene``, ...), numpy, vtk and
+MRISynthesisLib, so it runs inside 3D Slicer (GUI, Python console, ``--python-script``)
+and under plain Python with the PyPI ``slicer-core`` package, where CI tests it.
+Everything about the model and preprocessing is MRISynthesisLib's
+(``inference.synthesize``, ``models.resolve_model``); this file only moves volumes between
+MRML nodes and MRISynthesisLib ``Volume`` objects, keeping geometry exact.
+
+Importing this file does not import torch: MRISynthesisLib.inference is imported on the
+first synthesis, after the module has made sure PyTorch is installed.
+
+    >>> import slicer
+    >>> from MRISynthesisSceneLogic import SynthesisSceneLogic
+    >>> logic = SynthesisSceneLogic(slicer.mrmlScene)
+    >>> flair = logic.synthesize(t1=t1Node, t2=t2Node, precision="bf16")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+from MRISynthesisLib.errors import BundleError, InputError
+from MRISynthesisLib.volumes import Volume
+
+log = logging.getLogger("MRISynthesis")
+
+INPUT_MODALITIES = ("t1", "t2", "t1c")
+MODALITY_LABELS = {"t1": "T1", "t2": "T2", "t1c": "T1c", "flair": "FLAIR"}
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_PRECISION = "fp32"
+
+MODEL_AUTOMATIC = "automatic"
+MODEL_FILE = "bundle file"
+SHIPPED_MODEL_NAMES = ("t1_to_flair", "t1_t2_to_flair", "t1_t2_t1c_to_flair")
+MODEL_CHOICES = (MODEL_AUTOMATIC, *SHIPPED_MODEL_NAMES, MODEL_FILE)
+
+# Volume-name words that say which contrast a volume is. Checked in this order so that
+# "T2-FLAIR" is FLAIR (never an input) and "T1 post" is T1c, not T1.
+NAME_KEYWORDS = (
+    ("flair", ("flair", "t2f", "t2flair")),
+    ("t1c", ("t1c", "t1ce", "t1gd", "t1post", "post", "gd")),
+    ("t2", ("t2", "t2w")),
+    ("t1", ("t1", "t1n", "t1w")),
+)
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def guessModality(name: Optional[str]) -> Optional[str]:
+    """The contrast a volume name denotes ("t1", "t2", "t1c", "flair") or None.
+
+    Whole words only: "BraTS-GLI-00001-000-t1n" is T1, "T2-FLAIR" is FLAIR, "MRHead" is None.
+    """
+    if not name:
+        return None
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    for modality, keywords in NAME_KEYWORDS:
+        if words.intersection(keywords):
+            return modality
+    return None
+
+
+def assignInputsByName(nodes: Iterable, current: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """Inputs pre-filled from volume names: {modality: node} for the modalities that are not
+    already set in ``current``; the first matching node wins. FLAIR volumes are never inputs."""
+    current = dict(current or {})
+    assigned = {}
+    for node in nodes:
+        if node is None or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            continue
+        modality = guessModality(node.GetName())
+        if modality in INPUT_MODALITIES and current.get(modality) is None and modality not in assigned:
+            assigned[modality] = node
+    return assigned
+
+
+def outputName(referenceNode) -> str:
+    return f"{referenceNode.GetName()} synthetic FLAIR"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def shippedModelSources(name: str) -> Tuple[str, ...]:
+    """("t1", "t2") for "t1_t2_to_flair"."""
+    return tuple(name.split("_to_")[0].split("_"))
+
+
+def readBundleSources(path) -> Tuple[str, ...]:
+    """The source modalities of a bundle file, read from its header only (no torch).
+
+    Only for showing what a chosen file needs; the bundle is fully verified by
+    MRISynthesisLib.bundle.load_bundle when synthesis runs.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BundleError(f"model bundle not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            headerLength = struct.unpack("<Q", f.read(8))[0]
+            if headerLength > 100_000_000:
+                raise ValueError("implausible header size")
+            header = json.loads(f.read(headerLength))
+        info = json.loads(header["__metadata__"]["mrisynthesis_bundle"])
+        sources = tuple(info["sources"])
+    except Exception as exc:  # any failure means: not one of our bundles
+        raise BundleError(f"{path}: not an MRISynthesis model bundle ({exc})") from None
+    return sources
+
+
+@dataclass
+class PanelState:
+    """What the panel shows for the current selection and whether Apply is possible."""
+
+    canApply: bool
+    message: str
+    sources: Tuple[str, ...] = ()  # inputs the model takes, in the model's order
+    model: Optional[str] = None  # shipped name or file path to pass to synthesize
+    unused: Tuple[str, ...] = field(default=())  # selected inputs the model will not use
+
+
+def panelState(modelChoice: str, modelFile: Optional[str], given: Iterable[str],
+               shipped: Optional[Dict[str, object]] = None) -> PanelState:
+    """Decide, for the chosen model and the selected inputs, what is missing.
+
+    ``given``: modalities with a selected volume. ``shipped``: {name: path} of installed
+    bundles (MRISynthesisLib.models.shipped_bundles()).
+    """
+    given = [m for m in INPUT_MODALITIES if m in set(given)]
+    shipped = shipped or {}
+    label = lambda ms: " + ".join(MODALITY_LABELS[m] for m in ms)  # noqa: E731
+    if modelChoice == MODEL_AUTOMATIC:
+        if "t1" not in given:
+            return PanelState(False, "Select a T1 volume (every model needs T1).")
+        name = "_".join(given) + "_to_flair"
+        if name not in shipped:
+            return PanelState(False, f"No installed model takes exactly {label(given)}; "
+                                     f"installed: {', '.join(sorted(shipped)) or 'none'}. "
+                                     "Choose a model or a bundle file.")
+        return PanelState(True, f"Ready: {label(given)} -> FLAIR with model {name}.", tuple(given), name)
+    if modelChoice == MODEL_FILE:
+        if not modelFile or not os.path.isfile(str(modelFile)):
+            return PanelState(False, "Choose a model bundle file (.safetensors).")
+        try:
+            sources = readBundleSources(modelFile)
+        except BundleError as exc:
+            return PanelState(False, str(exc))
+        model = str(modelFile)
+    elif modelChoice in SHIPPED_MODEL_NAMES:
+        if modelChoice not in shipped:
+            return PanelState(False, f"Model {modelChoice} is not installed "
+                                     f"(installed: {', '.join(sorted(shipped)) or 'none'}).")
+        sources, model = shippedModelSources(modelChoice), modelChoice
+    else:
+        return PanelState(False, f"Unknown model choice {modelChoice!r}.")
+    missing = [m for m in sources if m not in given]
+    unused = tuple(m for m in given if m not in sources)
+    if missing:
+        return PanelState(False, f"The model needs {label(sources)}; select {label(missing)}.",
+                          tuple(sources), model, unused)
+    note = f" ({label(unused)} selected but not used by this model.)" if unused else ""
+    return PanelState(True, f"Ready: {label(sources)} -> FLAIR.{note}", tuple(sources), model, unused)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def arrayFromVTKMatrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)], dtype=np.float64)
+
+
+def vtkMatrixFromArray(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            matrix.SetElement(i, j, float(array[i, j]))
+    return matrix
+
+
+def ijkToRAS(node) -> np.ndarray:
+    """The node's own IJK-to-RAS matrix (parent transforms not applied)."""
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return arrayFromVTKMatrix(matrix)
+
+
+def worldIJKToRAS(node, name: str = "volume") -> np.ndarray:
+    """IJK-to-world matrix: the node's IJK-to-RAS with any parent transform hardened in
+    (computed; the node is not modified). Non-linear transforms cannot be, and are refused."""
+    affine = ijkToRAS(node)
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return affine
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(f"{name}: volume '{node.GetName()}' is under a non-linear transform "
+                         f"('{parent.GetName()}'); harden it in the Transforms module first")
+    toWorld = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(toWorld)
+    return arrayFromVTKMatrix(toWorld) @ affine
+
+
+def volumeFromNode(node, name: str = "volume") -> Volume:
+    """A copy of a scalar volume node as an MRISynthesisLib Volume: array (I, J, K) float32 and
+    the IJK-to-world affine. Refuses non-scalar, empty and 2D volumes by name."""
+    if node is None:
+        raise InputError(f"{name}: no volume given")
+    if not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError(f"{name}: '{node.GetName()}' is a {node.GetClassName()}; a scalar volume is needed")
+    image = node.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"{name}: volume '{node.GetName()}' is empty (it has no voxel data)")
+    dims = image.GetDimensions()
+    if min(dims) < 1 or image.GetNumberOfPoints() == 0:
+        raise InputError(f"{name}: volume '{node.GetName()}' is empty (dimensions {dims[0]}x{dims[1]}x{dims[2]})")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"{name}: volume '{node.GetName()}' has {image.GetNumberOfScalarComponents()} "
+                         "components per voxel; a scalar volume is needed")
+    if min(dims) < 2:
+        raise InputError(f"{name}: volume '{node.GetName()}' is a 2D image (dimensions "
+                         f"{dims[0]}x{dims[1]}x{dims[2]}); a 3D volume is needed")
+    flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    # VTK stores x fastest: reshape to (K, J, I), then transpose to (I, J, K); copy so the
+    # Volume never aliases the node's memory.
+    array = np.array(flat.reshape(dims[2], dims[1], dims[0]).transpose(2, 1, 0), dtype=np.float32, copy=True)
+    return Volume(array, worldIJKToRAS(node, name))
+
+
+def updateNodeFromArray(node, array: np.ndarray, affine: np.ndarray) -> None:
+    """Set a scalar volume node's voxels from an (I, J, K) array and its IJK-to-RAS matrix."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim != 3:
+        raise ValueError(f"expected a 3D array, got shape {array.shape}")
+    image = vtk.vtkImageData()
+    image.SetDimensions(*array.shape)
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(array.transpose(2, 1, 0)).ravel(), deep=True,
+                                         array_type=vtk.VTK_FLOAT)
+    scalars.SetName("ImageScalars")
+    image.GetPointData().SetScalars(scalars)
+    wasModifying = node.StartModify()
+    node.SetIJKToRASMatrix(vtkMatrixFromArray(affine))
+    node.SetAndObserveImageData(image)
+    node.EndModify(wasModifying)
+
+
+def addVolumeNode(scene, volume: Volume, name: str):
+    """A new scalar volume node (with display node) holding ``volume``."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    updateNodeFromArray(node, volume.array, volume.affine)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def loadVolumeNode(scene, path, name: Optional[str] = None):
+    """Read a volume file (NRRD, NIfTI, ...) into a new scalar volume node with its own storage
+    node (the same reader Slicer's Add Data uses). Raises InputError naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"file not found: {path}")
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stem(path))
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(path)
+    storage.SetSingleFile(True)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise InputError(f"cannot read volume file {path}")
+    return node
+
+
+def saveVolumeNode(node, path) -> None:
+    """Write a volume node with a storage node (format from the extension); raises OSError."""
+    path = os.fspath(path)
+    scene = node.GetScene()
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    try:
+        storage.SetFileName(path)
+        storage.SetUseCompression(True)
+        if not storage.WriteData(node):
+            raise OSError(f"cannot write {path}")
+    finally:
+        scene.RemoveNode(storage)
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gz"):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return os.path.splitext(base)[0]
+
+
+# ----------------------------------------------------------------------------- synthesis
+
+
+def _defaultSynthesize(*args, **kwargs):
+    from MRISynthesisLib.inference import synthesize  # imports torch: only when used
+
+    return synthesize(*args, **kwargs)
+
+
+def _defaultResolveModel(model, sources):
+    from MRISynthesisLib.models import resolve_model
+
+    return resolve_model(model, sources)
+
+
+def _cudaAvailable() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class SynthesisSceneLogic:
+    """Synthesises FLAIR from volume nodes of a scene; everything the module, the console and
+    the batch script do goes through ``synthesize``.
+
+    Dependencies are injected for testing and reuse: ``synthesizeFunction`` (default
+    MRISynthesisLib.inference.synthesize), ``resolveModel`` (default
+    MRISynthesisLib.models.resolve_model) and ``cudaAvailable``.
+    """
+
+    def __init__(self, scene=None, synthesizeFunction: Optional[Callable] = None,
+                 resolveModel: Optional[Callable] = None, cudaAvailable: Optional[Callable[[], bool]] = None,
+                 logger: Optional[logging.Logger] = None):
+        self.scene = scene
+        self._synthesize = synthesizeFunction or _defaultSynthesize
+        self._resolveModel = resolveModel or _defaultResolveModel
+        self._cudaAvailable = cudaAvailable or _cudaAvailable
+        self.log = logger or log
+
+    def resolveDevice(self, device: str) -> str:
+        """"cuda" without a usable GPU falls back to "cpu" with a warning."""
+        if device not in DEVICES:
+            raise InputError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+        if device == "cuda" and not self._cudaAvailable():
+            self.log.warning("CUDA was requested but PyTorch sees no CUDA GPU; running on the CPU instead")
+            return "cpu"
+        return device
+
+    def synthesize(self, t1=None, t2=None, t1c=None, mask=None, model: Optional[str] = None,
+                   device: str = "auto", precision: str = DEFAULT_PRECISION, outputNode=None,
+                   progressCallback: Optional[Callable[[int, int], None]] = None,
+                   cancel: Optional[Callable[[], bool]] = None, batchSize: int = 8):
+        """Synthesise FLAIR on the T1 volume's grid; blocks until done and returns the output node.
+
+        t1, t2, t1c, mask: vtkMRMLScalarVolumeNode (or None). model: a shipped model name
+        ("t1_t2_to_flair", ...) or a bundle file; None picks the shipped model that takes
+        exactly the given inputs. The output gets exactly T1's IJK-to-RAS matrix and parent
+        transform and is named "<T1 name> synthetic FLAIR" (an ``outputNode`` given by the
+        caller keeps its name unless it is still empty). Inputs on other grids or under other
+        parent transforms are resampled onto T1 in physical space (logged). On any error or
+        cancellation (``cancel()`` returning True) the scene is left as it was and no input
+        node is modified. ``progressCallback(done, total)`` counts slices.
+        """
+        nodes = {"t1": t1, "t2": t2, "t1c": t1c}
+        given = {m: n for m, n in nodes.items() if n is not None}
+        if t1 is None:
+            raise InputError("t1: a T1 volume is required (the output is made on its grid)")
+        if precision not in PRECISIONS:
+            raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if outputNode is not None and any(outputNode is n for n in (*given.values(), mask)):
+            raise InputError("the output volume must not be one of the inputs (inputs are never overwritten)")
+        if outputNode is not None and not outputNode.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError(f"output: '{outputNode.GetName()}' is a {outputNode.GetClassName()}, not a scalar volume")
+
+        volumes = {m: volumeFromNode(n, m) for m, n in given.items()}
+        maskVolume = volumeFromNode(mask, "mask") if mask is not None else None
+        reference = volumes["t1"]
+        for m, vol in volumes.items():
+            if m != "t1" and not vol.same_grid(reference):
+                self.log.info("%s ('%s') is on another grid than T1 ('%s') (shape %s vs %s, or a different "
+                              "position/orientation/transform); resampling it onto T1 in physical space",
+                              MODALITY_LABELS[m], given[m].GetName(), t1.GetName(), vol.shape, reference.shape)
+        bundlePath = self._resolveModel(model, list(given))
+        device = self.resolveDevice(device)
+        self.log.info("Synthesising FLAIR from %s with %s on %s (%s)",
+                      " + ".join(MODALITY_LABELS[m] for m in given), bundlePath, device, precision)
+
+        result = self._synthesize(volumes, bundlePath, mask=maskVolume, reference="t1", device=device,
+                                  precision=precision, batch_size=batchSize, progress=progressCallback,
+                                  cancel=cancel)
+        if tuple(result.shape) != tuple(reference.shape):
+            raise RuntimeError(f"synthesis returned shape {result.shape}, expected T1's {reference.shape}")
+        return self._storeOutput(result.array, t1, outputNode)
+
+    def _storeOutput(self, array: np.ndarray, referenceNode, outputNode):
+        """Put the result into the output node only now that synthesis succeeded."""
+        scene = self.scene or referenceNode.GetScene()
+        created = outputNode is None
+        node = outputNode
+        try:
+            if created:
+                node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", outputName(referenceNode))
+            elif node.GetImageData() is None:
+                node.SetName(outputName(referenceNode))
+            # Exactly the reference's own matrix and parent transform: the output overlays T1.
+            updateNodeFromArray(node, array, ijkToRAS(referenceNode))
+            node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+        except Exception:
+            if created and node is not None:
+                scene.RemoveNode(node)
+            raise
+        return node
+
+
+def inputsFromFolder(folder, modalities: Sequence[str] = (*INPUT_MODALITIES, "mask")) -> Dict[str, str]:
+    """{modality: path} for the volume files of a subject folder, recognised by file name
+    (t1.nii.gz, BraTS-...-t1n.nii.gz, T2w.nrrd, ...; "mask" for mask/brainmask files)."""
+    found: Dict[str, str] = {}
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if not os.path.isfile(path) or not re.search(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", entry, re.I):
+            continue
+        stem = _stem(entry)
+        words = set(re.split(r"[^a-z0-9]+", stem.lower()))
+        modality = "mask" if words & {"mask", "brainmask"} else guessModality(stem)
+        if modality in modalities:
+            if modality in found:
+                raise InputError(f"{folder}: two files look like {modality}: "
+                                 f"{os.path.basename(found[modality])} and {entry}")
+            found[modality] = path
+    return found

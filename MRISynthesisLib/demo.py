@@ -1,0 +1,416 @@
+"""The demo: synthesise a FLAIR for a default case (or your subject) and show how good it is.
+
+    python -m MRISynthesisLib.demo                       # simulated ICBM152 case, shipped model
+    python -m MRISynthesisLib.demo --subject DIR         # DIR/t1.nii.gz [t2, t1c, flair, mask]
+    python -m MRISynthesisLib.demo --model my.safetensors --out results/
+
+Writes to ``--out`` (default ``demo-output/``):
+- ``synthetic_flair.nii.gz``: the synthetic FLAIR on the T1 grid, output scale [0, output_max];
+- ``phantom/``: the simulated inputs, reference FLAIR, brain mask and lesion map as NIfTI
+  (default case only; open them in 3D Slicer, or rerun with ``--subject OUT/phantom``);
+- ``figure.png``: a few axial slices: inputs, synthetic, reference FLAIR, absolute error;
+- ``metrics.json``: PSNR / SSIM / NRMSE, whole slice and brain-masked, when a reference
+  FLAIR exists. They are computed in normalised units: the real FLAIR goes through the
+  bundle's ``normalize_intensity`` (brain percentiles -> [-1, 1]), the synthetic is mapped
+  back from [0, output_max] to [-1, 1]; per axial slice with brain on the volume's own
+  grid, averaged (``MRISynthesisLib.metrics.subject_metrics``).
+
+The model is ``--model`` (file or shipped name) or the shipped bundle for the richest
+source set available (T1+T2+T1c, else T1+T2, else T1); ``--sources`` chooses the set.
+User errors raise ``MRISynthesisError`` subclasses (``main`` prints them as one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import BundleError, InputError, MRISynthesisError
+
+log = logging.getLogger(__name__)
+
+SOURCE_SETS = (("t1", "t2", "t1c"), ("t1", "t2"), ("t1",))  # richest first
+SOURCE_NAMES = ("t1", "t2", "t1c")
+SUBJECT_FILES = ("t1", "t2", "t1c", "flair", "mask")
+SUBJECT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DEFAULT_OUT = "demo-output"
+OUTPUT_FILES = ("synthetic_flair.nii.gz", "figure.png", "metrics.json")
+PHANTOM_DIR = "phantom"
+PHANTOM_MARKER = "phantom.json"  # marks a folder the demo wrote, safe to rewrite
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--subject", metavar="DIR",
+                        help="your own subject folder with t1.nii.gz and optionally t2, t1c, flair (reference "
+                             "for metrics) and mask (.nii.gz/.nii/.nrrd); default: a case simulated from the "
+                             "ICBM152 template shipped with nilearn")
+    parser.add_argument("--model", help="model bundle file or shipped model name; default: the shipped model "
+                                        "for the richest source set available")
+    parser.add_argument("--sources", type=_parse_sources, metavar="LIST",
+                        help="comma-separated sources to use, e.g. t1,t2 (default: richest available)")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"output folder, created if needed (default: {DEFAULT_OUT})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                        help="bf16 is several times faster on AMX CPUs and GPUs (default)")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    group = parser.add_argument_group("default case (simulated)")
+    group.add_argument("--seed", type=int, default=0, help="noise, lesion and vessel pattern (default 0)")
+    group.add_argument("--lesions", type=int, default=3, help="white-matter lesions to add (default 3)")
+    group.add_argument("--noise", type=float, default=0.02,
+                       help="Rician noise sigma as a fraction of the bright end (default 0.02)")
+    group.add_argument("--resolution", type=int, default=1, help="voxel size in mm, 1 or coarser (default 1)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display or summary")
+    return parser
+
+
+def _parse_sources(text: str) -> tuple:
+    names = tuple(s.strip().lower() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in SOURCE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown source(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(SOURCE_NAMES)}")
+    if "t1" not in names:
+        raise argparse.ArgumentTypeError("the sources must include t1 (every model takes T1)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a source is listed twice in {text!r}")
+    return tuple(s for s in SOURCE_NAMES if s in names)
+
+
+# ---------------------------------------------------------------------------- the case
+
+
+class Case:
+    """Inputs of one demo run: volumes by name, optional reference FLAIR and mask."""
+
+    def __init__(self, label: str, volumes: dict, reference=None, mask=None, files=None, phantom=None):
+        self.label, self.volumes, self.reference, self.mask = label, volumes, reference, mask
+        self.files = files or {}  # name -> path of the input files (to refuse overwriting them)
+        self.phantom = phantom
+
+
+def find_subject_files(folder) -> Dict[str, str]:
+    """{name: path} for t1/t2/t1c/flair/mask files in ``folder`` (t1 required)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"subject folder not found: {folder}")
+    found = {}
+    for name in SUBJECT_FILES:
+        matches = [folder / f"{name}{suffix}" for suffix in SUBJECT_SUFFIXES if (folder / f"{name}{suffix}").is_file()]
+        if len(matches) > 1:
+            raise InputError(f"subject folder {folder} has several {name} files "
+                             f"({', '.join(m.name for m in matches)}); keep one")
+        if matches:
+            found[name] = str(matches[0])
+    if "t1" not in found:
+        raise InputError(f"subject folder {folder} has no t1 volume (expected t1.nii.gz, and optionally "
+                         f"t2, t1c, flair, mask with the same suffix)")
+    return found
+
+
+def load_subject(folder) -> Case:
+    from .volumes import load_volume
+
+    files = find_subject_files(folder)
+    volumes = {name: load_volume(files[name], name) for name in SOURCE_NAMES if name in files}
+    reference = load_volume(files["flair"], "flair") if "flair" in files else None
+    mask = load_volume(files["mask"], "mask") if "mask" in files else None
+    return Case(str(folder), volumes, reference, mask, files)
+
+
+def load_phantom_case(args) -> Case:
+    from .phantom import make_phantom
+
+    phantom = make_phantom(seed=args.seed, num_lesions=args.lesions, noise=args.noise,
+                           resolution=args.resolution)
+    volumes = {name: phantom.volumes[name] for name in SOURCE_NAMES}
+    return Case("simulated ICBM152 case", volumes, phantom.volumes["flair"], phantom.mask, phantom=phantom)
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+def choose_model(model: Optional[str], sources: Optional[Sequence[str]], available: Sequence[str]):
+    """(bundle, sources): the bundle to run and the sources it takes, all of them available."""
+    from .bundle import load_bundle
+    from .models import resolve_model
+
+    available = [s for s in SOURCE_NAMES if s in available]
+    if sources:
+        missing = [s for s in sources if s not in available]
+        if missing:
+            raise InputError(f"--sources asks for {', '.join(missing)} but the case has only "
+                             f"{', '.join(available)}")
+    if model:
+        bundle = load_bundle(resolve_model(model, sources or available))
+        if sources and tuple(sources) != tuple(bundle.sources):
+            raise InputError(f"--sources {'+'.join(sources)} does not match the model, which takes "
+                             f"{'+'.join(bundle.sources)}")
+        missing = [s for s in bundle.sources if s not in available]
+        if missing:
+            raise InputError(f"the model needs {', '.join(bundle.sources)} but the case has no "
+                             f"{', '.join(missing)}")
+        return bundle, tuple(bundle.sources)
+    candidates = [tuple(sources)] if sources else [s for s in SOURCE_SETS if all(x in available for x in s)]
+    first_error = None
+    for candidate in candidates:
+        try:
+            return load_bundle(resolve_model(None, candidate)), candidate
+        except BundleError as exc:
+            first_error = first_error or exc
+    if first_error is None:
+        raise InputError(f"no source set can be formed from {', '.join(available)}")
+    # resolve_model's message names the set and says "pass --model".
+    raise BundleError(f"no shipped model for the demo: {first_error}")
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def _same_file(a, b) -> bool:
+    a, b = os.path.abspath(a), os.path.abspath(b)
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def prepare_output(out: str, case: Case) -> Dict[str, str]:
+    """Create the output folder; refuse to overwrite an input or a folder the demo did not write."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} exists and is not a folder")
+    paths = {name: os.path.join(out, name) for name in OUTPUT_FILES}
+    for path in paths.values():
+        for name, src in case.files.items():
+            if _same_file(path, src):
+                raise InputError(f"output {path} is the {name} input; refusing to overwrite an input "
+                                 f"(choose another --out)")
+    if case.phantom is not None:
+        phantom_dir = os.path.join(out, PHANTOM_DIR)
+        if (os.path.isdir(phantom_dir) and os.listdir(phantom_dir)
+                and not os.path.isfile(os.path.join(phantom_dir, PHANTOM_MARKER))):
+            raise InputError(f"{phantom_dir} exists and was not written by the demo; refusing to overwrite "
+                             f"its files (choose another --out)")
+        paths[PHANTOM_DIR] = phantom_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {out}: {exc}") from exc
+    return paths
+
+
+def _axial(volume_array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) in RAS order: axial slices along the last axis."""
+    from .preprocessing import AxialReorientation
+
+    return AxialReorientation(affine).forward(volume_array)
+
+
+def normalized_pair(synthetic, reference, mask: np.ndarray, config):
+    """Real FLAIR normalised like training; synthetic from [0, output_max] back to [-1, 1]."""
+    from .preprocessing import normalize_intensity
+
+    real = normalize_intensity(reference.array, mask, config, "flair")
+    fake = np.clip(synthetic.array / (config.output_max / 2.0) - 1.0, -1.0, 1.0).astype(np.float32)
+    fake[~mask] = -1.0
+    return real, fake
+
+
+def evaluate(real: np.ndarray, fake: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> dict:
+    from .metrics import subject_metrics
+
+    real, fake, mask = (_axial(a, affine) for a in (real, fake, mask))
+    slices = np.flatnonzero(mask.any(axis=(0, 1)))
+    result = subject_metrics(real[..., slices].transpose(2, 0, 1), fake[..., slices].transpose(2, 0, 1),
+                             mask[..., slices].transpose(2, 0, 1))
+    return {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in result.items()}
+
+
+def figure_slices(mask: np.ndarray, lesion: Optional[np.ndarray] = None, count: int = 3) -> List[int]:
+    """Axial indices (RAS order) through the brain: around the middle, one through a lesion."""
+    z = np.flatnonzero(mask.any(axis=(0, 1)))
+    picks = [int(z[int(round(f * (len(z) - 1)))]) for f in np.linspace(0.35, 0.7, count)]
+    if lesion is not None and lesion.any():
+        picks[0] = int(np.argmax(lesion.sum(axis=(0, 1))))
+    return sorted(set(picks))
+
+
+def save_figure(path: str, inputs: dict, fake: np.ndarray, real: Optional[np.ndarray], mask: np.ndarray,
+                affine: np.ndarray, config, lesion: Optional[np.ndarray] = None, title: str = "") -> None:
+    """Rows = axial slices; columns = inputs, synthetic, reference FLAIR, |error| (normalised units)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from .preprocessing import normalize_intensity
+
+    columns = [(name.upper(), normalize_intensity(v.array, mask, config, name), "gray", (-1, 1))
+               for name, v in inputs.items()]
+    columns.append(("synthetic FLAIR", fake, "gray", (-1, 1)))
+    if real is not None:
+        columns.append(("reference FLAIR", real, "gray", (-1, 1)))
+        columns.append(("|error|", np.abs(real - fake) * mask, "magma", (0, 1)))
+    columns = [(t, _axial(a, affine), c, r) for t, a, c, r in columns]
+    ras_mask = _axial(mask, affine)
+    rows = figure_slices(ras_mask, None if lesion is None else _axial(lesion, affine))
+    from .preprocessing import AxialReorientation
+
+    spacing = AxialReorientation(affine).ras_spacing
+    aspect = spacing[1] / spacing[0]
+    fig = Figure(figsize=(2.3 * len(columns), 2.5 * len(rows) + 0.6), dpi=110)
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    for r, z in enumerate(rows):
+        for c, (label, array, cmap, (vmin, vmax)) in enumerate(columns):
+            ax = axes[r][c]
+            im = ax.imshow(array[:, :, z].T, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax,
+                           aspect=aspect, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"axial {z}", fontsize=8)
+            if r == len(rows) - 1 and label == "|error|":
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    fig.suptitle((title + "\n" if title else "") + "normalised units [-1, 1]; patient's right on the right",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+class _Progress:
+    """Progress display on stderr via tqdm (quiet when asked)."""
+
+    def __init__(self, quiet: bool):
+        self.bar, self.quiet = None, quiet
+
+    def __call__(self, done: int, total: int):
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="synthesising", unit="slice", file=sys.stderr, leave=True)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def demo_main(args) -> int:
+    """Run the demo from parsed arguments (see ``add_demo_arguments``); 0 on success."""
+    from .inference import synthesize
+    from .phantom import save_phantom
+    from .volumes import resample_to_reference, save_volume
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    start = time.perf_counter()
+    if args.subject:
+        case = load_subject(args.subject)
+    else:
+        say("building the default case from the ICBM152 template (nilearn) ...")
+        case = load_phantom_case(args)
+    bundle, sources = choose_model(args.model, args.sources, list(case.volumes))
+    paths = prepare_output(args.out, case)
+    if case.phantom is not None:
+        save_phantom(case.phantom, paths[PHANTOM_DIR])
+        with open(os.path.join(paths[PHANTOM_DIR], PHANTOM_MARKER), "w") as f:
+            json.dump(case.phantom.parameters, f, indent=2)
+
+    say(f"model {bundle.path} ({' + '.join(bundle.sources)} -> {bundle.target}, {bundle.model.architecture})")
+    inputs = {name: case.volumes[name] for name in sources}
+    t0 = time.perf_counter()
+    synthetic = synthesize(inputs, bundle, mask=case.mask, device=args.device, precision=args.precision,
+                           batch_size=args.batch_size, progress=_Progress(args.quiet))
+    seconds = time.perf_counter() - t0
+    save_volume(synthetic, paths["synthetic_flair.nii.gz"])
+
+    # Everything below is on the synthetic's grid (the T1's).
+    grid = synthetic
+    aligned = {name: (v if v.same_grid(grid) else resample_to_reference(v, grid, name)) for name, v in inputs.items()}
+    if case.mask is not None:
+        m = case.mask if case.mask.same_grid(grid) else resample_to_reference(case.mask, grid, "mask",
+                                                                              interpolation="nearest")
+        mask = m.array > 0
+    else:  # what synthesize uses: the union of the inputs' non-zero voxels
+        mask = np.zeros(grid.shape, dtype=bool)
+        for v in aligned.values():
+            mask |= v.array != 0
+    config = bundle.preprocessing
+    real = metrics = None
+    if case.reference is not None:
+        ref = case.reference if case.reference.same_grid(grid) else resample_to_reference(case.reference, grid, "flair")
+        real, fake = normalized_pair(synthetic, ref, mask, config)
+        metrics = evaluate(real, fake, mask, grid.affine)
+    else:
+        fake = np.clip(synthetic.array / (config.output_max / 2.0) - 1.0, -1.0, 1.0)
+        fake[~mask] = -1.0
+    lesion = None
+    if case.phantom is not None and case.phantom.lesion.same_grid(grid):
+        lesion = case.phantom.lesion.array
+    save_figure(paths["figure.png"], aligned, fake, real, mask, grid.affine, config, lesion,
+                title=f"{case.label}: {' + '.join(sources)} -> FLAIR ({Path(bundle.path).name})")
+
+    report = {
+        "case": case.label,
+        "inputs": case.files or {name: f"{PHANTOM_DIR}/{name}.nii.gz" for name in (*SOURCE_NAMES, "flair")},
+        "model": str(bundle.path),
+        "model_sha256": bundle.sha256,
+        "sources": list(sources),
+        "device": args.device,
+        "precision": args.precision,
+        "synthesis_seconds": round(seconds, 2),
+        "metrics_units": "normalised [-1, 1]: reference FLAIR via the bundle's normalize_intensity in the brain "
+                         "mask, synthetic mapped from [0, output_max]; per axial slice with brain, averaged",
+        "metrics": metrics,
+        "brain_voxels": int(mask.sum()),
+    }
+    if case.phantom is not None:
+        report["phantom"] = case.phantom.parameters
+    with open(paths["metrics.json"], "w") as f:
+        json.dump(report, f, indent=2)
+
+    say(f"wrote {paths['synthetic_flair.nii.gz']}, {paths['figure.png']}, {paths['metrics.json']}"
+        + (f" and the inputs in {paths[PHANTOM_DIR]}/" if PHANTOM_DIR in paths else ""))
+    if metrics:
+        say("vs the reference FLAIR (normalised units):  "
+            f"PSNR {metrics['psnr']:.2f} dB (brain {metrics['psnr_masked']:.2f}),  "
+            f"SSIM {metrics['ssim']:.3f} (brain {metrics['ssim_masked']:.3f}),  "
+            f"NRMSE {metrics['nrmse']:.3f} (brain {metrics['nrmse_masked']:.3f})  "
+            f"over {metrics['num_slices']} slices")
+    else:
+        say("no reference FLAIR in the subject folder: metrics skipped")
+    say(f"synthesis {seconds:.1f} s, total {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = add_demo_arguments(argparse.ArgumentParser(
+        prog="mrisynthesis demo", description="Synthesise a FLAIR for a simulated default case or your "
+                                              "subject folder; write NIfTI, a figure and metrics."))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="mrisynthesis: %(levelname)s: %(message)s")
+    warnings.simplefilter("ignore", UserWarning)
+    try:
+        return demo_main(args)
+    except MRISynthesisError as exc:
+        print(f"mrisynthesis demo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mrisynthesis demo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

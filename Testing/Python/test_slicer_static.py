@@ -1,0 +1,213 @@
+"""Static checks of the Slicer module (qt cannot be imported here, so Python is read with ast):
+.ui parses, widget and parameter names agree, CMake lists every imported file, extension
+metadata and sample-data checksums are consistent."""
+
+import ast
+import hashlib
+import json
+import os
+import re
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "MRISynthesis"
+MODULE_PY = MODULE_DIR / "MRISynthesis.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "MRISynthesis.ui"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+LOCAL_MODULES = ("MRISynthesisSceneLogic", "MRISynthesisDependencies")
+
+
+def module_tree(path=MODULE_PY):
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def ui_widgets():
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def ui_parameter_bindings():
+    bindings = {}
+    for name, widget in ui_widgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bindings[name] = prop.find("string").text
+    return bindings
+
+
+def parameter_node_fields():
+    for node in module_tree().body:
+        if isinstance(node, ast.ClassDef) and any(
+                getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
+            return {stmt.target.id for stmt in node.body if isinstance(stmt, ast.AnnAssign)}
+    raise AssertionError("no @parameterNodeWrapper class in MRISynthesis.py")
+
+
+def test_ui_parses_and_is_a_qmrmlwidget():
+    root = ET.parse(UI_FILE).getroot()
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "MRISynthesis"
+    # Every node selector gets the scene from the top widget.
+    selectors = {n for n, w in ui_widgets().items() if w.get("class") == "qMRMLNodeComboBox"}
+    receivers = {c.find("receiver").text for c in root.iter("connection")
+                 if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
+    assert selectors == receivers == {"t1Selector", "t2Selector", "t1cSelector", "maskSelector", "outputSelector"}
+
+
+def test_every_widget_the_code_uses_exists_in_the_ui():
+    used = {node.attr for node in ast.walk(module_tree())
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+    assert {"applyButton", "progressBar", "statusLabel"} <= used  # the check sees real uses
+    missing = used - set(ui_widgets())
+    assert not missing, f"MRISynthesis.py uses self.ui.{sorted(missing)} which the .ui does not define"
+
+
+def test_ui_bindings_and_parameter_node_fields_agree():
+    bindings = ui_parameter_bindings()
+    fields = parameter_node_fields()
+    unknown = set(bindings.values()) - fields
+    assert not unknown, f".ui binds SlicerParameterName {sorted(unknown)} missing from the parameter node"
+    unbound = fields - set(bindings.values())
+    assert not unbound, f"parameter node fields {sorted(unbound)} have no widget in the .ui"
+    assert len(set(bindings.values())) == len(bindings), "two widgets bind the same parameter"
+    assert bindings["t1Selector"] == "t1Volume" and bindings["modelFilePathLineEdit"] == "modelFile"
+
+
+def _imports(path):
+    """Top-level and nested module names imported by a Python file (relative ones resolved
+    inside MRISynthesisLib)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = "MRISynthesisLib" + ("." + node.module if node.module else "")
+                names.add(base)
+                if not node.module:
+                    names.update(f"MRISynthesisLib.{a.name}" for a in node.names)
+            else:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def _needed_files():
+    """Module-relative paths of every local file the module needs, following MRISynthesisLib's
+    own imports transitively."""
+    todo = [MODULE_PY, MODULE_DIR / "Scripts" / "batch_synthesize.py"]
+    seen, needed = set(), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] in LOCAL_MODULES:
+                candidate = MODULE_DIR / f"{parts[0]}.py"
+            elif parts[0] == "MRISynthesisLib":
+                candidate = REPO / "MRISynthesisLib" / (f"{parts[1]}.py" if len(parts) > 1 else "__init__.py")
+                if not candidate.exists():
+                    continue  # "from MRISynthesisLib.x import name": name is not a module
+                needed.add(REPO / "MRISynthesisLib" / "__init__.py")
+            else:
+                continue
+            needed.add(candidate)
+            todo.append(candidate)
+    return needed
+
+
+def test_cmake_lists_every_file_the_module_imports():
+    cmake = re.sub(r"#.*", "", MODULE_CMAKE.read_text())  # comments are not listings
+    listed = set(re.findall(r"[\w{}$/]+\.(?:py|png|ui)", cmake))
+    listed = {item.replace("${MODULE_NAME}", "MRISynthesis") for item in listed}
+    needed = _needed_files()
+    assert REPO / "MRISynthesisLib" / "inference.py" in needed  # the walk follows imports
+    for path in needed:
+        relative = (path.relative_to(MODULE_DIR) if MODULE_DIR in path.parents
+                    else path.relative_to(REPO)).as_posix()
+        assert relative in listed, f"{relative} is imported by the module but not listed in {MODULE_CMAKE}"
+    assert "MRISynthesis.py" in listed and "Scripts/batch_synthesize.py" in listed
+    for item in listed:  # and everything listed exists
+        base = REPO if item.startswith("MRISynthesisLib/") else MODULE_DIR
+        assert (base / item).is_file(), f"{MODULE_CMAKE} lists {item}, which does not exist"
+    assert "WITH_GENERIC_TESTS" in cmake and "slicerMacroBuildScriptedModule" in cmake
+
+
+def test_module_file_never_imports_torch_at_import_time():
+    tree = module_tree()
+    top_level = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            top_level.add(node.module)
+    assert "torch" not in top_level
+    heavy = {"MRISynthesisLib.inference", "MRISynthesisLib.bundle", "MRISynthesisLib.networks",
+             "MRISynthesisLib.preprocessing"}
+    assert not (top_level & heavy), f"MRISynthesis.py imports {top_level & heavy} at import time (they import torch)"
+    # What it does import at top level is torch-free (run in a fresh interpreter).
+    local = [m for m in top_level if m in LOCAL_MODULES or m.startswith("MRISynthesisLib")]
+    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(MODULE_DIR)!r}]\n"
+            + "".join(f"import {m}\n" for m in sorted(local)) + "print('torch' in sys.modules)")
+    result = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_extension_metadata_and_catalog_entry():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key} \"[^\"]+\"\)", cmake), f"top-level CMakeLists.txt lacks {key}"
+    assert "add_subdirectory(MRISynthesis)" in cmake
+    catalog = json.loads((REPO / "MRISynthesis.json").read_text())
+    assert {"$schema", "category", "scm_url"} <= set(catalog)
+    assert catalog["category"] == re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', cmake).group(1)
+    from PIL import Image
+
+    for icon in (REPO / "Resources/Icons/MRISynthesis.png", MODULE_DIR / "Resources/Icons/MRISynthesis.png"):
+        assert Image.open(icon).size == (128, 128)
+
+
+def _sample_files():
+    for node in module_tree().body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SAMPLE_FILES":
+            return ast.literal_eval(node.value)
+    raise AssertionError("SAMPLE_FILES not found")
+
+
+def test_sample_data_is_pinned_and_checksummed():
+    files = _sample_files()
+    names = [f for _, f, _ in files]
+    assert [n.rsplit("-", 1)[1] for n in names] == ["t1n.nii.gz", "t2w.nii.gz", "t1c.nii.gz", "t2f.nii.gz"]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", sha) for _, _, sha in files)
+    source = MODULE_PY.read_text()
+    assert re.search(r'SAMPLE_COMMIT = "[0-9a-f]{40}"', source)
+    assert "raw.githubusercontent.com/BrainLesion/tutorials/" in source
+
+
+def test_sample_checksums_match_the_upstream_files_when_available():
+    """The SHA-256 sums are of files byte-identical to the upstream blobs (git blob ids in the
+    data folder's provenance.json); verified against the local copies when present."""
+    data = os.environ.get("MRISYNTHESIS_DATA")
+    if not data or not (Path(data) / "provenance.json").is_file():
+        pytest.skip("real data not available: set MRISYNTHESIS_DATA to check sample checksums")
+    provenance = json.loads((Path(data) / "provenance.json").read_text())
+    by_path = {Path(p["path"]).name: p for p in provenance}
+    source = MODULE_PY.read_text()
+    commit = re.search(r'SAMPLE_COMMIT = "([0-9a-f]{40})"', source).group(1)
+    for _, name, sha in _sample_files():
+        entry = by_path[name]
+        assert entry["repo"] == "BrainLesion/tutorials" and entry["commit"] == commit
+        assert entry["path"].endswith(f"BraTS-GLI-00001-000/{name}")
+        content = (Path(data) / entry["folder"] / entry["file"]).read_bytes()
+        blob = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+        assert blob == entry["blob"], f"local copy of {name} differs from the upstream blob"
+        assert hashlib.sha256(content).hexdigest() == sha

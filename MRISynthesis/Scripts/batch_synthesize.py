@@ -85,6 +85,12 @@ def runSubject(args, subjectDir, outputPath):
 
 def main(argv=None):
     args = parseArguments(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        print("error: PyTorch is not installed in this Python. In Slicer, open the MRISynthesis module and "
+              "press Apply once (it offers to install PyTorch), or install the PyTorch extension.", file=sys.stderr)
+        return 2
     if not os.path.isdir(args.input_dir):
         print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
         return 2

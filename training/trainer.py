@@ -83,7 +83,9 @@ def resolve_config(given: dict) -> dict:
         raise InputError(f"unknown training options: {sorted(unknown)}")
     if cfg["data"] is None or cfg["out"] is None:
         raise InputError("--data and --out are required")
-    cfg["data"], cfg["out"] = str(Path(cfg["data"]).resolve()), str(Path(cfg["out"]).resolve())
+    for key in ("data", "out", "cache_dir", "split", "groups_file"):
+        if cfg[key] is not None:
+            cfg[key] = str(Path(cfg[key]).resolve())
     sources = [s.strip() for s in cfg["sources"].split(",")] if isinstance(cfg["sources"], str) else list(cfg["sources"])
     for s in sources + [cfg["target"]]:
         if s not in data_mod.MODALITIES:
@@ -477,12 +479,14 @@ class Run:
                 signal.signal(sig, handler)
 
     def check_replicas(self) -> None:
-        """Under DDP every rank must hold the same weights; fail loudly if not."""
+        """Under DDP every rank must hold the same weights; fail loudly if not. Buffers
+        (BatchNorm running statistics) are rank 0's by DDP's convention: copy them over."""
         if not self.dist.active:
             return
-        for name, p in list(self.G.state_dict().items()) + list(self.D.state_dict().items()):
-            if not p.is_floating_point():
-                continue
+        for net in (self.G, self.D):
+            for buf in net.buffers():
+                dist.broadcast(buf.data, 0)
+        for name, p in list(self.G.named_parameters()) + list(self.D.named_parameters()):
             ref = p.detach().clone()
             dist.broadcast(ref, 0)
             if not torch.equal(ref, p.detach()):

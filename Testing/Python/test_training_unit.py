@@ -1,0 +1,271 @@
+"""training/: data discovery, split, schedule, losses, and a small end-to-end run on
+generated volumes (checkpoint on SIGINT, bit-exact resume, cache, export, evaluation)."""
+
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import head_phantom
+from MRISynthesisLib.bundle import load_bundle
+from MRISynthesisLib.errors import InputError
+from MRISynthesisLib.volumes import Volume, save_volume
+from training import data as data_mod
+from training import trainer
+from training.cli import main as training_main
+from training.evaluate import evaluate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two shared cores: more threads than free cores makes torch many times slower.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def test_modality_names():
+    cases = {
+        "t1.nii.gz": "t1", "T1C.nii.gz": "t1c", "t2.nii": "t2", "flair.nii.gz": "flair", "mask.nii.gz": "mask",
+        "BraTS20_Training_001_t1.nii.gz": "t1", "BraTS20_Training_001_t1ce.nii.gz": "t1c",
+        "BraTS20_Training_001_t2.nii.gz": "t2", "BraTS20_Training_001_flair.nii.gz": "flair",
+        "BraTS-GLI-00001-000-t1n.nii.gz": "t1", "BraTS-GLI-00001-000-t1c.nii.gz": "t1c",
+        "BraTS-GLI-00001-000-t2w.nii.gz": "t2", "BraTS-GLI-00001-000-t2f.nii.gz": "flair",
+        "Brats18_CBICA_AAB_1_flair.nii.gz": "flair", "case-t2.nrrd": "t2",
+    }
+    for name, modality in cases.items():
+        assert data_mod.modality_of(name) == modality, name
+    for name in ("seg.nii.gz", "BraTS20_Training_001_seg.nii.gz", "seg_auto.nii.gz", "t1.txt", "notes.md",
+                 "BraTS-GLI-00001-000-seg.nii.gz", "lesion_change_gt.nii.gz"):
+        assert data_mod.modality_of(name) is None, name
+
+
+def test_discover_reports_missing_and_refuses_ambiguity(tmp_path):
+    for f in ("a/t1.nii.gz", "a/t2.nii.gz", "a/flair.nii.gz", "a/seg.nii.gz",
+              "b/B_t1.nii.gz", "b/B_flair.nii.gz",
+              "c/C-t1n.nii.gz", "c/C-t2w.nii.gz", "c/C-t2f.nii.gz", "c/C-t1c.nii.gz", "c/mask.nii.gz"):
+        touch(tmp_path / "data" / f)
+    (tmp_path / "data" / "empty").mkdir()
+    subjects = data_mod.discover(tmp_path / "data")
+    assert [s.name for s in subjects] == ["a", "b", "c"]
+    by = {s.name: s for s in subjects}
+    assert by["b"].missing(["t1", "t2", "flair"]) == ["t2"]
+    assert by["c"].mask is not None and by["a"].mask is None
+    assert set(by["c"].files) == {"t1", "t2", "t1c", "flair", "mask"}
+    report = data_mod.availability_report(subjects, ["t1", "t2", "flair"])
+    assert "no (lacks t2)" in report.splitlines()[2] and report.splitlines()[1].endswith("yes")
+    touch(tmp_path / "data" / "a" / "A_t1.nii.gz")
+    with pytest.raises(InputError, match="both"):
+        data_mod.discover(tmp_path / "data")
+    with pytest.raises(InputError, match="not found"):
+        data_mod.discover(tmp_path / "nowhere")
+
+
+def test_split_is_seeded_disjoint_and_keeps_groups():
+    names = [f"s{i:02d}" for i in range(20)] + ["brats20-001", "brats18-cbica-aab", "ms-long-01a", "ms-long-01b"]
+    groups = data_mod.parse_groups(["s01,s02", "s02,s03"])
+    assert sorted(map(sorted, groups)) == [["brats18-cbica-aab", "brats20-001"], ["ms-long-01a", "ms-long-01b"],
+                                           ["s01", "s02", "s03"]]
+    seen = set()
+    for seed in range(6):
+        split = data_mod.split_subjects(names, seed, 0.1, 0.2, groups)
+        assert split == data_mod.split_subjects(list(reversed(names)), seed, 0.1, 0.2, groups)
+        parts = [set(split[p]) for p in ("train", "val", "test")]
+        assert set.union(*parts) == set(names) and sum(map(len, parts)) == len(names)
+        for g in groups:
+            assert sum(any(n in part for n in g) for part in parts) == 1, (seed, g)
+        assert split["val"] and split["test"]
+        seen.add(tuple(split["test"]))
+    assert len(seen) > 1  # the seed matters
+    assert data_mod.parse_groups(use_defaults=False) == []
+    with pytest.raises(InputError):
+        data_mod.split_subjects(names, 0, 0.5, 0.5)
+
+
+def test_lr_schedule_and_l1_reduction():
+    f = [trainer.lr_factor(e, 3, 4) for e in range(7)]
+    assert f[:3] == [1.0, 1.0, 1.0]
+    assert f[3:] == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    assert trainer.lr_factor(0, 0, 1) == pytest.approx(0.5)
+    pred, target = torch.zeros(2, 1, 4, 8), torch.ones(2, 1, 4, 8)
+    target[1] *= 3
+    assert float(trainer.l1_loss(pred, target, "mean")) == pytest.approx(2.0)
+    assert float(trainer.l1_loss(pred, target, "sum")) == pytest.approx(2.0 * 32)  # per-image norm
+
+
+def test_config_defaults_and_errors(tmp_path):
+    cfg = trainer.resolve_config({"data": tmp_path, "out": tmp_path / "run"})
+    assert (cfg["epochs_constant"], cfg["epochs_decay"], cfg["batch_size"], cfg["lr"]) == (100, 100, 3, 2e-4)
+    assert (cfg["l1_reduction"], cfg["lambda1"], cfg["lambda2"], cfg["d_width"]) == ("mean", 100.0, 100.0, 64)
+    cfg = trainer.resolve_config({"data": tmp_path, "out": tmp_path, "l1_reduction": "sum", "epochs": 5, "width": 8})
+    assert (cfg["lambda1"], cfg["lambda2"], cfg["epochs_constant"], cfg["epochs_decay"], cfg["d_width"]) == (0.1, 0.1, 3, 2, 8)
+    bad = [{"sources": "t1,flair"}, {"sources": "t1,pd"}, {"laf_grid": 3}, {"architecture": "unet"},
+           {"epochs": 0}, {"precision": "fp16"}, {"l1_reduction": "max"}]
+    for extra in bad:
+        with pytest.raises(InputError):
+            trainer.resolve_config({"data": tmp_path, "out": tmp_path, **extra})
+
+
+# ----------------------------------------------------------------------- generated data
+
+
+def write_subject(folder, seed, flair_from=None):
+    affine = np.diag([5.0, 5.0, 5.0, 1.0])
+    t1 = head_phantom((40, 44, 16), seed=seed, affine=affine)
+    t2 = head_phantom((40, 44, 16), seed=seed + 100, affine=affine)
+    t2.array = (t2.array * 0.7 + (t2.array > 0) * 80 * np.sin(np.arange(44) / 3.0)[None, :, None]).astype(np.float32)
+    flair = Volume((0.5 * t1.array + 1.5 * t2.array + 20.0 * (t1.array > 0)).astype(np.float32), affine)
+    if flair_from == "t2":
+        flair = t2
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, vol in (("t1", t1), ("t2", t2), ("flair", flair)):
+        save_volume(vol, folder / f"{name}.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def gen_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    for i in range(4):
+        write_subject(root / "data" / f"sub{i}", seed=i)
+    os.makedirs(root / "data" / "t1only")
+    shutil.copy(root / "data" / "sub0" / "t1.nii.gz", root / "data" / "t1only" / "t1.nii.gz")
+    return root
+
+
+def small_run(gen_data, out, **extra):
+    opts = dict(data=gen_data / "data", out=out, cache_dir=gen_data / "cache", architecture="pix2pix_unet",
+                width=4, epochs=2, slices_per_subject=4, val_fraction=0.25, test_fraction=0.0, no_progress=True)
+    opts.update(extra)
+    return trainer.train(opts)
+
+
+def load_ckpt(run):
+    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def assert_same_state(a, b):
+    for key in ("G", "D"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for key in ("opt_G", "opt_D"):
+        for pid, state in a[key]["state"].items():
+            for name, value in state.items():
+                assert torch.equal(value, b[key]["state"][pid][name]), (key, pid, name)
+
+
+def test_generated_run_sigint_resume_is_bit_exact(gen_data, tmp_path, monkeypatch):
+    full = small_run(gen_data, tmp_path / "full")
+    assert not full["stopped"] and len(full["history"]) == 2
+    run = tmp_path / "full"
+    for name in ("split.json", "config.json", "log.csv", "log.json", "loss_curve.png", "samples.png",
+                 "model.safetensors", "train.log"):
+        assert (run / name).is_file(), name
+    split = json.loads((run / "split.json").read_text())
+    assert split["skipped"] == {"t1only": ["t2", "flair"]}
+    assert len(split["train_usable"]) == 3 and len(split["val_usable"]) == 1
+    rows = (run / "log.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,lr,steps,loss_D")
+    assert np.isfinite(full["history"][-1]["val_psnr_masked"])
+    bundle = load_bundle(run / "model.safetensors")
+    assert bundle.sources == ("t1", "t2") and bundle.model.architecture == "pix2pix_unet"
+    assert bundle.provenance["split"]["val"] == split["val_usable"] and bundle.provenance["epochs"] == 2
+    assert bundle.provenance["loss"]["l1_reduction"] == "mean"
+
+    # Ctrl-C in epoch 2 (the 6th batch of 8): the handler saves a mid-epoch checkpoint.
+    calls = {"n": 0}
+    real_gather = data_mod.SliceDataset.gather
+
+    def gather(self, indices):
+        if len(self) == 12:  # the training set (3 subjects x 4 slices), not validation or plots
+            calls["n"] += 1
+            if calls["n"] == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_gather(self, indices)
+
+    monkeypatch.setattr(data_mod.SliceDataset, "gather", gather)
+    part = small_run(gen_data, tmp_path / "part")
+    monkeypatch.setattr(data_mod.SliceDataset, "gather", real_gather)
+    assert part["stopped"]
+    state = load_ckpt(tmp_path / "part")
+    assert (state["epoch"], state["step"]) == (1, 2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    with pytest.raises(InputError, match="--resume"):
+        small_run(gen_data, tmp_path / "part")
+    with pytest.raises(InputError, match="width"):
+        trainer.train({"out": tmp_path / "part", "resume": True, "width": 8})
+    # No NIfTI is read again: every slice comes from the cache.
+    monkeypatch.setattr(data_mod, "load_volume", lambda *a, **k: pytest.fail("NIfTI re-read"))
+    resumed = trainer.train({"out": tmp_path / "part", "resume": True, "no_progress": True})
+    assert not resumed["stopped"]
+    assert_same_state(load_ckpt(run), load_ckpt(tmp_path / "part"))
+    assert [h["loss_G"] for h in resumed["history"]] == [h["loss_G"] for h in full["history"]]
+
+    # A kill without any checkpoint of its own resumes from the last epoch's checkpoint.
+    with pytest.raises(trainer.StopTraining):
+        small_run(gen_data, tmp_path / "crash", stop_after_steps=7, stop_mode="crash")
+    assert load_ckpt(tmp_path / "crash")["epoch"] == 1
+    trainer.train({"out": tmp_path / "crash", "resume": True, "no_progress": True})
+    assert_same_state(load_ckpt(run), load_ckpt(tmp_path / "crash"))
+
+    # Export from the checkpoint through the command line, fp16.
+    out = tmp_path / "half.safetensors"
+    assert training_main(["export", "--run", str(run), "--out", str(out), "--half"]) == 0
+    half = load_bundle(out)
+    key = next(k for k, v in half.state_dict.items() if v.is_floating_point())
+    assert half.state_dict[key].dtype == torch.float16
+    assert torch.allclose(half.state_dict[key].float(), bundle.state_dict[key], atol=1e-3)
+
+
+def test_train_cli_errors(gen_data, tmp_path, capsys):
+    assert training_main(["train", "--data", str(gen_data / "data"), "--out", str(tmp_path / "r"),
+                          "--sources", "t1,t2,t1c", "--no-progress", "--cache-dir", str(gen_data / "cache")]) == 2
+    assert "no training subject has all of t1, t2, t1c, flair" in capsys.readouterr().err
+    assert training_main(["train", "--out", str(tmp_path / "r2"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert training_main(["train", "--data", str(gen_data / "data"), "--out", str(tmp_path / "r3"),
+                          "--subjects", "sub0,nobody"]) == 2
+    assert "nobody" in capsys.readouterr().err
+
+
+def test_evaluate_baselines_on_generated_data(gen_data, tmp_path):
+    data = tmp_path / "data"
+    for i in range(3):
+        write_subject(data / f"lin{i}", seed=10 + i)
+    write_subject(data / "same", seed=20, flair_from="t2")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["lin0", "lin1"], "val": [], "test": ["lin2", "same"]}))
+    results = evaluate([], ["t2", "linear"], data, tmp_path / "report", split=split, split_name="test",
+                       slices_per_subject=6, log=lambda m: None)
+    labels = ["t2 baseline", "linear(t1+t2)"]
+    assert results["subjects"] == ["lin2", "same"]
+    per = results["per_subject"]
+    # FLAIR identical to T2: the T2 baseline is exact in the shared output units.
+    assert per["same"]["t2 baseline"]["nrmse"] == 0.0 and per["same"]["t2 baseline"]["nrmse_masked"] == 0.0
+    # FLAIR an affine function of T1 and T2: the linear fit (on lin0, lin1) nearly recovers it.
+    assert per["lin2"]["linear(t1+t2)"]["nrmse"] < 0.08
+    assert per["lin2"]["linear(t1+t2)"]["psnr"] > per["lin2"]["t2 baseline"]["psnr"] + 5
+    assert per["lin2"]["t2 baseline"]["num_slices"] == 6
+    assert results["methods"][1]["fit_on"] == "training subjects of the split"
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| Method | PSNR (dB) | SSIM | NRMSE |" in report
+    for label in labels:
+        assert f"| {label} | " in report
+    assert "t2 baseline vs linear(t1+t2)" in report
+    assert (tmp_path / "report" / "figure.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["ttests"][0]["nrmse"]["n"] == 2  # (PSNR of an exact prediction is inf: left out)
+    with pytest.raises(InputError, match="nothing to evaluate"):
+        evaluate([], [], data, tmp_path / "r2")
+    with pytest.raises(InputError, match="unknown baseline"):
+        evaluate([], ["cubic"], data, tmp_path / "r2")

@@ -1,0 +1,123 @@
+"""The speed/memory benchmark: FLOP counting, derived figures and a --quick end-to-end run."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from MRISynthesisLib import benchmark
+from MRISynthesisLib.networks import ModelConfig, build_generator
+
+DATA = os.environ.get("MRISYNTHESIS_DATA")
+
+
+def test_flops_of_known_layers_match_hand_count():
+    conv = nn.Conv2d(3, 8, 3, 1, 1)
+    x = torch.zeros(2, 3, 16, 16)
+    # 2 FLOPs per MAC: out elements (2*8*16*16) x MACs per element (3*3*3).
+    assert benchmark.count_flops(lambda: conv(x)) == 2 * (2 * 8 * 16 * 16) * (3 * 3 * 3)
+    up = nn.ConvTranspose2d(4, 2, 4, 2, 1)
+    y = torch.zeros(1, 4, 8, 8)
+    # Transposed conv: every input element is multiplied into a 4x4 kernel for each output channel.
+    assert benchmark.count_flops(lambda: up(y)) == 2 * (4 * 8 * 8) * (2 * 4 * 4)
+    a, b = torch.zeros(5, 7), torch.zeros(7, 3)
+    assert benchmark.count_flops(lambda: a @ b) == 2 * 5 * 7 * 3
+
+
+def test_generator_flops_scale_with_width_squared_and_sources():
+    def flops(width, m):
+        net = build_generator(ModelConfig(num_sources=m, base_width=width)).eval()
+        return benchmark.generator_flops_per_slice(net, m)
+
+    f4, f8 = flops(4, 2), flops(8, 2)
+    # Dominated by w x w convolutions: doubling the width roughly quadruples the work.
+    assert 3.5 < f8 / f4 < 4.1
+    assert flops(4, 1) < f4 < flops(4, 3)
+
+
+def test_derived_figures_are_consistent():
+    d = benchmark.derived_figures(0.25, 164_000_000_000)
+    assert d["slices_per_s"] == pytest.approx(4.0)
+    assert d["volume_155_s"] == pytest.approx(155 * 0.25)
+    assert d["gflops_per_s"] == pytest.approx(656.0)
+
+
+def _check_row(row, peak):
+    assert row["per_slice_s"] > 0 and all(t > 0 for t in row["times_s"])
+    assert row["slices_per_s"] == pytest.approx(1.0 / row["per_slice_s"])
+    assert row["volume_155_s"] == pytest.approx(155 * row["per_slice_s"])
+    assert row["flops_per_slice"] > 0
+    assert row["gflops_per_s"] == pytest.approx(row["flops_per_slice"] / row["per_slice_s"] / 1e9)
+    assert row["fraction_of_conv3x3_peak"] == pytest.approx(row["gflops_per_s"] / peak["conv3x3"]["gflops_per_s"])
+
+
+def test_quick_benchmark_writes_well_formed_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = benchmark.main(["--quick", "--width", "4", "--models", "fdgan-m2", "pix2pix-m2", "--no-data",
+                         "--device", "cpu", "--volume-slices", "3", "6", "-o", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "fdgan-m2" in printed and "pix2pix-m2" in printed and f"wrote {out}" in printed
+    result = json.loads(out.read_text())
+    assert result["schema"] == benchmark.SCHEMA
+    assert "1 multiply-accumulate = 2 FLOPs" in result["flop_convention"]
+    assert len(result["load_average_start"]) == 3
+    cpu = result["devices"]["cpu"]
+    for p in ("fp32", "bf16"):
+        peak = cpu["peak"][p]
+        assert peak["matmul"]["gflops_per_s"] > 0 and peak["conv3x3"]["gflops_per_s"] > 0
+        assert peak["matmul"]["flops"] == 2 * peak["matmul"]["n"] ** 3
+        b, c, h, w = peak["conv3x3"]["shape"]
+        assert peak["conv3x3"]["flops"] == 2 * b * c * h * w * c * 9
+    rows = cpu["models"]
+    assert [(r["model"], r["precision"]) for r in rows] == [
+        ("fdgan-m2", "fp32"), ("fdgan-m2", "bf16"), ("pix2pix-m2", "fp32"), ("pix2pix-m2", "bf16")]
+    for r in rows:
+        _check_row(r, cpu["peak"][r["precision"]])
+        assert r["width"] == 4 and r["train_samples_per_s"] > 0 and r["process_peak_rss_bytes"] > 0
+        assert r["train_samples_per_s"] == pytest.approx(r["training"]["batch_size"] / r["training"]["step_s"])
+    # Same network, same FLOPs whatever the precision.
+    assert rows[0]["flops_per_slice"] == rows[1]["flops_per_slice"]
+    sweep = cpu["sweep"]["rows"]
+    assert sweep[0]["speedup_vs_baseline"] == pytest.approx(1.0)
+    for r in sweep:
+        assert r["per_slice_s"] > 0
+        assert r["speedup_vs_baseline"] == pytest.approx(sweep[0]["per_slice_s"] / r["per_slice_s"])
+    vols = cpu["volume"]
+    assert [v["slices"] for v in vols] == [3, 6]
+    for v in vols:
+        assert v["seconds"] > 0 and v["peak_rss_bytes"] >= v["rss_after_import_bytes"] > 0
+        assert v["volume_bytes"] == v["slices"] * 240 * 240 * 4
+        assert v["output_shape"] == [240, 240, v["slices"]]
+    checks = result["checks"]
+    assert "volume_155_under_3gb" not in checks  # no 155-slice run in this test
+    assert checks["volume_extra_bytes_per_volume"] == 3 * 240 * 240 * 4
+    assert math.isfinite(checks["bf16_paper_generator_min_fraction_of_conv3x3_peak"])
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["--quick", "--width", "0", "-o", str(tmp_path / "x.json")])
+    assert exc.value.code == 2
+    assert "--width must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--models", "nonexistent"])
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["--quick", "-o", str(tmp_path / "missing" / "x.json")])
+    assert "output folder does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DATA or not os.path.isdir(DATA), reason="MRISYNTHESIS_DATA is unset or not a folder: "
+                    "the bf16-vs-fp32 check needs the real data")
+def test_bf16_output_agrees_with_fp32_on_a_real_case():
+    check = benchmark.precision_check(DATA, width=4, subjects=["brats-gli-00001"], max_slices=2, batch_size=2)
+    assert "skipped" not in check, check.get("skipped")
+    case = check["cases"][0]
+    assert case["slices"] == 2
+    # A random network's output is not flat, so the comparison is not vacuous ...
+    assert case["fp32_output_std_in_brain"] > 0
+    # ... and bf16 stays close to fp32 (0.1 dB of PSNR against ground truth needs far more than 40 dB here).
+    assert 40 < case["psnr_bf16_vs_fp32_db"] < math.inf

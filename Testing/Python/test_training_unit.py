@@ -269,3 +269,24 @@ def test_evaluate_baselines_on_generated_data(gen_data, tmp_path):
         evaluate([], [], data, tmp_path / "r2")
     with pytest.raises(InputError, match="unknown baseline"):
         evaluate([], ["cubic"], data, tmp_path / "r2")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--no-specific-encoder", "--precision", "bf16"], dict(specific_encoder=False, laf_grid=2)),
+    (["--laf-grid", "4", "--l1-reduction", "sum"], dict(specific_encoder=True, laf_grid=4)),
+])
+def test_ablations_through_the_command_line(gen_data, tmp_path, extra, expected):
+    out = tmp_path / "run"
+    assert training_main(["train", "--data", str(gen_data / "data"), "--out", str(out), "--cache-dir",
+                          str(gen_data / "cache1"), "--width", "2", "--epochs", "1", "--slices-per-subject", "1",
+                          "--no-progress", "--test-fraction", "0", "--val-fraction", "0.25", *extra]) == 0
+    bundle = load_bundle(out / "model.safetensors")
+    assert bundle.model.architecture == "fdgan" and bundle.model.base_width == 2
+    for key, value in expected.items():
+        assert getattr(bundle.model, key) == value
+    history = json.loads((out / "log.json").read_text())
+    assert len(history) == 1 and history[0]["steps"] == 1
+    # The shared-only ablation has no pseudo-target, so no L1 on it.
+    assert (history[0]["loss_G_L1_pseudo"] == 0) == (not expected["specific_encoder"])
+    if "sum" in extra:
+        assert bundle.provenance["loss"]["lambda1"] == 0.1 and history[0]["loss_G_L1"] > 1000  # per-image sum

@@ -118,11 +118,12 @@ def find_subject_files(folder) -> Dict[str, str]:
     return found
 
 
-def load_subject(folder) -> Case:
+def load_subject(folder, sources: Sequence[str] = SOURCE_NAMES) -> Case:
+    """The subject's volumes for ``sources`` (those present), reference FLAIR and mask."""
     from .volumes import load_volume
 
     files = find_subject_files(folder)
-    volumes = {name: load_volume(files[name], name) for name in SOURCE_NAMES if name in files}
+    volumes = {name: load_volume(files[name], name) for name in sources if name in files}
     reference = load_volume(files["flair"], "flair") if "flair" in files else None
     mask = load_volume(files["mask"], "mask") if "mask" in files else None
     return Case(str(folder), volumes, reference, mask, files)
@@ -143,7 +144,7 @@ def load_phantom_case(args) -> Case:
 def choose_model(model: Optional[str], sources: Optional[Sequence[str]], available: Sequence[str]):
     """(bundle, sources): the bundle to run and the sources it takes, all of them available."""
     from .bundle import load_bundle
-    from .models import resolve_model
+    from .models import bundle_name, resolve_model, shipped_bundles
 
     available = [s for s in SOURCE_NAMES if s in available]
     if sources:
@@ -162,16 +163,15 @@ def choose_model(model: Optional[str], sources: Optional[Sequence[str]], availab
                              f"{', '.join(missing)}")
         return bundle, tuple(bundle.sources)
     candidates = [tuple(sources)] if sources else [s for s in SOURCE_SETS if all(x in available for x in s)]
-    first_error = None
-    for candidate in candidates:
-        try:
-            return load_bundle(resolve_model(None, candidate)), candidate
-        except BundleError as exc:
-            first_error = first_error or exc
-    if first_error is None:
+    if not candidates:
         raise InputError(f"no source set can be formed from {', '.join(available)}")
-    # resolve_model's message names the set and says "pass --model".
-    raise BundleError(f"no shipped model for the demo: {first_error}")
+    shipped = shipped_bundles()
+    for candidate in candidates:
+        if bundle_name(candidate) in shipped:
+            return load_bundle(resolve_model(None, candidate)), candidate
+    tried = ", ".join(" + ".join(c) for c in candidates)
+    raise BundleError(f"no shipped model takes the demo's inputs (tried {tried} -> flair; shipped: "
+                      f"{', '.join(sorted(shipped)) or 'none installed'}); pass --model BUNDLE.safetensors")
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -182,17 +182,17 @@ def _same_file(a, b) -> bool:
     return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
-def prepare_output(out: str, case: Case) -> Dict[str, str]:
+def prepare_output(out: str, input_files: Dict[str, str], phantom: bool) -> Dict[str, str]:
     """Create the output folder; refuse to overwrite an input or a folder the demo did not write."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out} exists and is not a folder")
     paths = {name: os.path.join(out, name) for name in OUTPUT_FILES}
     for path in paths.values():
-        for name, src in case.files.items():
+        for name, src in input_files.items():
             if _same_file(path, src):
                 raise InputError(f"output {path} is the {name} input; refusing to overwrite an input "
                                  f"(choose another --out)")
-    if case.phantom is not None:
+    if phantom:
         phantom_dir = os.path.join(out, PHANTOM_DIR)
         if (os.path.isdir(phantom_dir) and os.listdir(phantom_dir)
                 and not os.path.isfile(os.path.join(phantom_dir, PHANTOM_MARKER))):
@@ -265,7 +265,7 @@ def save_figure(path: str, inputs: dict, fake: np.ndarray, real: Optional[np.nda
 
     spacing = AxialReorientation(affine).ras_spacing
     aspect = spacing[1] / spacing[0]
-    fig = Figure(figsize=(2.3 * len(columns), 2.5 * len(rows) + 0.6), dpi=110)
+    fig = Figure(figsize=(2.3 * len(columns) + 0.5, 2.5 * len(rows) + 0.6), dpi=110, layout="constrained")
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, z in enumerate(rows):
         for c, (label, array, cmap, (vmin, vmax)) in enumerate(columns):
@@ -278,10 +278,9 @@ def save_figure(path: str, inputs: dict, fake: np.ndarray, real: Optional[np.nda
             if c == 0:
                 ax.set_ylabel(f"axial {z}", fontsize=8)
             if r == len(rows) - 1 and label == "|error|":
-                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+                fig.colorbar(im, ax=[axes[i][c] for i in range(len(rows))], fraction=0.046, pad=0.02)
     fig.suptitle((title + "\n" if title else "") + "normalised units [-1, 1]; patient's right on the right",
                  fontsize=9)
-    fig.tight_layout()
     fig.savefig(path)
 
 
@@ -316,13 +315,16 @@ def demo_main(args) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     start = time.perf_counter()
+    # Model and output folder first: their errors come before the slow loading.
+    files = find_subject_files(args.subject) if args.subject else {}
+    available = [s for s in SOURCE_NAMES if s in files] if args.subject else list(SOURCE_NAMES)
+    bundle, sources = choose_model(args.model, args.sources, available)
+    paths = prepare_output(args.out, files, phantom=not args.subject)
     if args.subject:
-        case = load_subject(args.subject)
+        case = load_subject(args.subject, sources)
     else:
         say("building the default case from the ICBM152 template (nilearn) ...")
         case = load_phantom_case(args)
-    bundle, sources = choose_model(args.model, args.sources, list(case.volumes))
-    paths = prepare_output(args.out, case)
     if case.phantom is not None:
         save_phantom(case.phantom, paths[PHANTOM_DIR])
         with open(os.path.join(paths[PHANTOM_DIR], PHANTOM_MARKER), "w") as f:

@@ -236,9 +236,10 @@ def evaluate(real: np.ndarray, fake: np.ndarray, mask: np.ndarray, affine: np.nd
 def figure_slices(mask: np.ndarray, lesion: Optional[np.ndarray] = None, count: int = 3) -> List[int]:
     """Axial indices (RAS order) through the brain: around the middle, one through a lesion."""
     z = np.flatnonzero(mask.any(axis=(0, 1)))
-    picks = [int(z[int(round(f * (len(z) - 1)))]) for f in np.linspace(0.35, 0.7, count)]
+    picks = [int(z[int(round(f * (len(z) - 1)))]) for f in np.linspace(0.3, 0.7, count)]
     if lesion is not None and lesion.any():
-        picks[0] = int(np.argmax(lesion.sum(axis=(0, 1))))
+        through = int(np.argmax(lesion.sum(axis=(0, 1))))
+        picks[int(np.argmin([abs(p - through) for p in picks]))] = through  # keep the slices apart
     return sorted(set(picks))
 
 

@@ -161,11 +161,11 @@ def test_save_phantom_roundtrip(phantom_2mm, tmp_path):
 
 
 def small_bundle(path, sources):
-    """A tiny random bundle working on 128x128 slices: the demo's plumbing at a quarter of the cost."""
+    """A tiny random bundle working on 64x64 slices: the demo's plumbing at a small cost."""
     torch.manual_seed(0)
     cfg = ModelConfig(num_sources=len(sources), base_width=4)
     bundle = bundle_from_generator(init_weights(build_generator(cfg)), cfg, sources,
-                                   preprocessing=PreprocessingConfig(image_size=128),
+                                   preprocessing=PreprocessingConfig(image_size=64),
                                    provenance={"note": "randomly initialised test bundle"})
     save_bundle(bundle, path)
     return Path(path)
@@ -313,3 +313,12 @@ def test_demo_on_a_real_subject(real_data, tmp_path):
     synthetic = load_volume(out / "synthetic_flair.nii.gz", "synthetic")
     assert synthetic.same_grid(load_volume(subject / "t1.nii.gz", "t1"))
     assert sorted(os.listdir(out)) == ["figure.png", "metrics.json", "synthetic_flair.nii.gz"]
+
+
+def test_figure_slices_include_the_lesion_and_stay_apart():
+    mask = np.zeros((4, 4, 100), bool)
+    mask[..., 10:90] = True
+    lesion = np.zeros(mask.shape, np.float32)
+    lesion[1, 1, 55] = 1
+    assert demo.figure_slices(mask) == [34, 50, 65]
+    assert demo.figure_slices(mask, lesion) == [34, 55, 65]

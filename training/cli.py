@@ -131,6 +131,13 @@ def main(argv=None) -> int:
     except MRISynthesisError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from .trainer import StopTraining
+
+        if not isinstance(exc, StopTraining):  # only the debug option's simulated kill is expected
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,11 +14,9 @@ the same weights as an uninterrupted one (bit-exact on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 import signal
@@ -31,7 +29,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from MRISynthesisLib import __version__ as lib_version
@@ -70,7 +67,7 @@ L1_DECISION = ("default l1_reduction=mean with lambda1=lambda2=100 (pix2pix's we
                "setting is --l1-reduction sum (lambda 0.1)")
 
 
-class StopTraining(Exception):
+class StopTraining(RuntimeError):
     """Raised by the debug option --stop-after-steps in "crash" mode (a simulated kill)."""
 
 
@@ -442,8 +439,12 @@ class Run:
                         bar.set_postfix(D=f"{float(loss_D.detach()):.3f}", G=f"{float(loss_G.detach()):.3f}")
                     debug_stop = cfg["stop_after_steps"] is not None and global_step >= cfg["stop_after_steps"]
                     if debug_stop and cfg["stop_mode"] == "crash":
+                        if bar is not None:
+                            bar.close()
                         raise StopTraining(f"--stop-after-steps {cfg['stop_after_steps']}: simulated kill")
                     if dist_.any(stop["flag"] or debug_stop) and step + 1 < len(batches):
+                        if bar is not None:
+                            bar.close()
                         rngs = dist_.gather(rng_state())
                         self.save_checkpoint(self.checkpoint_state(epoch, step + 1, sums, history, rngs))
                         self.log(f"stopped in epoch {epoch + 1} after step {step + 1}/{len(batches)}; "

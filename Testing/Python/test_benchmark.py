@@ -56,11 +56,11 @@ def _check_row(row, peak):
 
 def test_quick_benchmark_writes_well_formed_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = benchmark.main(["--quick", "--width", "4", "--models", "fdgan-m2", "pix2pix-m2", "--no-data",
+    rc = benchmark.main(["--quick", "--width", "4", "--models", "fdgan-m1", "pix2pix-m2", "--no-data",
                          "--device", "cpu", "--volume-slices", "3", "6", "-o", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "fdgan-m2" in printed and "pix2pix-m2" in printed and f"wrote {out}" in printed
+    assert "fdgan-m1" in printed and "pix2pix-m2" in printed and f"wrote {out}" in printed
     result = json.loads(out.read_text())
     assert result["schema"] == benchmark.SCHEMA
     assert "1 multiply-accumulate = 2 FLOPs" in result["flop_convention"]
@@ -74,7 +74,7 @@ def test_quick_benchmark_writes_well_formed_json(tmp_path, capsys):
         assert peak["conv3x3"]["flops"] == 2 * b * c * h * w * c * 9
     rows = cpu["models"]
     assert [(r["model"], r["precision"]) for r in rows] == [
-        ("fdgan-m2", "fp32"), ("fdgan-m2", "bf16"), ("pix2pix-m2", "fp32"), ("pix2pix-m2", "bf16")]
+        ("fdgan-m1", "fp32"), ("fdgan-m1", "bf16"), ("pix2pix-m2", "fp32"), ("pix2pix-m2", "bf16")]
     for r in rows:
         _check_row(r, cpu["peak"][r["precision"]])
         assert r["width"] == 4 and r["train_samples_per_s"] > 0 and r["process_peak_rss_bytes"] > 0

@@ -23,6 +23,9 @@ def add_train(sub) -> None:
     g.add_argument("--val-fraction", type=float, help="fraction of subject groups for validation (default 0.1)")
     g.add_argument("--test-fraction", type=float, help="fraction of subject groups held out for testing (default 0.2)")
     g.add_argument("--split", help="reuse a split.json (e.g. another run's) instead of a seeded split")
+    g.add_argument("--split-over", choices=("usable", "all"),
+                   help="split only the subjects that have every needed modality (default), or all subjects of "
+                        "the folder (the same split for every source set)")
     g.add_argument("--group", action="append", help="same-patient subjects kept in one split, e.g. a,b (repeatable)")
     g.add_argument("--groups-file", help="JSON list of lists of same-patient subject names")
     g.add_argument("--no-default-groups", action="store_true",

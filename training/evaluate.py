@@ -32,7 +32,7 @@ from MRISynthesisLib.bundle import load_bundle
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.inference import resolve_device, synthesize
 from MRISynthesisLib.metrics import METRIC_NAMES, aggregate, subject_metrics
-from MRISynthesisLib.preprocessing import AxialReorientation, PreprocessingConfig, SliceStack, select_middle_slices
+from MRISynthesisLib.preprocessing import AxialReorientation, PreprocessingConfig, SliceStack, select_middle_slices, to_output_scale
 from MRISynthesisLib.volumes import Volume, align_to_reference, load_volume, resample_to_reference
 
 from . import data as data_mod
@@ -244,7 +244,7 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         affine = volumes[reference].affine
         orient = AxialReorientation(affine)
         real_stack = SliceStack([volumes[target].array], affine, preprocessing, mask=mask, names=[target])
-        real = (real_stack.channels[0] + 1.0) * (preprocessing.output_max / 2.0)  # RAS, output units
+        real = to_output_scale(real_stack.channels[0], preprocessing)  # RAS, output units
         if mask is not None:
             region = orient.forward(mask)
         else:

@@ -53,7 +53,7 @@ DEFAULTS = dict(
     architecture="fdgan", width=64, d_width=None, laf_grid=2, no_specific_encoder=False,
     epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
-    slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None,
+    slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
     seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
     max_val_slices=None, resume=False, no_progress=False, stop_after_steps=None, stop_mode="interrupt",
@@ -110,6 +110,8 @@ def resolve_config(given: dict) -> dict:
         cfg["slices_per_subject"] = None  # 0 means every brain slice
     if cfg["precision"] not in ("fp32", "bf16"):
         raise InputError(f"--precision must be fp32 or bf16, got {cfg['precision']!r}")
+    if cfg["split_over"] not in ("usable", "all"):
+        raise InputError("--split-over must be usable or all")
     if cfg["stop_mode"] not in ("interrupt", "crash"):
         raise InputError("--stop-mode must be interrupt or crash")
     model_config(cfg)  # validates architecture / grid
@@ -226,6 +228,19 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
+    def run_on_main(self, fn):
+        """Run ``fn`` on rank 0 while the others wait; an error there is raised on every rank
+        (instead of leaving the others at a barrier)."""
+        error = None
+        if self.main:
+            try:
+                fn()
+            except Exception as exc:  # re-raised below, on rank 0 as it was
+                error = exc
+        if self.any(error is not None):
+            raise error if error is not None else InputError("rank 0 failed (see its message); stopping")
+        self.barrier()
+
     def close(self):
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
@@ -265,9 +280,12 @@ class Run:
             subjects = [s for s in subjects if s.name in wanted]
         by_name = {s.name: s for s in subjects}
         split_path = self.dir / "split.json"
-        if self.dist.main:
+
+        def prepare():
             self.log(data_mod.availability_report(subjects, self.modalities))
             skipped = {s.name: s.missing(self.modalities) for s in subjects if s.missing(self.modalities)}
+            if len(skipped) == len(subjects):
+                raise InputError(f"no subject in {cfg['data']} has all of {', '.join(self.modalities)}")
             for name, missing in skipped.items():
                 self.log(f"skipping {name}: lacks {', '.join(missing)} (needed for {' + '.join(self.sources)} -> {self.target})")
             if split_path.is_file() and cfg["resume"]:
@@ -280,14 +298,25 @@ class Run:
                     origin = str(Path(cfg["split"]).resolve())
                 else:
                     groups = data_mod.parse_groups(cfg["group"], cfg["groups_file"], not cfg["no_default_groups"])
-                    assignment = data_mod.split_subjects(list(by_name), cfg["seed"], cfg["val_fraction"],
+                    # "usable": only subjects with every needed modality, so that small folders still get
+                    # validation/test subjects; "all": one split of the folder for every source set.
+                    pool = list(by_name) if cfg["split_over"] == "all" else [n for n in by_name if n not in skipped]
+                    assignment = data_mod.split_subjects(pool, cfg["seed"], cfg["val_fraction"],
                                                          cfg["test_fraction"], groups)
-                    origin = f"seeded split (seed {cfg['seed']}, val {cfg['val_fraction']}, test {cfg['test_fraction']})"
+                    origin = (f"seeded split over {cfg['split_over']} subjects (seed {cfg['seed']}, "
+                              f"val {cfg['val_fraction']}, test {cfg['test_fraction']})")
                 split = {"origin": origin, "data": cfg["data"], "seed": cfg["seed"], "groups": groups,
                          "train": assignment["train"], "val": assignment["val"], "test": assignment["test"],
                          "skipped": skipped, "modalities": self.modalities}
                 for part in ("train", "val", "test"):
                     split[f"{part}_usable"] = [n for n in split[part] if n in by_name and n not in skipped]
+                listed = {n for part in ("train", "val", "test") for n in split[part]}
+                unlisted = [n for n in by_name if n not in skipped and n not in listed]
+                if unlisted:
+                    self.log(f"not in the given split, so unused: {', '.join(unlisted)}")
+                for part in ("val", "test"):
+                    if not split[f"{part}_usable"] and cfg[f"{part}_fraction"] > 0:
+                        self.log(f"warning: no {part} subject has all of {', '.join(self.modalities)}")
                 if not split["train_usable"]:
                     raise InputError("no training subject has all of " + ", ".join(self.modalities))
                 atomic_write_text(split_path, json.dumps(split, indent=2))
@@ -296,7 +325,8 @@ class Run:
                 for name in split[f"{part}_usable"]:
                     data_mod.load_or_build(by_name[name], self.modalities, self.preprocessing,
                                            cfg["slices_per_subject"], cache_dir, self.log)
-        self.dist.barrier()
+
+        self.dist.run_on_main(prepare)
         split = json.loads(split_path.read_text())
         self.split = split
         load = lambda n: data_mod.load_or_build(by_name[n], self.modalities, self.preprocessing,  # noqa: E731
@@ -633,13 +663,15 @@ def train(given: dict) -> dict:
         if cfg["num_threads"]:
             torch.set_num_threads(int(cfg["num_threads"]))
         run_dir = Path(cfg["out"])
-        if dist_.main:
+
+        def start():
             if not cfg["resume"] and (run_dir / CHECKPOINT).exists():
                 raise InputError(f"{run_dir} already holds a training run; continue it with --resume or choose "
                                  "another --out")
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
-        dist_.barrier()
+
+        dist_.run_on_main(start)
         run = Run(cfg, dist_)
         run.log(f"training {cfg['architecture']} {cfg['sources'].replace(',', ' + ')} -> {cfg['target']} "
                 f"in {run_dir} on {dist_.device} x{dist_.world} ({cfg['precision']}); loss: {L1_DECISION}")

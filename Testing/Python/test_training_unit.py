@@ -110,7 +110,7 @@ def test_config_defaults_and_errors(tmp_path):
     cfg = trainer.resolve_config({"data": tmp_path, "out": tmp_path, "l1_reduction": "sum", "epochs": 5, "width": 8})
     assert (cfg["lambda1"], cfg["lambda2"], cfg["epochs_constant"], cfg["epochs_decay"], cfg["d_width"]) == (0.1, 0.1, 3, 2, 8)
     bad = [{"sources": "t1,flair"}, {"sources": "t1,pd"}, {"laf_grid": 3}, {"architecture": "unet"},
-           {"epochs": 0}, {"precision": "fp16"}, {"l1_reduction": "max"}]
+           {"epochs": 0}, {"precision": "fp16"}, {"l1_reduction": "max"}, {"split_over": "some"}]
     for extra in bad:
         with pytest.raises(InputError):
             trainer.resolve_config({"data": tmp_path, "out": tmp_path, **extra})
@@ -230,7 +230,7 @@ def test_generated_run_sigint_resume_is_bit_exact(gen_data, tmp_path, monkeypatc
 def test_train_cli_errors(gen_data, tmp_path, capsys):
     assert training_main(["train", "--data", str(gen_data / "data"), "--out", str(tmp_path / "r"),
                           "--sources", "t1,t2,t1c", "--no-progress", "--cache-dir", str(gen_data / "cache")]) == 2
-    assert "no training subject has all of t1, t2, t1c, flair" in capsys.readouterr().err
+    assert "has all of t1, t2, t1c, flair" in capsys.readouterr().err
     assert training_main(["train", "--out", str(tmp_path / "r2"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert training_main(["train", "--data", str(gen_data / "data"), "--out", str(tmp_path / "r3"),

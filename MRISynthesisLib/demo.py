@@ -10,10 +10,11 @@ Writes to ``--out`` (default ``demo-output/``):
   (default case only; open them in 3D Slicer, or rerun with ``--subject OUT/phantom``);
 - ``figure.png``: a few axial slices: inputs, synthetic, reference FLAIR, absolute error;
 - ``metrics.json``: PSNR / SSIM / NRMSE, whole slice and brain-masked, when a reference
-  FLAIR exists. They are computed in normalised units: the real FLAIR goes through the
-  bundle's ``normalize_intensity`` (brain percentiles -> [-1, 1]), the synthetic is mapped
-  back from [0, output_max] to [-1, 1]; per axial slice with brain on the volume's own
-  grid, averaged (``MRISynthesisLib.metrics.subject_metrics``).
+  FLAIR exists. They are computed in output units [0, output_max], as ``python -m training
+  evaluate`` does: the real FLAIR goes through
+  ``preprocessing.real_target_in_output_units`` (the training normalisation, mapped like
+  the network output); per axial slice with brain on the volume's own grid, averaged
+  (``MRISynthesisLib.metrics.subject_metrics``).
 
 The model is ``--model`` (file or shipped name) or the shipped bundle for the richest
 source set available (T1+T2+T1c, else T1+T2, else T1); ``--sources`` chooses the set.
@@ -214,12 +215,11 @@ def _axial(volume_array: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def normalized_pair(synthetic, reference, mask: np.ndarray, config):
-    """Real FLAIR normalised like training; synthetic from [0, output_max] back to [-1, 1]."""
-    from .preprocessing import normalize_intensity
+    """Real FLAIR normalised like training, on the synthetic's output scale [0, output_max]."""
+    from .preprocessing import real_target_in_output_units
 
-    real = normalize_intensity(reference.array, mask, config, "flair")
-    fake = np.clip(synthetic.array / (config.output_max / 2.0) - 1.0, -1.0, 1.0).astype(np.float32)
-    fake[~mask] = -1.0
+    real = real_target_in_output_units(reference.array, mask, config, "flair")
+    fake = np.where(mask, synthetic.array, 0.0).astype(np.float32)
     return real, fake
 
 
@@ -251,14 +251,15 @@ def save_figure(path: str, inputs: dict, fake: np.ndarray, real: Optional[np.nda
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from .preprocessing import normalize_intensity
+    from .preprocessing import real_target_in_output_units
 
-    columns = [(name.upper(), normalize_intensity(v.array, mask, config, name), "gray", (-1, 1))
+    top = config.output_max
+    columns = [(name.upper(), real_target_in_output_units(v.array, mask, config, name), "gray", (0, top))
                for name, v in inputs.items()]
-    columns.append(("synthetic FLAIR", fake, "gray", (-1, 1)))
+    columns.append(("synthetic FLAIR", fake, "gray", (0, top)))
     if real is not None:
-        columns.append(("reference FLAIR", real, "gray", (-1, 1)))
-        columns.append(("|error|", np.abs(real - fake) * mask, "magma", (0, 1)))
+        columns.append(("reference FLAIR", real, "gray", (0, top)))
+        columns.append(("|error|", np.abs(real - fake) * mask, "magma", (0, top / 2)))
     columns = [(t, _axial(a, affine), c, r) for t, a, c, r in columns]
     ras_mask = _axial(mask, affine)
     rows = figure_slices(ras_mask, None if lesion is None else _axial(lesion, affine))
@@ -280,7 +281,7 @@ def save_figure(path: str, inputs: dict, fake: np.ndarray, real: Optional[np.nda
                 ax.set_ylabel(f"axial {z}", fontsize=8)
             if r == len(rows) - 1 and label == "|error|":
                 fig.colorbar(im, ax=[axes[i][c] for i in range(len(rows))], fraction=0.046, pad=0.02)
-    fig.suptitle((title + "\n" if title else "") + "normalised units [-1, 1]; patient's right on the right",
+    fig.suptitle((title + "\n" if title else "") + f"output units [0, {top:g}]; patient's right on the right",
                  fontsize=9)
     fig.savefig(path)
 
@@ -374,8 +375,8 @@ def demo_main(args) -> int:
         "device": args.device,
         "precision": args.precision,
         "synthesis_seconds": round(seconds, 2),
-        "metrics_units": "normalised [-1, 1]: reference FLAIR via the bundle's normalize_intensity in the brain "
-                         "mask, synthetic mapped from [0, output_max]; per axial slice with brain, averaged",
+        "metrics_units": "output units [0, output_max]: reference FLAIR normalised as in training "
+                         "(real_target_in_output_units) in the brain mask; per axial slice with brain, averaged",
         "metrics": metrics,
         "brain_voxels": int(mask.sum()),
     }

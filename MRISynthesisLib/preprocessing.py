@@ -99,6 +99,14 @@ def to_output_scale(normalized, config: PreprocessingConfig):
     return (normalized + 1.0) * (config.output_max / 2.0)
 
 
+def real_target_in_output_units(array: np.ndarray, mask: Optional[np.ndarray], config: PreprocessingConfig,
+                                name: str = "target") -> np.ndarray:
+    """A real target scan on the synthetic output's scale [0, output_max]: normalised
+    exactly as in training, then mapped like the network output. Metrics compare the
+    synthetic volume against this (one definition for evaluation and the demo)."""
+    return to_output_scale(normalize_intensity(array, mask, config, name), config)
+
+
 # ------------------------------------------------------------------------- orientation
 
 

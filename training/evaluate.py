@@ -32,7 +32,8 @@ from MRISynthesisLib.bundle import load_bundle
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.inference import resolve_device, synthesize
 from MRISynthesisLib.metrics import METRIC_NAMES, aggregate, subject_metrics
-from MRISynthesisLib.preprocessing import AxialReorientation, PreprocessingConfig, SliceStack, select_middle_slices, to_output_scale
+from MRISynthesisLib.preprocessing import (AxialReorientation, PreprocessingConfig, SliceStack,
+                                           real_target_in_output_units, select_middle_slices)
 from MRISynthesisLib.volumes import Volume, align_to_reference, load_volume, resample_to_reference
 
 from . import data as data_mod
@@ -243,8 +244,8 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         volumes, mask = _subject_volumes(by_name[name], needed, reference)
         affine = volumes[reference].affine
         orient = AxialReorientation(affine)
-        real_stack = SliceStack([volumes[target].array], affine, preprocessing, mask=mask, names=[target])
-        real = to_output_scale(real_stack.channels[0], preprocessing)  # RAS, output units
+        # The library's one definition of the real target in output units, in RAS order.
+        real = orient.forward(real_target_in_output_units(volumes[target].array, mask, preprocessing, target))
         if mask is not None:
             region = orient.forward(mask)
         else:

@@ -106,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print what a model bundle expects and how it was trained")
     p.add_argument("bundle", help="model bundle file (.safetensors)")
     p.set_defaults(func=cmd_info)
+
+    from .demo import add_demo_arguments, demo_main
+
+    p = sub.add_parser("demo", help="synthesise a FLAIR for a simulated default case (or --subject DIR); "
+                                    "write NIfTI, a figure and metrics")
+    add_demo_arguments(p)
+    p.set_defaults(func=demo_main)
+
+    from .benchmark import add_bench_arguments, bench_main
+
+    p = sub.add_parser("bench", help="measure inference/training speed and memory against the machine's peak")
+    add_bench_arguments(p)
+    p.set_defaults(func=bench_main)
     return parser
 
 

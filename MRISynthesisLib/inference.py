@@ -44,6 +44,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def preferred_precision(device: torch.device) -> str:
+    """The faster precision on ``device``, by measurement (docs/performance.md): "bf16"
+    where the hardware computes in bf16 natively (a CUDA GPU with bf16 support, a CPU with
+    AVX512-BF16 or AMX as oneDNN reports), else "fp32" (emulated bf16 is slower)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # older or non-oneDNN builds: stay on the safe side
+        native = False
+    return "bf16" if native else "fp32"
+
+
 def autocast_context(device: torch.device, precision: str):
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")

@@ -121,3 +121,17 @@ def test_bf16_output_agrees_with_fp32_on_a_real_case():
     assert case["fp32_output_std_in_brain"] > 0
     # ... and bf16 stays close to fp32 (0.1 dB of PSNR against ground truth needs far more than 40 dB here).
     assert 40 < case["psnr_bf16_vs_fp32_db"] < math.inf
+
+
+def test_preferred_precision_follows_the_hardware():
+    from MRISynthesisLib.inference import PRECISIONS, preferred_precision
+
+    assert preferred_precision("cpu") in PRECISIONS
+    if not torch.cuda.is_available():
+        assert preferred_precision("cuda") == "fp32"  # no GPU: never claim bf16 for it
+    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
+        flags = f.read()
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        assert preferred_precision("cpu") == "bf16"
+    elif "avx512" not in flags:
+        assert preferred_precision("cpu") == "fp32"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from MRISynthesisLib.errors import MRISynthesisError
 
@@ -87,6 +89,9 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True, help="bundle path (.safetensors)")
     p.add_argument("--checkpoint", help="checkpoint file (default RUN/checkpoint.pt)")
     p.add_argument("--half", action="store_true", help="store weights as fp16 (half the size)")
+    p.add_argument("--model-card", help="markdown model card stored in the bundle's provenance (model_card)")
+    p.add_argument("--evaluation", help="an evaluate metrics.json whose results are stored in the provenance "
+                                        "(held_out_evaluation)")
 
 
 def add_subjects(sub) -> None:
@@ -119,7 +124,12 @@ def main(argv=None) -> int:
 
             if not args.out.endswith(".safetensors"):
                 parser.error("--out must end with .safetensors")
-            print(export_run(args.run, args.out, args.half, args.checkpoint))
+            extra = {}
+            if args.model_card:
+                extra["model_card"] = Path(args.model_card).read_text(encoding="utf-8")
+            if args.evaluation:
+                extra["held_out_evaluation"] = json.loads(Path(args.evaluation).read_text())
+            print(export_run(args.run, args.out, args.half, args.checkpoint, extra_provenance=extra))
             return 0
         if args.command == "evaluate":
             from .evaluate import evaluate_cli

@@ -619,9 +619,9 @@ class Run:
             "python": platform.python_version(),
         }
 
-    def export(self, path, history, half_precision: bool = False) -> Path:
+    def export(self, path, history, half_precision: bool = False, extra_provenance: Optional[dict] = None) -> Path:
         bundle = bundle_from_generator(self.G, self.model_config, self.sources, self.target,
-                                       self.preprocessing, self.provenance(history))
+                                       self.preprocessing, {**self.provenance(history), **(extra_provenance or {})})
         save_bundle(bundle, path, half_precision=half_precision)
         self.log(f"model bundle: {path}")
         return Path(path)
@@ -682,8 +682,10 @@ def train(given: dict) -> dict:
         dist_.close()
 
 
-def export_run(run_dir, out, half_precision: bool = False, checkpoint=None) -> Path:
-    """Export a bundle from a run's (latest or given) checkpoint."""
+def export_run(run_dir, out, half_precision: bool = False, checkpoint=None,
+               extra_provenance: Optional[dict] = None) -> Path:
+    """Export a bundle from a run's (latest or given) checkpoint; ``extra_provenance``
+    (e.g. the model card and held-out evaluation) is added to the bundle's provenance."""
     run_dir = Path(run_dir).resolve()
     ckpt = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
     if not ckpt.is_file():
@@ -705,4 +707,4 @@ def export_run(run_dir, out, half_precision: bool = False, checkpoint=None) -> P
     if state["step"]:
         print(f"note: {ckpt} was saved mid-epoch ({state['step']} steps into epoch {state['epoch'] + 1})",
               file=sys.stderr)
-    return run.export(out, history, half_precision=half_precision)
+    return run.export(out, history, half_precision=half_precision, extra_provenance=extra_provenance)

@@ -220,8 +220,15 @@ def test_generated_run_sigint_resume_is_bit_exact(gen_data, tmp_path, monkeypatc
 
     # Export from the checkpoint through the command line, fp16.
     out = tmp_path / "half.safetensors"
-    assert training_main(["export", "--run", str(run), "--out", str(out), "--half"]) == 0
+    card, evaluation = tmp_path / "card.md", tmp_path / "metrics.json"
+    card.write_text("# Model card\nknown limits: none tested")
+    evaluation.write_text('{"summary": {"fdgan": {"psnr": {"mean": 20.0}}}}')
+    assert training_main(["export", "--run", str(run), "--out", str(out), "--half",
+                          "--model-card", str(card), "--evaluation", str(evaluation)]) == 0
     half = load_bundle(out)
+    assert half.provenance["model_card"].startswith("# Model card")
+    assert half.provenance["held_out_evaluation"]["summary"]["fdgan"]["psnr"]["mean"] == 20.0
+    assert half.provenance["loss"]["l1_reduction"] == "mean"
     key = next(k for k, v in half.state_dict.items() if v.is_floating_point())
     assert half.state_dict[key].dtype == torch.float16
     assert torch.allclose(half.state_dict[key].float(), bundle.state_dict[key], atol=1e-3)

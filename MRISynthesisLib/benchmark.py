@@ -416,7 +416,8 @@ def precision_check(data_dir: str, width: int, subjects: Sequence[str], max_slic
 
     from .inference import autocast_context
     from .metrics import psnr
-    from .preprocessing import PreprocessingConfig, SliceStack, select_middle_slices
+    from .preprocessing import (PreprocessingConfig, SliceStack, normalize_intensity, select_middle_slices,
+                                to_output_scale)
     from .volumes import load_volume
 
     config = ModelConfig(architecture="fdgan", num_sources=2, base_width=width)
@@ -445,17 +446,29 @@ def precision_check(data_dir: str, width: int, subjects: Sequence[str], max_slic
         selected = np.zeros(stack.mask.shape, dtype=bool)
         selected[..., indices] = True
         region = stack.orientation.inverse(selected & stack.mask)
-        cases.append({"subject": subject, "slices": int(len(indices)),
-                      "psnr_bf16_vs_fp32_db": psnr(ref[region], test[region]),
-                      "max_abs_diff": float(np.abs(ref[region] - test[region]).max()),
-                      "fp32_output_std_in_brain": float(ref[region].std())})
+        case = {"subject": subject, "slices": int(len(indices)),
+                "psnr_bf16_vs_fp32_db": psnr(ref[region], test[region]),
+                "max_abs_diff": float(np.abs(ref[region] - test[region]).max()),
+                "fp32_output_std_in_brain": float(ref[region].std())}
+        flair_path = os.path.join(folder, "flair.nii.gz")
+        if os.path.isfile(flair_path):
+            # The criterion literally: PSNR against the real FLAIR (in the output
+            # scale, normalised as in training) for fp32 and bf16, and their difference.
+            flair = load_volume(flair_path, "flair").array
+            real = to_output_scale(normalize_intensity(flair, None, PreprocessingConfig(), "flair"),
+                                   PreprocessingConfig())
+            case["psnr_vs_real_fp32_db"] = psnr(real[region], ref[region])
+            case["psnr_vs_real_bf16_db"] = psnr(real[region], test[region])
+            case["psnr_vs_real_difference_db"] = abs(case["psnr_vs_real_fp32_db"] - case["psnr_vs_real_bf16_db"])
+        cases.append(case)
     if not cases:
         return {"skipped": f"no subject with t1 and t2 found in {data_dir}"}
     return {"note": f"randomly initialised width-{width} T1+T2 generator (no trained weights yet): a weak check; "
                     "PSNR of the bf16 output against the fp32 output, brain voxels of the measured slices, "
                     "MAX = max of the fp32 output, output scale [0, 1000]",
             "width": width, "cases": cases,
-            "min_psnr_db": min(c["psnr_bf16_vs_fp32_db"] for c in cases)}
+            "min_psnr_db": min(c["psnr_bf16_vs_fp32_db"] for c in cases),
+            "max_psnr_vs_real_difference_db": max((c.get("psnr_vs_real_difference_db", 0.0) for c in cases))}
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -615,6 +628,8 @@ def summarize_checks(result: dict) -> dict:
     pc = result.get("precision_check")
     if pc and "min_psnr_db" in pc:
         checks["bf16_vs_fp32_min_psnr_db"] = pc["min_psnr_db"]
+        checks["bf16_fp32_psnr_vs_real_max_difference_db"] = pc["max_psnr_vs_real_difference_db"]
+        checks["bf16_within_0.1db"] = pc["max_psnr_vs_real_difference_db"] <= 0.1
     return checks
 
 
@@ -675,7 +690,9 @@ def format_table(result: dict) -> str:
             for c in pc["cases"]:
                 lines.append(f"bf16 vs fp32 output, {c['subject']} ({c['slices']} slices): PSNR "
                              f"{c['psnr_bf16_vs_fp32_db']:.1f} dB, max |diff| {c['max_abs_diff']:.2f} "
-                             f"(fp32 output std in brain {c['fp32_output_std_in_brain']:.1f})")
+                             f"(fp32 output std in brain {c['fp32_output_std_in_brain']:.1f}); vs real FLAIR "
+                             f"fp32 {_fmt(c.get('psnr_vs_real_fp32_db'), '.2f')} / bf16 "
+                             f"{_fmt(c.get('psnr_vs_real_bf16_db'), '.2f')} dB")
             lines.append(f"  ({pc['note']})")
         else:
             lines.append(f"bf16 vs fp32 check skipped: {pc.get('skipped')}")

@@ -30,7 +30,7 @@ def test_flops_of_known_layers_match_hand_count():
 def test_generator_flops_scale_with_width_squared_and_sources():
     def flops(width, m):
         net = build_generator(ModelConfig(num_sources=m, base_width=width)).eval()
-        return benchmark.generator_flops_per_slice(net, m)
+        return benchmark.generator_flops_per_slice(net, m, size=64)  # small slices: same ratios, faster
 
     f4, f8 = flops(4, 2), flops(8, 2)
     # Dominated by w x w convolutions: doubling the width roughly quadruples the work.
@@ -119,8 +119,12 @@ def test_bf16_output_agrees_with_fp32_on_a_real_case():
     assert case["slices"] == 2
     # A random network's output is not flat, so the comparison is not vacuous ...
     assert case["fp32_output_std_in_brain"] > 0
-    # ... and bf16 stays close to fp32 (0.1 dB of PSNR against ground truth needs far more than 40 dB here).
+    # ... and bf16 stays close to fp32: a bf16-vs-fp32 error 40 dB below the signal moves a
+    # ~24 dB PSNR against ground truth by < 0.1 dB (10*log10(1 + 10**-1.6) = 0.1).
     assert 40 < case["psnr_bf16_vs_fp32_db"] < math.inf
+    # The criterion, literally: against the real FLAIR the two differ by < 0.1 dB.
+    assert case["psnr_vs_real_difference_db"] < 0.1
+    assert check["max_psnr_vs_real_difference_db"] == case["psnr_vs_real_difference_db"]
 
 
 def test_preferred_precision_follows_the_hardware():

@@ -39,8 +39,9 @@ log = logging.getLogger("MRISynthesis")
 INPUT_MODALITIES = ("t1", "t2", "t1c")
 MODALITY_LABELS = {"t1": "T1", "t2": "T2", "t1c": "T1c", "flair": "FLAIR"}
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
-DEFAULT_PRECISION = "fp32"
+# Mirrors MRISynthesisLib.inference.PRECISIONS (not imported: that module imports torch).
+PRECISIONS = ("auto", "fp32", "bf16")
+DEFAULT_PRECISION = "auto"
 
 MODEL_AUTOMATIC = "automatic"
 MODEL_FILE = "bundle file"
@@ -358,7 +359,7 @@ class SynthesisSceneLogic:
     def synthesize(self, t1=None, t2=None, t1c=None, mask=None, model: Optional[str] = None,
                    device: str = "auto", precision: str = DEFAULT_PRECISION, outputNode=None,
                    progressCallback: Optional[Callable[[int, int], None]] = None,
-                   cancel: Optional[Callable[[], bool]] = None, batchSize: int = 8):
+                   cancel: Optional[Callable[[], bool]] = None, batchSize: int = 4):
         """Synthesise FLAIR on the T1 volume's grid; blocks until done and returns the output node.
 
         t1, t2, t1c, mask: vtkMRMLScalarVolumeNode (or None). model: a shipped model name

@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that takes exactly the given inputs")
     p.add_argument("-o", "--output", required=True, help="output file (.nii.gz, .nii, .nrrd, .mha)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
-                   help="bf16 is several times faster on AMX CPUs and GPUs (default)")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (memory scales with it)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto (default): bf16 where the CPU/GPU computes it natively (about 2x faster, "
+                        "within 0.01 dB of fp32), else fp32")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (memory scales with it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)

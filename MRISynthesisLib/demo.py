@@ -62,9 +62,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"output folder, created if needed (default: {DEFAULT_OUT})")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
-                        help="bf16 is several times faster on AMX CPUs and GPUs (default)")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto (default): bf16 where the hardware computes it natively, else fp32")
+    parser.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
     group = parser.add_argument_group("default case (simulated)")
     group.add_argument("--seed", type=int, default=0, help="noise, lesion and vessel pattern (default 0)")
     group.add_argument("--lesions", type=int, default=3, help="white-matter lesions to add (default 3)")

@@ -108,3 +108,18 @@ def test_three_source_bundle_and_reference_choice(tmp_path, subject_files):
     out = synthesize(files, bundle, reference="t2")
     t2 = load_volume(subject_files["t2"])
     assert np.allclose(out.affine, t2.affine) and out.shape == t2.shape
+
+
+def test_precision_auto_follows_the_hardware(tiny_bundle):
+    import torch
+
+    from MRISynthesisLib.inference import preferred_precision, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "auto") == preferred_precision(cpu) in ("fp32", "bf16")
+    assert resolve_precision(cpu, "fp32") == "fp32"
+    with pytest.raises(InputError, match="unknown precision"):
+        synthesize(_inputs(), tiny_bundle, precision="fp16")
+    auto = synthesize(_inputs(), tiny_bundle, precision="auto")
+    same = synthesize(_inputs(), tiny_bundle, precision=preferred_precision(cpu))
+    assert np.array_equal(auto.array, same.array)

@@ -30,13 +30,12 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import BundleError, InputError, MRISynthesisError
+from .errors import BundleError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +308,7 @@ class _Progress:
 
 def demo_main(args) -> int:
     """Run the demo from parsed arguments (see ``add_demo_arguments``); 0 on success."""
-    from .inference import synthesize
+    from .inference import resolve_device, resolve_precision, synthesize
     from .phantom import save_phantom
     from .volumes import resample_to_reference, save_volume
 
@@ -372,8 +371,8 @@ def demo_main(args) -> int:
         "model": str(bundle.path),
         "model_sha256": bundle.sha256,
         "sources": list(sources),
-        "device": args.device,
-        "precision": args.precision,
+        "device": str(resolve_device(args.device)),
+        "precision": resolve_precision(resolve_device(args.device), args.precision),
         "synthesis_seconds": round(seconds, 2),
         "metrics_units": "output units [0, output_max]: reference FLAIR normalised as in training "
                          "(real_target_in_output_units) in the brain mask; per axial slice with brain, averaged",
@@ -400,20 +399,10 @@ def demo_main(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = add_demo_arguments(argparse.ArgumentParser(
-        prog="mrisynthesis demo", description="Synthesise a FLAIR for a simulated default case or your "
-                                              "subject folder; write NIfTI, a figure and metrics."))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="mrisynthesis: %(levelname)s: %(message)s")
-    warnings.simplefilter("ignore", UserWarning)
-    try:
-        return demo_main(args)
-    except MRISynthesisError as exc:
-        print(f"mrisynthesis demo: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mrisynthesis demo: interrupted", file=sys.stderr)
-        return 130
+    """``python -m MRISynthesisLib.demo ...`` == ``mrisynthesis demo ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import logging
 import os
 from typing import Callable, Mapping, Optional, Union
 
-import numpy as np
 import torch
 
 from .bundle import ModelBundle, load_bundle

@@ -19,6 +19,15 @@ from MRISynthesisLib.volumes import Volume, save_volume  # noqa: E402
 DATA_ENV = "MRISYNTHESIS_DATA"
 
 
+@pytest.fixture
+def one_thread():
+    # Two shared cores: more threads than free cores makes torch many times slower.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def data_dir():
     """The real-data folder, or None."""
     path = os.environ.get(DATA_ENV)

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from MRISynthesisLib.cli import main
 from MRISynthesisLib.volumes import Volume, load_volume, save_volume

@@ -2,7 +2,6 @@
 volume and storage nodes; no Qt). Small generated volumes and tiny random bundles."""
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path

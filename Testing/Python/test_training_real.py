@@ -17,16 +17,11 @@ from training import trainer
 from training.cli import main as training_main
 
 SUBJECTS = "brats20-001,ms-long-03b,tcga-du-7294,ms-mni-07"  # seed 0 puts ms-mni-07 in validation
-pytestmark = pytest.mark.skipif(data_dir() is None, reason=f"real data not available: set {DATA_ENV} to the shared "
-                                                           f"data folder (currently {os.environ.get(DATA_ENV)!r})")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(data_dir() is None, reason=f"real data not available: set {DATA_ENV} to the shared "
+                                                  f"data folder (currently {os.environ.get(DATA_ENV)!r})"),
+]
 
 
 def options(root, out, **extra):

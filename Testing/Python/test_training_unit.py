@@ -20,13 +20,7 @@ from training.cli import main as training_main
 from training.evaluate import evaluate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: more threads than free cores makes torch many times slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def touch(path):

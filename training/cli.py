@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,evaluate,export,subjects} ...``."""
+"""Command line: ``python -m training {train,evaluate,export,subjects,model-card} ...``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,15 @@ def add_subjects(sub) -> None:
     p.add_argument("--target", default="flair")
 
 
+def add_model_card(sub) -> None:
+    p = sub.add_parser("model-card", help="write a model card (markdown) from a run and its evaluation")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--evaluation", required=True, help="metrics.json of python -m training evaluate")
+    p.add_argument("--label", required=True, help="this model's label in the evaluation")
+    p.add_argument("--name", required=True, help="shipped name, e.g. t1_t2_to_flair")
+    p.add_argument("--out", required=True, help="markdown file to write")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +117,7 @@ def main(argv=None) -> int:
     add_evaluate(sub)
     add_export(sub)
     add_subjects(sub)
+    add_model_card(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -131,6 +141,10 @@ def main(argv=None) -> int:
                 extra["held_out_evaluation"] = json.loads(Path(args.evaluation).read_text())
             print(export_run(args.run, args.out, args.half, args.checkpoint, extra_provenance=extra))
             return 0
+        if args.command == "model-card":
+            from .model_card import model_card_cli
+
+            return model_card_cli(args)
         if args.command == "evaluate":
             from .evaluate import evaluate_cli
 

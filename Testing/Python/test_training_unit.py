@@ -291,3 +291,22 @@ def test_ablations_through_the_command_line(gen_data, tmp_path, extra, expected)
     assert (history[0]["loss_G_L1_pseudo"] == 0) == (not expected["specific_encoder"])
     if "sum" in extra:
         assert bundle.provenance["loss"]["lambda1"] == 0.1 and history[0]["loss_G_L1"] > 1000  # per-image sum
+
+
+def test_model_card_from_run_and_evaluation(gen_data, tmp_path):
+    run = tmp_path / "run"
+    small_run(gen_data, run, architecture="fdgan", epochs=1)
+    evaluation = tmp_path / "metrics.json"
+    stats = {"psnr": {"mean": 21.5, "std": 1.25, "n": 2}, "ssim": {"mean": 0.8, "std": 0.01, "n": 2}}
+    evaluation.write_text(json.dumps({"subjects": ["sub3", "sub2"], "slices_per_subject": 80,
+                                      "summary": {"fdgan": stats, "t2 baseline": stats}}))
+    out = tmp_path / "card.md"
+    assert training_main(["model-card", "--run", str(run), "--evaluation", str(evaluation), "--label", "fdgan",
+                          "--name", "t1_t2_to_flair", "--out", str(out)]) == 0
+    card = out.read_text()
+    split = json.loads((run / "split.json").read_text())
+    assert card.startswith("# Model card: `t1_t2_to_flair`")
+    assert "feature-disentanglement GAN" in card and "base width 4" in card
+    assert ", ".join(split["train_usable"]) in card
+    assert "| **fdgan** (this model) | 21.50 ± 1.25 | 0.800 ± 0.010 |" in card
+    assert "## Known limits" in card and "L1 reduction `mean`" in card

@@ -3,17 +3,21 @@
 # against pix2pix (T1+T2) and trivial references, write the model cards and reports under
 # docs/, and export the shipped fp16 bundles (with card and evaluation in their provenance)
 # into Resources/Models.
-# Usage: bash scripts/finalize_default_models.sh DATA_DIR [RUNS_DIR]
+# Usage: bash scripts/finalize_default_models.sh DATA_DIR [RUNS_DIR] [NAME ...]
+#        (NAME: t1_t2_to_flair, t1_t2_t1c_to_flair, t1_to_flair; default all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: finalize_default_models.sh DATA_DIR [RUNS_DIR]}
 RUNS=${2:-runs}
+shift $(( $# < 2 ? $# : 2 ))
+ONLY=" ${*:-t1_t2_to_flair t1_t2_t1c_to_flair t1_to_flair} "
 SPLIT=${SPLIT:-docs/default_split.json}
 PY=.venv/bin/python
 EVAL=(--data "$DATA" --split "$SPLIT" --split-name test --precision bf16)
 
 finalize() {  # shipped name, run name, evaluate arguments...
   local name=$1 run=$2; shift 2
+  [[ "$ONLY" == *" $name "* ]] || return 0
   local report=docs/evaluation/$name
   $PY -m training evaluate --model "fdgan=$RUNS/$run/model.safetensors" "$@" "${EVAL[@]}" --out "$report"
   $PY -m training model-card --run "$RUNS/$run" --evaluation "$report/metrics.json" --label fdgan \

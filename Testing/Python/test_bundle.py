@@ -118,3 +118,10 @@ def test_sources_must_match_model():
     with pytest.raises(BundleError, match="unknown modality"):
         ModelBundle(model=ModelConfig(num_sources=1), sources=("pd",), target="flair",
                     preprocessing=None, state_dict={})
+
+
+def test_models_registry_suffix_matches_bundle_format():
+    # models.py keeps its own copy so that listing models never imports torch.
+    from MRISynthesisLib import bundle, models
+
+    assert models.BUNDLE_SUFFIX == bundle.BUNDLE_SUFFIX

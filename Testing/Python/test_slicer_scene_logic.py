@@ -363,8 +363,10 @@ def test_default_model_is_the_shipped_one_for_the_given_inputs(scene, pair, bund
     expected = core_synthesize({"t1": volumeFromNode(t1), "t2": volumeFromNode(t2)},
                                str(shipped / "t1_t2_to_flair.safetensors"), device="cpu").array
     np.testing.assert_allclose(volumeFromNode(out).array, expected, atol=1e-4)
-    with pytest.raises(BundleError, match="no shipped model takes exactly t1 -> flair"):
-        SynthesisSceneLogic(scene).synthesize(t1=t1, device="cpu")
+    # T1 + T1c is a source set no model is shipped for (the real Resources/Models has
+    # t1, t1+t2, t1+t2+t1c).
+    with pytest.raises(BundleError, match=r"no shipped model takes exactly t1 \+ t1c -> flair"):
+        SynthesisSceneLogic(scene).synthesize(t1=t1, t1c=t2, device="cpu")
 
 
 def test_mask_restricts_output(scene, pair, bundles):

@@ -91,10 +91,17 @@ class ModelBundle:
             f"normalisation: brain percentiles {self.preprocessing.lower_percentile}-"
             f"{self.preprocessing.upper_percentile} -> [-1, 1]; output scale 0-{self.preprocessing.output_max:g}",
         ]
-        for key in sorted(p):
+        # The held-out results as one line per method; the model card in full at the end.
+        for method, stats in (p.get("held_out_evaluation") or {}).get("summary", {}).items():
+            lines.append(f"held-out:      {method}: " + ", ".join(
+                f"{k.upper()} {stats[k]['mean']:.3f} ± {stats[k]['std']:.3f}" for k in ("psnr", "ssim", "nrmse")
+                if k in stats))
+        for key in sorted(set(p) - {"model_card", "held_out_evaluation"}):
             value = p[key]
             text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
             lines.append(f"{key + ':':<15}{text if len(text) < 300 else text[:297] + '...'}")
+        if p.get("model_card"):
+            lines += ["", str(p["model_card"])]
         return "\n".join(lines)
 
 

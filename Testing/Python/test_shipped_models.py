@@ -32,6 +32,8 @@ def test_bundle_metadata(sources, name):
     assert not set(prov["split"]["train"]) & set(prov["split"]["test"])
     assert "Model card" in prov["model_card"] and "Known limits" in prov["model_card"]
     assert prov["held_out_evaluation"]
+    described = bundle.describe()  # what `mrisynthesis info` prints
+    assert "held-out:      fdgan: PSNR" in described and "## Known limits" in described
     assert shipped_bundles()[name] == path or MODELS_DIR not in models_dirs()
 
 

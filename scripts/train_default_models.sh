@@ -13,6 +13,9 @@ COMMON=(--data "$DATA" --cache-dir "$RUNS/cache" --width 16 --epochs "$EPOCHS" -
         --precision bf16 --seed 0 --num-threads 1 --max-val-slices 24 --no-progress)
 PY=.venv/bin/python
 mkdir -p "$RUNS"
+# One instance per runs folder: a second one would --resume runs that are still training.
+exec 9>"$RUNS/.train_default_models.lock"
+flock -n 9 || { echo "another train_default_models.sh is using $RUNS" >&2; exit 1; }
 # One split for every model (docs/default_split.json, seed 0 over all 15 subjects of the
 # shared data, same-patient pairs kept together): no model is tested on a subject another
 # one trained on, and every model is tested on the same held-out subjects.

@@ -32,6 +32,7 @@ from vtk.util import numpy_support
 
 import slicer
 from MRISynthesisLib.errors import BundleError, InputError
+from MRISynthesisLib.subjects import subject_files
 from MRISynthesisLib.volumes import Volume
 
 log = logging.getLogger("MRISynthesis")
@@ -425,19 +426,6 @@ class SynthesisSceneLogic:
 
 
 def inputsFromFolder(folder, modalities: Sequence[str] = (*INPUT_MODALITIES, "mask")) -> Dict[str, str]:
-    """{modality: path} for the volume files of a subject folder, recognised by file name
-    (t1.nii.gz, BraTS-...-t1n.nii.gz, T2w.nrrd, ...; "mask" for mask/brainmask files)."""
-    found: Dict[str, str] = {}
-    for entry in sorted(os.listdir(folder)):
-        path = os.path.join(folder, entry)
-        if not os.path.isfile(path) or not re.search(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", entry, re.I):
-            continue
-        stem = _stem(entry)
-        words = set(re.split(r"[^a-z0-9]+", stem.lower()))
-        modality = "mask" if words & {"mask", "brainmask"} else guessModality(stem)
-        if modality in modalities:
-            if modality in found:
-                raise InputError(f"{folder}: two files look like {modality}: "
-                                 f"{os.path.basename(found[modality])} and {entry}")
-            found[modality] = path
-    return found
+    """{modality: path} of a subject folder's volume files, by MRISynthesisLib.subjects' naming
+    rule (t1.nii.gz, BraTS-...-t1n.nii.gz, ..._t2.nrrd; "mask" for mask/brainmask files)."""
+    return {m: p for m, p in subject_files(folder).items() if m in modalities}

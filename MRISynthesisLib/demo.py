@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 SOURCE_SETS = (("t1", "t2", "t1c"), ("t1", "t2"), ("t1",))  # richest first
 SOURCE_NAMES = ("t1", "t2", "t1c")
-SUBJECT_FILES = ("t1", "t2", "t1c", "flair", "mask")
-SUBJECT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DEFAULT_OUT = "demo-output"
 OUTPUT_FILES = ("synthetic_flair.nii.gz", "figure.png", "metrics.json")
 PHANTOM_DIR = "phantom"
@@ -100,21 +98,14 @@ class Case:
 
 
 def find_subject_files(folder) -> Dict[str, str]:
-    """{name: path} for t1/t2/t1c/flair/mask files in ``folder`` (t1 required)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"subject folder not found: {folder}")
-    found = {}
-    for name in SUBJECT_FILES:
-        matches = [folder / f"{name}{suffix}" for suffix in SUBJECT_SUFFIXES if (folder / f"{name}{suffix}").is_file()]
-        if len(matches) > 1:
-            raise InputError(f"subject folder {folder} has several {name} files "
-                             f"({', '.join(m.name for m in matches)}); keep one")
-        if matches:
-            found[name] = str(matches[0])
+    """{name: path} for the t1/t2/t1c/flair/mask files in ``folder`` (t1 required), by
+    MRISynthesisLib.subjects' naming rule."""
+    from .subjects import subject_files
+
+    found = subject_files(folder)
     if "t1" not in found:
-        raise InputError(f"subject folder {folder} has no t1 volume (expected t1.nii.gz, and optionally "
-                         f"t2, t1c, flair, mask with the same suffix)")
+        raise InputError(f"subject folder {folder} has no t1 volume (expected t1.nii.gz or a BraTS name such as "
+                         f"..._t1.nii.gz / ...-t1n.nii.gz, and optionally t2, t1c, flair, mask)")
     return found
 
 

@@ -35,40 +35,13 @@ import torch
 
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.preprocessing import PreprocessingConfig, SliceStack, select_middle_slices
+from MRISynthesisLib.subjects import subject_files
 from MRISynthesisLib.volumes import load_volume
 
 MODALITIES = ("t1", "t1c", "t2", "flair")
-SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-# Name token -> modality; tokens are the whole file stem, or its last part after "_"/"-".
-TOKENS = {
-    "t1": "t1", "t1n": "t1",
-    "t1c": "t1c", "t1ce": "t1c", "t1gd": "t1c",
-    "t2": "t2", "t2w": "t2",
-    "flair": "flair", "t2f": "flair",
-    "mask": "mask", "brainmask": "mask",
-}
 # Same-patient subjects of /work/shared/data (see its README): never split apart.
 DEFAULT_GROUPS = (("brats20-001", "brats18-cbica-aab"), ("ms-long-01a", "ms-long-01b"))
 CACHE_VERSION = 1
-
-
-def modality_of(filename: str) -> Optional[str]:
-    """The modality a file name stands for, or None (not an image, or another kind of file)."""
-    lower = filename.lower()
-    for suffix in SUFFIXES:
-        if lower.endswith(suffix):
-            stem = lower[: -len(suffix)]
-            break
-    else:
-        return None
-    if stem in TOKENS:
-        return TOKENS[stem]
-    for sep in ("_", "-"):
-        if sep in stem:
-            token = stem.rsplit(sep, 1)[1]
-            if token in TOKENS:
-                return TOKENS[token]
-    return None
 
 
 @dataclass
@@ -92,15 +65,7 @@ def discover(data_dir) -> List[Subject]:
         raise InputError(f"data folder not found: {data_dir}")
     subjects = []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
-        files: Dict[str, Path] = {}
-        for path in sorted(folder.iterdir()):
-            modality = modality_of(path.name)
-            if modality is None or not path.is_file():
-                continue
-            if modality in files:
-                raise InputError(f"{folder}: both {files[modality].name} and {path.name} look like "
-                                 f"{modality}; keep one or rename the other")
-            files[modality] = path
+        files = {m: Path(p) for m, p in subject_files(folder).items()}
         if any(m in files for m in MODALITIES):
             subjects.append(Subject(folder.name, folder, files))
     if not subjects:

@@ -14,6 +14,7 @@ from conftest import head_phantom
 from MRISynthesisLib.bundle import load_bundle
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.volumes import Volume, save_volume
+from MRISynthesisLib.subjects import modality_of
 from training import data as data_mod
 from training import trainer
 from training.cli import main as training_main
@@ -38,10 +39,10 @@ def test_modality_names():
         "Brats18_CBICA_AAB_1_flair.nii.gz": "flair", "case-t2.nrrd": "t2",
     }
     for name, modality in cases.items():
-        assert data_mod.modality_of(name) == modality, name
+        assert modality_of(name) == modality, name
     for name in ("seg.nii.gz", "BraTS20_Training_001_seg.nii.gz", "seg_auto.nii.gz", "t1.txt", "notes.md",
                  "BraTS-GLI-00001-000-seg.nii.gz", "lesion_change_gt.nii.gz"):
-        assert data_mod.modality_of(name) is None, name
+        assert modality_of(name) is None, name
 
 
 def test_discover_reports_missing_and_refuses_ambiguity(tmp_path):

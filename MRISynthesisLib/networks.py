@@ -21,6 +21,15 @@ import torch.nn.functional as F
 
 ARCHITECTURES = ("fdgan", "pix2pix_unet")
 LAF_GRIDS = (1, 2, 4, 8, 16)
+# How the SPE's MLP output becomes the AdaIN scale: "one_plus_delta" (std' = 1 + MLP
+# output, so a fresh network starts as plain instance norm and the decoder passes
+# gradient), or "direct" (std' = MLP output, the paper's literal form; with N(0, 0.02)
+# init it starts near 0 and the decoder's residual blocks get no gradient).
+ADAIN_SCALES = ("one_plus_delta", "direct")
+# Initialisation of the SPE and its MLP: "kaiming" (He, fan-in, as MUNIT's generator:
+# activations keep their scale through the 6 ReLU layers, so they learn from the first
+# step) or "normal" (the paper's N(0, 0.02) everywhere: their gradients start below Adam's eps).
+STYLE_INITS = ("kaiming", "normal")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class ModelConfig:
     # Hidden width of the SPE's MLP; None means 4 * base_width (256 in the paper).
     mlp_dim: Optional[int] = None
     image_size: int = 256
+    adain_scale: str = "one_plus_delta"
     # pix2pix U-Net options (the paper's baseline uses batch norm and dropout).
     unet_norm: str = "batch"
     unet_dropout: bool = True
@@ -51,6 +61,8 @@ class ModelConfig:
             raise ValueError(f"base_width must be >= 1, got {self.base_width}")
         if self.laf_grid not in LAF_GRIDS:
             raise ValueError(f"laf_grid must be one of {LAF_GRIDS}, got {self.laf_grid}")
+        if self.adain_scale not in ADAIN_SCALES:
+            raise ValueError(f"adain_scale must be one of {ADAIN_SCALES}, got {self.adain_scale!r}")
         if self.image_size % 16 != 0:
             raise ValueError(f"image_size must be a multiple of 16, got {self.image_size}")
         if self.architecture == "pix2pix_unet" and self.image_size != 256:
@@ -69,6 +81,8 @@ class ModelConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model configuration keys: {sorted(unknown)}")
+        # A stored configuration without the key predates it: its AdaIN scale was direct.
+        values = {"adain_scale": "direct", **values}
         return cls(**values)
 
 
@@ -94,12 +108,14 @@ def norm_layer(name: str, num_features: int) -> nn.Module:
 
 class AdaptiveInstanceNorm2d(nn.Module):
     """AdaIN(x) = std' * (x - mu(x)) / sigma(x) + mean'; std'/mean' are set per sample
-    by ``assign_adain_params`` before each forward pass (MUNIT's convention)."""
+    by ``assign_adain_params`` before each forward pass (MUNIT's convention).
+    ``scale_offset`` is added to the assigned std' (1 for the "one_plus_delta" form)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5):
+    def __init__(self, num_features: int, eps: float = 1e-5, scale_offset: float = 0.0):
         super().__init__()
         self.num_features = num_features
         self.eps = eps
+        self.scale_offset = scale_offset
         self.weight: Optional[torch.Tensor] = None  # std', shape (B, C)
         self.bias: Optional[torch.Tensor] = None  # mean', shape (B, C)
 
@@ -107,7 +123,8 @@ class AdaptiveInstanceNorm2d(nn.Module):
         if self.weight is None or self.bias is None:
             raise RuntimeError("AdaIN parameters were not assigned before the forward pass")
         normalized = F.instance_norm(x, eps=self.eps)
-        return normalized * self.weight[:, :, None, None] + self.bias[:, :, None, None]
+        scale = self.weight + self.scale_offset if self.scale_offset else self.weight
+        return normalized * scale[:, :, None, None] + self.bias[:, :, None, None]
 
 
 def get_num_adain_params(model: nn.Module) -> int:
@@ -138,11 +155,13 @@ def conv_norm_relu(in_ch: int, out_ch: int, kernel: int, stride: int, padding: i
 class ResidualBlock(nn.Module):
     """pad-Conv3x3-norm-ReLU-pad-Conv3x3-norm with an identity skip; norm "adain" uses AdaIN."""
 
-    def __init__(self, channels: int, norm: str = "instance"):
+    def __init__(self, channels: int, norm: str = "instance", adain_scale_offset: float = 0.0):
         super().__init__()
 
         def make_norm():
-            return AdaptiveInstanceNorm2d(channels) if norm == "adain" else norm_layer(norm, channels)
+            if norm == "adain":
+                return AdaptiveInstanceNorm2d(channels, scale_offset=adain_scale_offset)
+            return norm_layer(norm, channels)
 
         self.block = nn.Sequential(
             nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), make_norm(), nn.ReLU(True),
@@ -217,10 +236,10 @@ class SpecificEncoder(nn.Module):
 class Decoder(nn.Module):
     """Residual blocks (AdaIN, or IN for the shared-only ablation) and upsampling to an image."""
 
-    def __init__(self, width: int, num_res_blocks: int, norm: str):
+    def __init__(self, width: int, num_res_blocks: int, norm: str, adain_scale_offset: float = 0.0):
         super().__init__()
         self.model = nn.Sequential(
-            *[ResidualBlock(4 * width, norm) for _ in range(num_res_blocks)],
+            *[ResidualBlock(4 * width, norm, adain_scale_offset) for _ in range(num_res_blocks)],
             nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1), nn.ReLU(True),
             nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.ReLU(True),
             # The paper's third ConvT block: stride 1, maps to the image.
@@ -241,7 +260,8 @@ class FeatureDisentanglementGenerator(nn.Module):
         self.shared_encoders = nn.ModuleList(SharedEncoder(w, config.num_res_blocks) for _ in range(m))
         self.cat_conv = nn.Conv2d(4 * w * m, 4 * w, 3, 1, 1)
         if config.specific_encoder:
-            self.decoder = Decoder(w, config.num_res_blocks, "adain")
+            offset = 1.0 if config.adain_scale == "one_plus_delta" else 0.0
+            self.decoder = Decoder(w, config.num_res_blocks, "adain", offset)
             self.laf = LocalAdaptiveFusion(m, config.laf_grid)
             self.specific_encoder = SpecificEncoder(w, config.style_dim, config.hidden_mlp_dim,
                                                     get_num_adain_params(self.decoder))
@@ -254,13 +274,29 @@ class FeatureDisentanglementGenerator(nn.Module):
         """sources: (B, M, H, W) in [-1, 1] -> synthetic target and pseudo-target (B, 1, H, W)."""
         if sources.dim() != 4 or sources.shape[1] != self.config.num_sources:
             raise ValueError(f"expected sources of shape (B, {self.config.num_sources}, H, W), got {tuple(sources.shape)}")
+        content = self.encode_content(sources)
+        if self.specific_encoder is None:
+            return GeneratorOutput(self.decoder(content), None)
+        style, pseudo = self.encode_style(sources)
+        return GeneratorOutput(self.decode(content, style), pseudo)
+
+    def encode_content(self, sources: torch.Tensor) -> torch.Tensor:
+        """Shared information: per-source SREs fused by Cat-Conv, (B, 4w, H/4, W/4)."""
         content = torch.cat([enc(sources[:, i : i + 1]) for i, enc in enumerate(self.shared_encoders)], dim=1)
-        content = self.cat_conv(content)
-        pseudo = None
-        if self.specific_encoder is not None:
-            pseudo = self.laf(sources)
-            assign_adain_params(self.specific_encoder(pseudo), self.decoder)
-        return GeneratorOutput(self.decoder(content), pseudo)
+        return self.cat_conv(content)
+
+    def encode_style(self, sources: torch.Tensor):
+        """Specific information: the LAF pseudo-target and the AdaIN parameters the SPE
+        derives from it, (B, num_adain_params)."""
+        pseudo = self.laf(sources)
+        return self.specific_encoder(pseudo), pseudo
+
+    def decode(self, content: torch.Tensor, style: Optional[torch.Tensor]) -> torch.Tensor:
+        """The synthetic target from content features and AdaIN parameters (None for the
+        shared-only ablation)."""
+        if style is not None:
+            assign_adain_params(style, self.decoder)
+        return self.decoder(content)
 
 
 class UnetSkipBlock(nn.Module):
@@ -360,6 +396,26 @@ def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
             nn.init.zeros_(m.bias)
 
     return net.apply(init_fn)
+
+
+def init_generator(net: nn.Module, style_init: str = "kaiming", gain: float = 0.02) -> nn.Module:
+    """The one initialisation of a generator for training: pix2pix's N(0, gain) (the paper's
+    init), then, for ``style_init="kaiming"``, He init of the SPE and its MLP (MUNIT's
+    choice) with the MLP's last layer scaled down so the AdaIN parameters start small but
+    alive (with "one_plus_delta", std' starts near 1 and mean' near 0)."""
+    if style_init not in STYLE_INITS:
+        raise ValueError(f"style_init must be one of {STYLE_INITS}, got {style_init!r}")
+    init_weights(net, gain)
+    spe = getattr(net, "specific_encoder", None)
+    if style_init == "kaiming" and spe is not None:
+        for m in spe.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, a=0.0, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        last = spe.mlp[-1]
+        with torch.no_grad():
+            last.weight.mul_(0.1)  # AdaIN deltas of about 0.1 at the start: alive, not disruptive
+    return net
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -40,6 +40,11 @@ def add_train(sub) -> None:
     g.add_argument("--laf-grid", type=int, choices=(1, 2, 4, 8, 16), help="LAF grid g (default 2)")
     g.add_argument("--no-specific-encoder", action="store_true",
                    help="shared-information-only ablation (no LAF/SPE/AdaIN; MILR-like)")
+    g.add_argument("--adain-scale", choices=("one_plus_delta", "direct"),
+                   help="AdaIN scale = 1 + MLP output (default: starts as instance norm) or the MLP output itself "
+                        "(the paper's literal form)")
+    g.add_argument("--style-init", choices=("kaiming", "normal"),
+                   help="init of the SPE and its MLP: He/fan-in (default, MUNIT's) or N(0, 0.02) (the paper's)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="total epochs, split in half: constant lr, then linear decay")
     g.add_argument("--epochs-constant", type=int, help="epochs at constant lr (default 100)")

@@ -36,7 +36,8 @@ from MRISynthesisLib.bundle import bundle_from_generator, save_bundle
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.inference import autocast_context, resolve_device
 from MRISynthesisLib.metrics import aggregate, subject_metrics
-from MRISynthesisLib.networks import ModelConfig, build_discriminator, build_generator, count_parameters, init_weights
+from MRISynthesisLib.networks import (ModelConfig, build_discriminator, build_generator, count_parameters, init_generator,
+                                      init_weights)
 from MRISynthesisLib.preprocessing import PreprocessingConfig, to_output_scale
 
 from . import data as data_mod
@@ -51,6 +52,7 @@ RESUME_OVERRIDABLE = {"resume", "no_progress", "stop_after_steps", "stop_mode", 
 DEFAULTS = dict(
     data=None, out=None, sources="t1,t2", target="flair", subjects=None,
     architecture="fdgan", width=64, d_width=None, laf_grid=2, no_specific_encoder=False,
+    adain_scale="one_plus_delta", style_init="kaiming",
     epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
@@ -122,7 +124,7 @@ def model_config(cfg: dict) -> ModelConfig:
     try:
         return ModelConfig(architecture=cfg["architecture"], num_sources=len(cfg["sources"].split(",")),
                            base_width=cfg["width"], laf_grid=cfg["laf_grid"],
-                           specific_encoder=not cfg["no_specific_encoder"])
+                           specific_encoder=not cfg["no_specific_encoder"], adain_scale=cfg["adain_scale"])
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -341,7 +343,7 @@ class Run:
         cfg = self.cfg
         torch.manual_seed(cfg["seed"])
         self.model_config = model_config(cfg)
-        G = init_weights(build_generator(self.model_config))
+        G = init_generator(build_generator(self.model_config), cfg["style_init"])
         D = init_weights(build_discriminator(len(self.sources), cfg["d_width"]))
         self.G, self.D = G.to(self.dist.device), D.to(self.dist.device)
         betas = (cfg["beta1"], cfg["beta2"])

@@ -3,7 +3,7 @@ import torch
 
 from MRISynthesisLib.networks import (LAF_GRIDS, AdaptiveInstanceNorm2d, LocalAdaptiveFusion, ModelConfig,
                                       build_discriminator, build_generator, count_parameters,
-                                      get_num_adain_params, init_weights)
+                                      get_num_adain_params, init_generator, init_weights)
 
 # Parameter counts of the paper configuration (base width 64, 4 residual blocks, style 8,
 # MLP 256, LAF 2x2), computed from METHOD.md's layer list: they change only if the
@@ -123,3 +123,77 @@ def test_init_weights_normal():
     gen = init_weights(build_generator(ModelConfig(num_sources=1, base_width=16)))
     w = gen.shared_encoders[0].model[0][0].weight
     assert abs(w.mean().item()) < 0.01 and 0.015 < w.std().item() < 0.025
+
+
+def _smooth_slices(b, m, size, seed):
+    """Blurry random images in [-1, 1]: closer to MR slices than white noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(b, m, size // 8, size // 8, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) * 2 - 1
+
+
+def _mean_abs_gradients(gen, m, size=128):
+    x, y = _smooth_slices(2, m, size, 1), _smooth_slices(2, 1, size, 2)
+    out = gen(x)
+    ((out.synthetic - y).abs().mean() + (out.pseudo_target - y).abs().mean()).backward()
+    parts = {"sre": gen.shared_encoders, "cat_conv": gen.cat_conv, "spe": gen.specific_encoder.encoder,
+             "mlp": gen.specific_encoder.mlp, "decoder_res": gen.decoder.model[:4], "decoder_up": gen.decoder.model[4:]}
+    return {k: torch.cat([p.grad.flatten() for p in mod.parameters()]).abs().mean().item() for k, mod in parts.items()}
+
+
+# At initialisation every sub-network's mean |gradient| is within this factor of the
+# largest one, and at least 10x Adam's eps (1e-8): the style path learns from step one.
+# With the paper's literal form (N(0, 0.02) SPE/MLP, std' = MLP output) the SPE gets
+# ~1e-12 and the decoder's AdaIN blocks ~1e-18 (measured), which this test rejects.
+GRADIENT_RATIO = 1000.0
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_style_path_is_alive_at_initialisation(m):
+    torch.manual_seed(0)
+    gen = init_generator(build_generator(ModelConfig(num_sources=m, base_width=16, image_size=128)))
+    grads = _mean_abs_gradients(gen, m)
+    largest = max(grads.values())
+    for name, value in grads.items():
+        assert value >= 1e-7 and value * GRADIENT_RATIO >= largest, (name, grads)
+
+
+def test_paper_literal_init_has_a_dead_style_path():
+    """The check above can fail: the paper's literal init is what it rejects."""
+    torch.manual_seed(0)
+    config = ModelConfig(num_sources=2, base_width=16, image_size=128, adain_scale="direct")
+    grads = _mean_abs_gradients(init_generator(build_generator(config), "normal"), 2)
+    assert grads["spe"] < 1e-9 and grads["decoder_res"] < 1e-9, grads
+
+
+def test_adain_scale_starts_at_one():
+    torch.manual_seed(0)
+    gen = init_generator(build_generator(ModelConfig(num_sources=2, base_width=8, image_size=64)))
+    gen(_smooth_slices(2, 2, 64, 3))
+    scales = torch.cat([(m.weight + m.scale_offset).flatten() for m in gen.decoder.modules()
+                        if isinstance(m, AdaptiveInstanceNorm2d)])
+    assert 0.8 < scales.mean().item() < 1.2 and (scales > 0).all()
+
+
+def test_swapping_the_style_code_changes_the_output():
+    torch.manual_seed(0)
+    gen = init_generator(build_generator(ModelConfig(num_sources=2, base_width=16, image_size=128))).eval()
+    a, b = _smooth_slices(1, 2, 128, 4), _smooth_slices(1, 2, 128, 5)
+    with torch.no_grad():
+        content = gen.encode_content(a)
+        own, _ = gen.encode_style(a)
+        other, _ = gen.encode_style(b)
+        same = gen.decode(content, own)
+        swapped = gen.decode(content, other)
+        assert torch.equal(same, gen(a).synthetic)
+    change = (swapped - same).abs().mean().item()
+    assert change > 1e-3 * same.abs().mean().item() and change > 1e-4, change
+
+
+def test_bundles_saved_before_adain_scale_read_as_direct():
+    values = ModelConfig(num_sources=2).to_dict()
+    del values["adain_scale"]
+    assert ModelConfig.from_dict(values).adain_scale == "direct"
+    assert ModelConfig().adain_scale == "one_plus_delta"
+    with pytest.raises(ValueError, match="adain_scale"):
+        ModelConfig(adain_scale="bogus")

@@ -213,13 +213,18 @@ def normalized_pair(synthetic, reference, mask: np.ndarray, config):
     return real, fake
 
 
-def evaluate(real: np.ndarray, fake: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> dict:
-    from .metrics import subject_metrics
+def evaluate(real: np.ndarray, fake: np.ndarray, mask: np.ndarray, affine: np.ndarray,
+             lesion: Optional[np.ndarray] = None) -> dict:
+    """Whole-slice and brain metrics over the brain slices; with a lesion map (voxels
+    more than half lesion), lesion conspicuity and lesion PSNR as in the evaluation."""
+    from .metrics import lesion_metrics, subject_metrics
 
     real, fake, mask = (_axial(a, affine) for a in (real, fake, mask))
     slices = np.flatnonzero(mask.any(axis=(0, 1)))
     result = subject_metrics(real[..., slices].transpose(2, 0, 1), fake[..., slices].transpose(2, 0, 1),
                              mask[..., slices].transpose(2, 0, 1))
+    if lesion is not None:
+        result.update(lesion_metrics(real, fake, _axial(lesion, affine) > 0.5, mask))
     return {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in result.items()}
 
 
@@ -342,17 +347,17 @@ def demo_main(args) -> int:
         for v in aligned.values():
             mask |= v.array != 0
     config = bundle.preprocessing
+    lesion = None
+    if case.phantom is not None and case.phantom.lesion.same_grid(grid):
+        lesion = case.phantom.lesion.array
     real = metrics = None
     if case.reference is not None:
         ref = case.reference if case.reference.same_grid(grid) else resample_to_reference(case.reference, grid, "flair")
         real, fake = normalized_pair(synthetic, ref, mask, config)
-        metrics = evaluate(real, fake, mask, grid.affine)
+        metrics = evaluate(real, fake, mask, grid.affine, lesion)
     else:
         fake = np.clip(synthetic.array / (config.output_max / 2.0) - 1.0, -1.0, 1.0)
         fake[~mask] = -1.0
-    lesion = None
-    if case.phantom is not None and case.phantom.lesion.same_grid(grid):
-        lesion = case.phantom.lesion.array
     save_figure(paths["figure.png"], aligned, fake, real, mask, grid.affine, config, lesion,
                 title=f"{case.label}: {' + '.join(sources)} -> FLAIR ({Path(bundle.path).name})")
 
@@ -382,7 +387,9 @@ def demo_main(args) -> int:
             f"PSNR {metrics['psnr']:.2f} dB (brain {metrics['psnr_masked']:.2f}),  "
             f"SSIM {metrics['ssim']:.3f} (brain {metrics['ssim_masked']:.3f}),  "
             f"NRMSE {metrics['nrmse']:.3f} (brain {metrics['nrmse_masked']:.3f})  "
-            f"over {metrics['num_slices']} slices")
+            f"over {metrics['num_slices']} slices"
+            + (f"; lesion conspicuity {metrics['lesion_conspicuity']:.2f} (1 = as in the reference)"
+               if metrics.get("lesion_conspicuity") is not None else ""))
     else:
         say("no reference FLAIR in the subject folder: metrics skipped")
     say(f"synthesis {seconds:.1f} s, total {time.perf_counter() - start:.1f} s")

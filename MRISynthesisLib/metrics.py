@@ -7,6 +7,15 @@
   over the mask voxels.
 - NRMSE = sqrt(sum (Y - Y')^2 / sum Y^2), over the slice or the mask.
 
+Lesion figures (FLAIR is read for its lesions), over a subject's lesion voxels pooled:
+- lesion contrast C = (mean(lesion) - mean(normal brain)) / mean(normal brain), with
+  normal brain = brain minus the lesion dilated by ``LESION_MARGIN`` voxels in-plane
+  (partial-volume rim left out);
+- relative conspicuity = C(synthetic) / C(real): 1 = the lesion stands out as much as in
+  the real scan, < 1 = washed out; undefined (NaN) when the real lesion is not
+  hyperintense (C(real) < ``MIN_REAL_CONTRAST``);
+- lesion PSNR: PSNR over the lesion voxels (MAX = the real maximum there).
+
 Per-slice values are averaged per subject (``subject_metrics``), then mean +- std over
 subjects (``aggregate``). Slices are compared in the same units (e.g. both normalised
 with the same preprocessing); metrics are only defined where the real slice is not
@@ -89,13 +98,58 @@ def subject_metrics(real_slices: Iterable, fake_slices: Iterable, masks: Optiona
     return result
 
 
+LESION_MARGIN = 2
+MIN_REAL_CONTRAST = 0.05
+
+
+def _normal_brain(lesion: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_dilation
+
+    # In-plane dilation (axes 0, 1 = one axial slice), so thick slices are not over-grown.
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[:, :, 1] = True
+    grown = binary_dilation(lesion, structure=structure, iterations=LESION_MARGIN) if lesion.ndim == 3 else \
+        binary_dilation(lesion, iterations=LESION_MARGIN)
+    return brain & ~grown
+
+
+def lesion_contrast(image, lesion, brain) -> float:
+    """(mean(lesion) - mean(normal brain)) / mean(normal brain); NaN when either is empty."""
+    image = np.asarray(image, dtype=np.float64)
+    lesion, brain = np.asarray(lesion, dtype=bool), np.asarray(brain, dtype=bool)
+    normal = _normal_brain(lesion & brain, brain)
+    if not lesion.any() or not normal.any():
+        return math.nan
+    background = image[normal].mean()
+    if background <= 0:
+        return math.nan
+    return float((image[lesion].mean() - background) / background)
+
+
+def lesion_metrics(real, fake, lesion, brain) -> dict:
+    """Lesion contrast of the real and synthetic volume, their ratio (relative
+    conspicuity) and PSNR inside the lesion; {} when there is no lesion voxel."""
+    lesion = np.asarray(lesion, dtype=bool) & np.asarray(brain, dtype=bool)
+    if not lesion.any():
+        return {}
+    c_real = lesion_contrast(real, lesion, brain)
+    c_fake = lesion_contrast(fake, lesion, brain)
+    ratio = c_fake / c_real if math.isfinite(c_real) and c_real >= MIN_REAL_CONTRAST else math.nan
+    return {"lesion_contrast_real": c_real, "lesion_contrast_synthetic": c_fake,
+            "lesion_conspicuity": ratio, "psnr_lesion": psnr(real, fake, lesion),
+            "lesion_voxels": int(lesion.sum())}
+
+
 def aggregate(per_subject: Iterable[dict]) -> dict:
     """{metric: {"mean", "std", "n"}} over subjects (std with ddof=1 when n > 1)."""
     per_subject = list(per_subject)
-    keys = sorted({k for s in per_subject for k in s if k != "num_slices"})
+    keys = sorted({k for s in per_subject for k in s if k not in ("num_slices", "lesion_voxels")})
     out = {}
     for key in keys:
         values = np.array([s[key] for s in per_subject if key in s], dtype=np.float64)
+        values = values[np.isfinite(values)]  # undefined values (e.g. no hyperintense lesion) are left out
+        if values.size == 0:
+            continue
         out[key] = {"mean": float(values.mean()),
                     "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
                     "n": int(values.size)}

@@ -60,3 +60,30 @@ def subject_files(folder) -> Dict[str, str]:
                              f"and {entry}; several {modality} files): keep one or rename the other")
         found[modality] = path
     return found
+
+
+# Lesion label maps (non-zero = lesion), best first: a ground-truth segmentation
+# (``seg``, BraTS ``..._seg``), then an automatic one (``seg_auto``). Used for lesion
+# metrics only; the ms-long ``lesion_change_gt`` marks new lesions, not all, so it is not one.
+LESION_LABELS = (("seg", "ground truth"), ("seg_auto", "automatic"))
+
+
+def lesion_label_file(folder):
+    """(path, kind) of the subject's lesion label map, or None; kind is "ground truth" or
+    "automatic". Two ground-truth candidates are an error naming both."""
+    folder = os.fspath(folder)
+    for token, kind in LESION_LABELS:
+        found = []
+        for entry in sorted(os.listdir(folder)):
+            lower = entry.lower()
+            suffix = next((s for s in SUFFIXES if lower.endswith(s)), None)
+            if suffix is None or not os.path.isfile(os.path.join(folder, entry)):
+                continue
+            stem = lower[: -len(suffix)]
+            if stem == token or stem.endswith(("_" + token, "-" + token)):
+                found.append(entry)
+        if len(found) > 1:
+            raise InputError(f"{folder}: several {token} label files ({', '.join(found)}): keep one")
+        if found:
+            return os.path.join(folder, found[0]), kind
+    return None

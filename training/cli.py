@@ -16,7 +16,7 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (also under torchrun for several processes)",
                        argument_default=S, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="folder of subject folders (required unless --resume)")
+    g.add_argument("--data", help="folder of subject folders, or several joined with ':' (required unless --resume)")
     g.add_argument("--out", required=True, help="run folder (checkpoints, logs, figures, model.safetensors)")
     g.add_argument("--sources", help="comma-separated source modalities (default t1,t2)")
     g.add_argument("--target", help="target modality (default flair)")
@@ -76,7 +76,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--baseline", action="append", default=[],
                    help="trivial reference: t2 (the normalised T2), linear (least-squares fit of the normalised "
                         "sources; linear:t1,t2 picks the sources) (repeatable)")
-    p.add_argument("--data", required=True, help="folder of subject folders")
+    p.add_argument("--data", required=True, help="folder of subject folders, or several joined with ':'")
     p.add_argument("--subjects", help="comma-separated subjects to evaluate")
     p.add_argument("--split", help="a run's split.json: evaluate its --split-name subjects; linear fits on its train")
     p.add_argument("--split-name", default="test", choices=("train", "val", "test"))

@@ -35,7 +35,7 @@ import torch
 
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.preprocessing import PreprocessingConfig, SliceStack, select_middle_slices
-from MRISynthesisLib.subjects import subject_files
+from MRISynthesisLib.subjects import lesion_label_file, subject_files
 from MRISynthesisLib.volumes import load_volume
 
 MODALITIES = ("t1", "t1c", "t2", "flair")
@@ -49,6 +49,9 @@ class Subject:
     name: str
     folder: Path
     files: Dict[str, Path] = field(default_factory=dict)  # modality (and "mask") -> path
+    # Lesion label map (non-zero = lesion) and whether it is "ground truth" or "automatic".
+    lesion: Optional[Path] = None
+    lesion_kind: Optional[str] = None
 
     @property
     def mask(self) -> Optional[Path]:
@@ -58,20 +61,41 @@ class Subject:
         return [m for m in modalities if m not in self.files]
 
 
+def data_folders(data_dir) -> List[Path]:
+    """The data folders of a ``--data`` value: one path, or several joined with os.pathsep
+    (e.g. ``../shared/data:/data/extra``) or given as a list."""
+    if isinstance(data_dir, (list, tuple)):
+        parts = [str(p) for p in data_dir]
+    else:
+        parts = [p for p in str(data_dir).split(os.pathsep) if p]
+    if not parts:
+        raise InputError("no data folder given")
+    return [Path(p) for p in parts]
+
+
 def discover(data_dir) -> List[Subject]:
-    """Every subject folder under ``data_dir`` that holds at least one recognised image."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise InputError(f"data folder not found: {data_dir}")
-    subjects = []
-    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
-        files = {m: Path(p) for m, p in subject_files(folder).items()}
-        if any(m in files for m in MODALITIES):
-            subjects.append(Subject(folder.name, folder, files))
-    if not subjects:
-        raise InputError(f"{data_dir}: no subject folders with recognised images "
-                         f"(expected e.g. SUBJECT/t1.nii.gz or BraTS names like SUBJECT/x_t1.nii.gz)")
-    return subjects
+    """Every subject folder under the data folder(s) that holds at least one recognised
+    image; a subject name found in two folders is an error (splits are by name)."""
+    subjects, seen = [], {}
+    for folder_root in data_folders(data_dir):
+        if not folder_root.is_dir():
+            raise InputError(f"data folder not found: {folder_root}")
+        found = []
+        for folder in sorted(p for p in folder_root.iterdir() if p.is_dir()):
+            files = {m: Path(p) for m, p in subject_files(folder).items()}
+            if not any(m in files for m in MODALITIES):
+                continue
+            if folder.name in seen:
+                raise InputError(f"subject {folder.name} is in two data folders ({seen[folder.name]} and "
+                                 f"{folder_root}); subject names must be unique")
+            seen[folder.name] = folder_root
+            label = lesion_label_file(folder)
+            found.append(Subject(folder.name, folder, files, *(Path(label[0]), label[1]) if label else (None, None)))
+        if not found:
+            raise InputError(f"{folder_root}: no subject folders with recognised images "
+                             f"(expected e.g. SUBJECT/t1.nii.gz or BraTS names like SUBJECT/x_t1.nii.gz)")
+        subjects += found
+    return sorted(subjects, key=lambda s: s.name)
 
 
 def availability_report(subjects: Sequence[Subject], needed: Sequence[str] = MODALITIES) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 from MRISynthesisLib.bundle import load_bundle
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.inference import resolve_device, synthesize
-from MRISynthesisLib.metrics import METRIC_NAMES, aggregate, subject_metrics
+from MRISynthesisLib.metrics import METRIC_NAMES, aggregate, lesion_metrics, subject_metrics
 from MRISynthesisLib.preprocessing import (AxialReorientation, PreprocessingConfig, SliceStack,
                                            real_target_in_output_units, select_middle_slices)
 from MRISynthesisLib.volumes import Volume, align_to_reference, load_volume, resample_to_reference
@@ -39,6 +39,7 @@ from MRISynthesisLib.volumes import Volume, align_to_reference, load_volume, res
 from . import data as data_mod
 
 MASKED = tuple(f"{m}_masked" for m in METRIC_NAMES)
+LESION = ("lesion_conspicuity", "psnr_lesion")
 LINEAR_MAX_VOXELS = 200_000  # per subject, for the least-squares fit
 
 
@@ -56,15 +57,19 @@ class Method:
         return d
 
 
+def _label_on_grid(path, name: str, reference: Volume) -> np.ndarray:
+    vol = load_volume(path, name)
+    if not vol.same_grid(reference):
+        vol = resample_to_reference(vol, reference, name, interpolation="nearest")
+    return vol.array > 0
+
+
 def _subject_volumes(subject: data_mod.Subject, modalities, reference: str):
     volumes = {m: load_volume(subject.files[m], f"{subject.name}/{m}") for m in modalities}
     volumes = align_to_reference(volumes, reference)
     mask = None
     if subject.mask is not None:
-        mask_vol = load_volume(subject.mask, f"{subject.name}/mask")
-        if not mask_vol.same_grid(volumes[reference]):
-            mask_vol = resample_to_reference(mask_vol, volumes[reference], "mask", interpolation="nearest")
-        mask = mask_vol.array > 0
+        mask = _label_on_grid(subject.mask, f"{subject.name}/mask", volumes[reference])
     return volumes, mask
 
 
@@ -238,6 +243,7 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
     labels = [m.label for m in methods]
 
     per_subject: Dict[str, Dict[str, dict]] = {}
+    lesion_kinds: Dict[str, str] = {}
     figure_rows = []
     for si, name in enumerate(evaluated):
         log(f"[{si + 1}/{len(evaluated)}] {name}")
@@ -254,6 +260,11 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
                 region |= orient.forward(volumes[m].array) != 0
         brain = np.flatnonzero(region.any(axis=(0, 1)))
         slices = select_middle_slices(brain, slices_per_subject)
+        lesion = None
+        subject = by_name[name]
+        if subject.lesion is not None:
+            lesion = orient.forward(_label_on_grid(subject.lesion, f"{name}/lesion", volumes[reference])) & region
+            lesion_kinds[name] = subject.lesion_kind
         per_subject[name] = {}
         predictions = {}
         for m in methods:
@@ -263,19 +274,23 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
             per_subject[name][m.label] = subject_metrics(real[..., slices].transpose(2, 0, 1),
                                                          pred[..., slices].transpose(2, 0, 1),
                                                          region[..., slices].transpose(2, 0, 1))
+            if lesion is not None:  # every lesion voxel of the volume, not only the middle slices
+                per_subject[name][m.label].update(lesion_metrics(real, pred, lesion, region))
         if len(figure_rows) < 3:
-            k = int(slices[len(slices) // 2])
+            # Through the lesion where there is one (what FLAIR is read for), else the middle slice.
+            k = int(np.argmax(lesion.sum(axis=(0, 1)))) if lesion is not None and lesion.any() \
+                else int(slices[len(slices) // 2])
             shown = SliceStack([volumes[s].array for s in sources_shown], affine, preprocessing, mask=mask)
             figure_rows.append({"subject": name, "slice": k,
                                 "sources": {s: shown.channels[i][..., k] for i, s in enumerate(sources_shown)},
                                 "real": real[..., k], "predictions": {l: p[..., k] for l, p in predictions.items()}})
-        summary = ", ".join(f"{l}: {per_subject[name][l]['psnr']:.2f} dB" for l in labels)
+        summary = ", ".join(f"{l}: {per_subject[name][l].get('psnr_masked', math.nan):.2f} dB brain" for l in labels)
         log(f"    {summary}")
 
-    keys = [k for k in (*METRIC_NAMES, *MASKED)]
+    keys = [k for k in (*MASKED, *LESION, *METRIC_NAMES)]
     results = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "data": str(Path(data_dir).resolve()),
+        "data": os.pathsep.join(str(p.resolve()) for p in data_mod.data_folders(data_dir)),
         "subjects_from": origin,
         "subjects": evaluated,
         "skipped": skipped,
@@ -287,10 +302,17 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         "summary": {l: aggregate([per_subject[s][l] for s in evaluated]) for l in labels},
         "per_subject": per_subject,
         "ttests": ttests(per_subject, labels, keys),
+        "lesion_labels": lesion_kinds,
         "notes": ("metrics on the middle brain slices in output units [0, output_max] after the models' "
-                  "normalisation; PSNR MAX = max of the real slice/region; SSIM 7x7 uniform window, data range "
+                  "normalisation; brain = the dataset's brain mask, else the non-zero voxels of the inputs; "
+                  "PSNR MAX = max of the real slice/region; SSIM 7x7 uniform window, data range "
                   "of the real slice; NRMSE = sqrt(sum (Y-Y')^2 / sum Y^2); per-slice values averaged per "
-                  "subject, then mean +- std (ddof 1) over subjects; paired t-tests over subjects"),
+                  "subject, then mean +- std (ddof 1) over subjects; paired t-tests over subjects (n stated). "
+                  "Lesion figures over all lesion voxels of the volume (label > 0: BraTS whole tumour, MS "
+                  "lesions): conspicuity = lesion contrast of the synthetic / of the real image, contrast = "
+                  "(mean lesion - mean normal brain) / mean normal brain, normal brain = brain minus the lesion "
+                  "dilated 2 voxels in-plane; lesion PSNR over the lesion voxels. Whole-slice figures are kept "
+                  "for comparison with the paper; they mostly measure the background"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "metrics.json", results)
@@ -338,23 +360,47 @@ def render_report(results: dict, labels) -> str:
             mm = m["model"]
             lines.append(f"- {m['label']}: {mm['architecture']}, width {mm['base_width']}, "
                          f"{' + '.join(m['sources'])} -> {results['target']}, `{m['path']}`")
-    for title, keys in (("Whole slice", METRIC_NAMES), ("Brain (masked)", MASKED)):
+    for title, keys in (("Brain (masked): the lead figure", MASKED), ("Whole slice (mostly background; for the paper)", METRIC_NAMES)):
         lines += ["", f"## {title} (mean ± std over subjects)", "",
                   "| Method | PSNR (dB) | SSIM | NRMSE |", "|---|---|---|---|"]
         for l in labels:
             stats = results["summary"][l]
             lines.append(f"| {l} | " + " | ".join(_fmt(stats, k) for k in keys) + " |")
+    lesion_subjects = results.get("lesion_labels", {})
+    if lesion_subjects:
+        lines += ["", f"## Lesions ({len(lesion_subjects)} subjects with labels: "
+                  + ", ".join(f"{s} ({k})" for s, k in lesion_subjects.items()) + ")", "",
+                  "| Method | conspicuity (1 = as in the real FLAIR) | lesion PSNR (dB) | n |", "|---|---|---|---|"]
+        for l in labels:
+            stats = results["summary"][l]
+            n = stats.get("lesion_conspicuity", {}).get("n", 0)
+            lines.append(f"| {l} | {_fmt(stats, 'lesion_conspicuity')} | {_fmt(stats, 'psnr_lesion')} | {n} |")
     if results["ttests"]:
-        lines += ["", "## Paired t-tests over subjects (p-values; mean difference A - B)", "",
-                  "| A vs B | PSNR | SSIM | NRMSE | PSNR brain | SSIM brain | NRMSE brain |",
+        shown = (*MASKED, *LESION, "psnr")
+        lines += ["", "## Paired t-tests over subjects (p-value (mean difference A - B), n subjects)", "",
+                  "| A vs B | PSNR brain | SSIM brain | NRMSE brain | conspicuity | lesion PSNR | PSNR whole |",
                   "|---|---|---|---|---|---|---|"]
         for t in results["ttests"]:
             cells = []
-            for k in (*METRIC_NAMES, *MASKED):
+            for k in shown:
                 e = t.get(k, {})
-                cells.append("-" if e.get("p") is None else f"{e['p']:.3g} ({e['mean_difference']:+.3g})")
+                cells.append("-" if e.get("p") is None else f"{e['p']:.3g} ({e['mean_difference']:+.3g}), n={e['n']}")
             lines.append(f"| {t['a']} vs {t['b']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per subject (PSNR dB / SSIM / NRMSE, whole slice)", "",
+
+    def cell(v, key, digits):
+        x = v.get(key)
+        return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+    lines += ["", "## Per subject: brain PSNR dB / brain SSIM / lesion conspicuity / lesion PSNR dB", "",
+              "| Subject | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for s in results["subjects"]:
+        cells = []
+        for l in labels:
+            v = results["per_subject"][s][l]
+            cells.append(f"{cell(v, 'psnr_masked', 2)} / {cell(v, 'ssim_masked', 3)} / "
+                         f"{cell(v, 'lesion_conspicuity', 2)} / {cell(v, 'psnr_lesion', 2)}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per subject, whole slice: PSNR dB / SSIM / NRMSE", "",
               "| Subject | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for s in results["subjects"]:
         cells = []

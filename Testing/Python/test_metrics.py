@@ -59,3 +59,42 @@ def test_slice_metrics_masked_keys():
     assert set(out) == {"psnr", "ssim", "nrmse", "psnr_masked", "ssim_masked", "nrmse_masked"}
     assert out["nrmse"] == pytest.approx(0.1)
     assert out["nrmse_masked"] == pytest.approx(0.1)
+
+
+def _lesion_case():
+    brain = np.zeros((32, 32, 4), bool)
+    brain[4:28, 4:28] = True
+    lesion = np.zeros_like(brain)
+    lesion[12:18, 12:18, 1:3] = True
+    real = np.where(brain, 100.0, 0.0)
+    real[lesion] = 200.0  # contrast (200 - 100) / 100 = 1
+    return real, lesion, brain
+
+
+def test_lesion_conspicuity_is_the_ratio_of_contrasts():
+    from MRISynthesisLib.metrics import lesion_contrast, lesion_metrics
+
+    real, lesion, brain = _lesion_case()
+    assert lesion_contrast(real, lesion, brain) == pytest.approx(1.0)
+    washed_out = real.copy()
+    washed_out[lesion] = 150.0  # contrast 0.5
+    m = lesion_metrics(real, washed_out, lesion, brain)
+    assert m["lesion_conspicuity"] == pytest.approx(0.5)
+    assert m["lesion_contrast_real"] == pytest.approx(1.0) and m["lesion_voxels"] == lesion.sum()
+    assert m["psnr_lesion"] == pytest.approx(20 * np.log10(200 / 50))
+    assert lesion_metrics(real, real, lesion, brain)["lesion_conspicuity"] == pytest.approx(1.0)
+    # The rim next to the lesion is not "normal brain": a bright halo in it changes nothing.
+    halo = real.copy()
+    halo[11, 12:18, 1:3] = 180.0
+    assert lesion_metrics(real, halo, lesion, brain)["lesion_conspicuity"] == pytest.approx(1.0)
+
+
+def test_lesion_metrics_undefined_cases():
+    from MRISynthesisLib.metrics import lesion_metrics
+
+    real, lesion, brain = _lesion_case()
+    assert lesion_metrics(real, real, np.zeros_like(lesion), brain) == {}
+    flat = np.where(brain, 100.0, 0.0)  # lesion not hyperintense in the real image
+    assert np.isnan(lesion_metrics(flat, real, lesion, brain)["lesion_conspicuity"])
+    agg = aggregate([{"lesion_conspicuity": float("nan")}, {"lesion_conspicuity": 0.8}, {"lesion_conspicuity": 1.0}])
+    assert agg["lesion_conspicuity"]["n"] == 2 and agg["lesion_conspicuity"]["mean"] == pytest.approx(0.9)

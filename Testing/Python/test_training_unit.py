@@ -13,7 +13,7 @@ import torch
 from conftest import head_phantom
 from MRISynthesisLib.bundle import load_bundle
 from MRISynthesisLib.errors import InputError
-from MRISynthesisLib.volumes import Volume, save_volume
+from MRISynthesisLib.volumes import Volume, load_volume, save_volume
 from MRISynthesisLib.subjects import modality_of
 from training import data as data_mod
 from training import trainer
@@ -64,6 +64,22 @@ def test_discover_reports_missing_and_refuses_ambiguity(tmp_path):
         data_mod.discover(tmp_path / "data")
     with pytest.raises(InputError, match="not found"):
         data_mod.discover(tmp_path / "nowhere")
+
+
+def test_discover_several_folders_and_lesion_labels(tmp_path):
+    for f in ("one/a/t1.nii.gz", "one/a/flair.nii.gz", "one/a/seg.nii.gz",
+              "one/b/t1.nii.gz", "one/b/seg_auto.nii.gz", "one/b/lesion_change_gt.nii.gz",
+              "two/c/C_t1.nii.gz", "two/c/C_seg.nii.gz", "two/d/t1.nii.gz"):
+        touch(tmp_path / f)
+    subjects = data_mod.discover(f"{tmp_path / 'two'}{os.pathsep}{tmp_path / 'one'}")
+    assert [s.name for s in subjects] == ["a", "b", "c", "d"]
+    kinds = {s.name: (s.lesion.name if s.lesion else None, s.lesion_kind) for s in subjects}
+    assert kinds == {"a": ("seg.nii.gz", "ground truth"), "b": ("seg_auto.nii.gz", "automatic"),
+                     "c": ("C_seg.nii.gz", "ground truth"), "d": (None, None)}
+    assert data_mod.discover([tmp_path / "one", tmp_path / "two"])[2].folder == tmp_path / "two" / "c"
+    touch(tmp_path / "two" / "a" / "t1.nii.gz")
+    with pytest.raises(InputError, match="subject a is in two data folders"):
+        data_mod.discover(f"{tmp_path / 'one'}{os.pathsep}{tmp_path / 'two'}")
 
 
 def test_split_is_seeded_disjoint_and_keeps_groups():
@@ -267,6 +283,7 @@ def test_evaluate_baselines_on_generated_data(gen_data, tmp_path):
     assert (tmp_path / "report" / "figure.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert saved["ttests"][0]["nrmse"]["n"] == 2  # (PSNR of an exact prediction is inf: left out)
+    assert "lesion_conspicuity" not in per["lin2"]["t2 baseline"]  # no label map, no lesion figures
     with pytest.raises(InputError, match="nothing to evaluate"):
         evaluate([], [], data, tmp_path / "r2")
     with pytest.raises(InputError, match="unknown baseline"):
@@ -311,3 +328,26 @@ def test_model_card_from_run_and_evaluation(gen_data, tmp_path):
     assert ", ".join(split["train_usable"]) in card
     assert "| **fdgan** (this model) | 21.50 ± 1.25 | 0.800 ± 0.010 |" in card
     assert "## Known limits" in card and "L1 reduction `mean`" in card
+
+
+def test_evaluate_lesion_figures(tmp_path):
+    """A bright lesion in the real FLAIR: the T2 baseline (no lesion) scores conspicuity
+    about 0, a prediction equal to the FLAIR scores 1; reported per subject with n."""
+    data = tmp_path / "data"
+    write_subject(data / "les", seed=3, flair_from="t2")
+    t2 = load_volume(data / "les" / "t2.nii.gz")
+    lesion = np.zeros(t2.shape, np.float32)
+    brain = np.argwhere(t2.array > 0)
+    centre = brain.mean(axis=0).round().astype(int)
+    lesion[centre[0] - 3:centre[0] + 3, centre[1] - 3:centre[1] + 3, centre[2] - 2:centre[2] + 2] = 1
+    flair = t2.array.copy()
+    flair[lesion > 0] = flair[t2.array > 0].mean() * 3
+    save_volume(Volume(flair, t2.affine), data / "les" / "flair.nii.gz")
+    save_volume(Volume(lesion, t2.affine), data / "les" / "seg.nii.gz")
+    results = evaluate([], ["t2"], data, tmp_path / "report", slices_per_subject=0, log=lambda m: None)
+    entry = results["per_subject"]["les"]["t2 baseline"]
+    assert entry["lesion_contrast_real"] > 1.0 and abs(entry["lesion_conspicuity"]) < 0.3
+    assert results["lesion_labels"] == {"les": "ground truth"}
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Lesions (1 subjects with labels: les (ground truth))" in report
+    assert report.index("## Brain (masked)") < report.index("## Whole slice")

@@ -57,6 +57,13 @@ def add_train(sub) -> None:
                    help="L1 terms as per-pixel mean (default, lambda 100) or per-image sum (paper, lambda 0.1)")
     g.add_argument("--lambda1", type=float, help="weight of L1(G(x), y) (default by reduction: 100 / 0.1)")
     g.add_argument("--lambda2", type=float, help="weight of L1(pseudo-target, y) (default as --lambda1)")
+    g.add_argument("--background-weight", type=float,
+                   help="weight of background pixels in both L1 terms (default 1: the paper's uniform L1; "
+                        "the brain has weight 1)")
+    g.add_argument("--gdl-weight", type=float, help="weight of a gradient-difference loss on G(x) (default 0: off)")
+    g.add_argument("--gan-weight", type=float, help="weight of the adversarial term in G's loss (default 1)")
+    g.add_argument("--augment", action="store_true",
+                   help="random flips, rotations (10 deg), scaling (10%%) and per-source gamma/bias/scale jitter")
     g.add_argument("--seed", type=int, help="seed for the split, initialisation and data order (default 0)")
     g.add_argument("--precision", choices=("fp32", "bf16"), help="fp32 (default) or bf16 autocast")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")

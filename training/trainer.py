@@ -41,6 +41,7 @@ from MRISynthesisLib.networks import (ModelConfig, build_discriminator, build_ge
 from MRISynthesisLib.preprocessing import PreprocessingConfig, to_output_scale
 
 from . import data as data_mod
+from . import recipe
 
 CHECKPOINT = "checkpoint.pt"
 LOSS_KEYS = ("loss_D", "loss_G", "loss_G_GAN", "loss_G_L1", "loss_G_L1_pseudo")
@@ -55,6 +56,7 @@ DEFAULTS = dict(
     adain_scale="one_plus_delta", style_init="kaiming",
     epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
+    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, augment=False,
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
     seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
@@ -105,6 +107,8 @@ def resolve_config(given: dict) -> dict:
     for key in ("lambda1", "lambda2"):
         if cfg[key] is None:
             cfg[key] = DEFAULT_LAMBDA[cfg["l1_reduction"]]
+    if cfg["background_weight"] < 0 or cfg["gdl_weight"] < 0 or cfg["gan_weight"] < 0:
+        raise InputError("--background-weight, --gdl-weight and --gan-weight must be >= 0")
     if cfg["d_width"] is None:
         cfg["d_width"] = cfg["width"]
     if cfg["batch_size"] < 1 or cfg["width"] < 1 or cfg["d_width"] < 1:
@@ -136,13 +140,6 @@ def lr_factor(epoch: int, epochs_constant: int, epochs_decay: int) -> float:
     if epoch < epochs_constant:
         return 1.0
     return max(0.0, 1.0 - (epoch - epochs_constant + 1) / (epochs_decay + 1))
-
-
-def l1_loss(prediction: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
-    diff = (prediction.float() - target.float()).abs()
-    if reduction == "mean":
-        return diff.mean()
-    return diff.flatten(1).sum(1).mean()  # ||Y - Y'||_1 per image, batch-averaged
 
 
 def git_commit() -> Optional[str]:
@@ -434,6 +431,9 @@ class Run:
                 for step in range(first, len(batches)):
                     batch = self.train_data.gather(batches[step]).to(device)
                     x, y = batch[:, :M], batch[:, M:M + 1]
+                    brain = torch.from_numpy(self.train_data.masks(batches[step]))[:, None].to(device)
+                    if cfg["augment"]:
+                        x, y, brain = recipe.augment(x, y, brain, recipe.augment_generator(cfg["seed"], epoch, step))
                     with autocast():
                         out = G(x)
                     fake = out.synthetic
@@ -455,10 +455,13 @@ class Run:
                     with autocast():
                         pred = D_plain(x, fake)
                         loss_gan = bce(pred.float(), torch.ones_like(pred, dtype=torch.float32))
-                    loss_l1 = l1_loss(fake, y, cfg["l1_reduction"])
-                    loss_pseudo = (l1_loss(out.pseudo_target, y, cfg["l1_reduction"])
+                    reduction, bg = cfg["l1_reduction"], cfg["background_weight"]
+                    loss_l1 = recipe.weighted_l1(fake, y, brain, bg, reduction)
+                    loss_pseudo = (recipe.weighted_l1(out.pseudo_target, y, brain, bg, reduction)
                                    if out.pseudo_target is not None else torch.zeros((), device=device))
-                    loss_G = loss_gan + cfg["lambda1"] * loss_l1 + cfg["lambda2"] * loss_pseudo
+                    loss_G = cfg["gan_weight"] * loss_gan + cfg["lambda1"] * loss_l1 + cfg["lambda2"] * loss_pseudo
+                    if cfg["gdl_weight"]:
+                        loss_G = loss_G + cfg["gdl_weight"] * recipe.gradient_difference(fake, y)
                     loss_G.backward()
                     self.opt_G.step()
                     n = len(batches[step])

@@ -16,7 +16,7 @@ from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.volumes import Volume, load_volume, save_volume
 from MRISynthesisLib.subjects import modality_of
 from training import data as data_mod
-from training import trainer
+from training import recipe, trainer
 from training.cli import main as training_main
 from training.evaluate import evaluate
 
@@ -110,8 +110,9 @@ def test_lr_schedule_and_l1_reduction():
     assert trainer.lr_factor(0, 0, 1) == pytest.approx(0.5)
     pred, target = torch.zeros(2, 1, 4, 8), torch.ones(2, 1, 4, 8)
     target[1] *= 3
-    assert float(trainer.l1_loss(pred, target, "mean")) == pytest.approx(2.0)
-    assert float(trainer.l1_loss(pred, target, "sum")) == pytest.approx(2.0 * 32)  # per-image norm
+    everywhere = torch.ones(pred.shape[0], 1, *pred.shape[2:], dtype=torch.bool)
+    assert float(recipe.weighted_l1(pred, target, everywhere, 1.0, "mean")) == pytest.approx(2.0)
+    assert float(recipe.weighted_l1(pred, target, everywhere, 1.0, "sum")) == pytest.approx(2.0 * 32)  # per-image norm
 
 
 def test_config_defaults_and_errors(tmp_path):
@@ -309,6 +310,25 @@ def test_ablations_through_the_command_line(gen_data, tmp_path, extra, expected)
     assert (history[0]["loss_G_L1_pseudo"] == 0) == (not expected["specific_encoder"])
     if "sum" in extra:
         assert bundle.provenance["loss"]["lambda1"] == 0.1 and history[0]["loss_G_L1"] > 1000  # per-image sum
+
+
+def test_recipe_options_train_and_resume_bit_exact(gen_data, tmp_path):
+    """Augmentation, background-weighted L1, gradient-difference loss and GAN weight: a run
+    killed mid-way and resumed ends with the same weights (augmentation is seeded per step)."""
+    recipe_opts = dict(architecture="fdgan", width=2, augment=True, background_weight=0.1, gdl_weight=1.0,
+                       gan_weight=0.5)
+    full = small_run(gen_data, tmp_path / "full", **recipe_opts)
+    assert not full["stopped"]
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert (config["augment"], config["background_weight"], config["style_init"]) == (True, 0.1, "kaiming")
+    with pytest.raises(trainer.StopTraining):
+        small_run(gen_data, tmp_path / "crash", stop_after_steps=5, stop_mode="crash", **recipe_opts)
+    trainer.train({"out": tmp_path / "crash", "resume": True, "no_progress": True})
+    assert_same_state(load_ckpt(tmp_path / "full"), load_ckpt(tmp_path / "crash"))
+    plain = small_run(gen_data, tmp_path / "plain", architecture="fdgan", width=2)
+    assert plain["history"][-1]["loss_G"] != full["history"][-1]["loss_G"]
+    with pytest.raises(InputError, match="background-weight"):
+        trainer.resolve_config({"data": tmp_path, "out": tmp_path, "background_weight": -1})
 
 
 def test_model_card_from_run_and_evaluation(gen_data, tmp_path):

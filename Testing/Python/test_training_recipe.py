@@ -1,0 +1,55 @@
+"""training/recipe.py: weighted L1, gradient-difference loss and augmentation."""
+
+import pytest
+import torch
+
+from training import recipe
+
+
+def test_weighted_l1_down_weights_background():
+    pred = torch.zeros(1, 1, 4, 4)
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :] = 1.0  # error 1 in the top half
+    brain = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    brain[..., :2, :] = True  # ... which is the brain
+    assert float(recipe.weighted_l1(pred, target, brain, 1.0)) == pytest.approx(0.5)
+    assert float(recipe.weighted_l1(pred, target, brain, 0.0)) == pytest.approx(1.0)
+    assert float(recipe.weighted_l1(pred, target, ~brain, 0.1)) == pytest.approx(0.8 / 8.8)
+
+
+def test_gradient_difference_sees_edges_not_offsets():
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 4:] = 1.0
+    assert float(recipe.gradient_difference(target + 0.3, target)) < 1e-6
+    blurred = torch.nn.functional.avg_pool2d(target, 3, 1, 1, count_include_pad=False)
+    assert float(recipe.gradient_difference(blurred, target)) > 0.01
+
+
+def test_augment_is_deterministic_bounded_and_keeps_background():
+    torch.manual_seed(0)
+    b, m, s = 3, 2, 64
+    brain = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    brain[..., 16:48, 12:52] = True
+    sources = torch.where(brain, torch.rand(b, m, s, s) * 2 - 1, torch.full((b, m, s, s), -1.0))
+    target = torch.where(brain, torch.rand(b, 1, s, s) * 2 - 1, torch.full((b, 1, s, s), -1.0))
+    first = recipe.augment(sources, target, brain, recipe.augment_generator(0, 1, 2))
+    again = recipe.augment(sources, target, brain, recipe.augment_generator(0, 1, 2))
+    other = recipe.augment(sources, target, brain, recipe.augment_generator(0, 1, 3))
+    for a, b_ in zip(first, again):
+        assert torch.equal(a, b_)
+    assert not torch.equal(first[0], other[0])
+    src, tgt, msk = first
+    assert src.shape == sources.shape and tgt.shape == target.shape and msk.dtype == torch.bool
+    assert src.min() >= -1 and src.max() <= 1 and tgt.min() >= -1 and tgt.max() <= 1
+    assert torch.all(src[~msk.expand_as(src)] == -1.0)
+    # A geometric transform, not a new image: the brain keeps about its area.
+    assert abs(msk.float().sum() / brain.float().sum() - 1) < 0.35
+
+
+def test_augment_flip_only_mirrors():
+    config = recipe.AugmentConfig(flip_probability=1.0, max_rotation_degrees=0, max_scale=0, max_gamma=0,
+                                  max_intensity_scale=0, max_bias=0)
+    brain = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    sources = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    src, tgt, _ = recipe.augment(sources, sources.clone(), brain, recipe.augment_generator(0, 0, 0), config)
+    assert torch.allclose(src, sources.flip(-1), atol=1e-5) and torch.allclose(tgt, sources.flip(-1), atol=1e-5)

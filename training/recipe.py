@@ -1,0 +1,106 @@
+"""Training-recipe pieces beyond the paper, each off by default or reachable by an option
+so that the paper's setting stays available (docs/training.md, "Recipe study"):
+
+- ``weighted_l1``: L1 with background pixels down-weighted (``--background-weight``):
+  with the paper's uniform L1 most of a slice is background that is trivially -1, so the
+  brain, and in it the lesions, get a small share of the gradient.
+- ``gradient_difference``: the gradient-difference loss (Mathieu et al. 2016), the
+  paper's named future work for sharper tumour borders (``--gdl-weight``).
+- ``augment``: random left-right flips, small rotations and scalings (one geometric
+  transform per slice, applied to sources, target and mask alike) and per-source
+  intensity jitter (gamma, a smooth multiplicative bias field, scale) on the sources only
+  (``--augment``). Random numbers come from a generator seeded by (seed, epoch, step), so
+  a resumed run sees the same augmentation as an uninterrupted one.
+
+Augmentation is written here with ``torch.nn.functional.affine_grid``/``grid_sample``
+rather than taken from torchvision/MONAI: torchvision's PyPI wheels are built against the
+CUDA torch (the project pins the CPU wheel), MONAI's random transforms keep their own
+NumPy random state, which the bit-exact resume would have to save separately, and both
+work per sample where this works on the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKGROUND = -1.0  # value of background pixels after normalisation
+
+
+def weighted_l1(prediction: torch.Tensor, target: torch.Tensor, brain: torch.Tensor, background_weight: float,
+                reduction: str = "mean") -> torch.Tensor:
+    """L1 with weight 1 inside ``brain`` (B, 1, H, W; bool or 0/1) and ``background_weight``
+    outside, normalised by the weight sum ("mean") or summed per image ("sum")."""
+    diff = (prediction.float() - target.float()).abs()
+    if background_weight == 1.0:
+        weights = torch.ones_like(diff)
+    else:
+        weights = torch.where(brain.bool(), 1.0, float(background_weight)).to(diff.dtype).expand_as(diff)
+    if reduction == "mean":
+        return (diff * weights).sum() / weights.sum().clamp_min(1e-8)
+    return (diff * weights).flatten(1).sum(1).mean()
+
+
+def gradient_difference(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean | |d pred| - |d target| | over horizontal and vertical finite differences."""
+    p, t = prediction.float(), target.float()
+    dx = ((p[..., :, 1:] - p[..., :, :-1]).abs() - (t[..., :, 1:] - t[..., :, :-1]).abs()).abs().mean()
+    dy = ((p[..., 1:, :] - p[..., :-1, :]).abs() - (t[..., 1:, :] - t[..., :-1, :]).abs()).abs().mean()
+    return 0.5 * (dx + dy)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip_probability: float = 0.5
+    max_rotation_degrees: float = 10.0
+    max_scale: float = 0.1  # zoom in [1 - s, 1 + s]
+    max_gamma: float = 0.3  # gamma in [exp(-g), exp(g)] on [0, 1]-rescaled sources
+    max_intensity_scale: float = 0.1
+    max_bias: float = 0.2  # multiplicative bias field in [1 - b, 1 + b], smooth (4x4 control grid)
+
+
+def augment_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """The generator for one training step: a function of (seed, epoch, step) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
+
+
+def augment(sources: torch.Tensor, target: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
+            config: AugmentConfig = AugmentConfig()):
+    """Randomly transformed copies of (sources (B, M, H, W), target (B, 1, H, W),
+    brain (B, 1, H, W) bool); values stay in [-1, 1] with background -1."""
+    b, m, h, w = sources.shape
+    dev = sources.device
+
+    def uniform(*shape, low=-1.0, high=1.0):
+        return torch.rand(*shape, generator=generator).mul(high - low).add(low).to(dev)
+
+    angle = uniform(b) * math.radians(config.max_rotation_degrees)
+    zoom = 1.0 + uniform(b) * config.max_scale
+    flip = torch.where(torch.rand(b, generator=generator).to(dev) < config.flip_probability, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos * flip, -sin, torch.zeros_like(cos)], -1),
+                         torch.stack([sin * flip, cos, torch.zeros_like(cos)], -1)], 1)
+    grid = F.affine_grid(theta, (b, 1, h, w), align_corners=False)
+
+    def warp(images, mode):
+        # Shift so that background (-1) is 0 and zero padding fills it.
+        return F.grid_sample(images.float() - BACKGROUND, grid, mode=mode, padding_mode="zeros",
+                             align_corners=False) + BACKGROUND
+
+    brain_out = warp(brain.float() * 2 - 1, "nearest") > 0
+    target_out = warp(target, "bilinear").clamp(-1, 1)
+    src = warp(sources, "bilinear").clamp(-1, 1)
+
+    # Intensity jitter, per sample and source, inside the brain only.
+    unit = (src + 1) / 2
+    gamma = torch.exp(uniform(b, m, 1, 1) * config.max_gamma)
+    scale = 1.0 + uniform(b, m, 1, 1) * config.max_intensity_scale
+    coarse = 1.0 + uniform(b, m, 4, 4) * config.max_bias
+    bias = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    unit = (unit.clamp_min(0) ** gamma * scale * bias).clamp(0, 1)
+    src = torch.where(brain_out, unit * 2 - 1, torch.full_like(src, BACKGROUND))
+    # Background stays background in the sources: a voxel outside the brain is -1 exactly.
+    return src, target_out, brain_out

@@ -3,7 +3,11 @@
 1. Intensity: each volume is normalised on its own, robustly: the ``lower_percentile``
    and ``upper_percentile`` of the voxels inside the brain mask (or the non-zero voxels
    when no mask is given) map to -1 and 1, values are clipped to [-1, 1], and voxels
-   outside the mask are set to -1 (background).
+   outside the mask are set to -1 (background). With ``intensity_reference="median"``
+   the upper end is instead ``low + median_span * (median - low)`` (median of the brain):
+   a large bright lesion moves the upper percentile (so normal brain comes out darker in
+   one scan than another) but hardly the median, and headroom above normal brain keeps
+   lesions unclipped.
 2. Orientation: volumes are reoriented from their affine to the closest RAS axis order so
    that slices along the third axis are truly axial whatever the storage order; the
    inverse puts results back in the file's own voxel order.
@@ -31,6 +35,9 @@ from nibabel import orientations
 from .errors import InputError
 
 
+INTENSITY_REFERENCES = ("percentile", "median")
+
+
 @dataclass(frozen=True)
 class PreprocessingConfig:
     """Settings stored in every model bundle so that inference repeats training exactly."""
@@ -40,10 +47,19 @@ class PreprocessingConfig:
     image_size: int = 256
     min_field_of_view_mm: float = 240.0
     output_max: float = 1000.0
+    # "percentile": [lower, upper percentile] -> [-1, 1]; "median": [lower percentile,
+    # low + median_span * (median - low)] -> [-1, 1] (lesion-robust, see above).
+    intensity_reference: str = "percentile"
+    median_span: float = 2.5
 
     def __post_init__(self):
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
             raise ValueError("need 0 <= lower_percentile < upper_percentile <= 100")
+        if self.intensity_reference not in INTENSITY_REFERENCES:
+            raise ValueError(f"intensity_reference must be one of {INTENSITY_REFERENCES}, "
+                             f"got {self.intensity_reference!r}")
+        if not self.median_span > 1.0:
+            raise ValueError("median_span must be > 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,7 +93,11 @@ def intensity_window(array: np.ndarray, mask: Optional[np.ndarray], config: Prep
     values = array[region]
     if values.size == 0:
         raise InputError(f"{name}: no voxels inside the {'brain mask' if mask is not None else 'non-zero region'}")
-    low, high = np.percentile(values, [config.lower_percentile, config.upper_percentile])
+    if config.intensity_reference == "median":
+        low, median = np.percentile(values, [config.lower_percentile, 50.0])
+        high = low + config.median_span * (median - low)
+    else:
+        low, high = np.percentile(values, [config.lower_percentile, config.upper_percentile])
     if not high > low:
         raise InputError(f"{name}: constant intensity inside the brain; cannot normalise")
     return IntensityWindow(float(low), float(high))

@@ -32,6 +32,9 @@ def add_train(sub) -> None:
     g.add_argument("--groups-file", help="JSON list of lists of same-patient subject names")
     g.add_argument("--no-default-groups", action="store_true",
                    help="drop the built-in groups (brats20-001+brats18-cbica-aab, ms-long-01a+ms-long-01b)")
+    g.add_argument("--intensity-reference", choices=("percentile", "median"),
+                   help="normalisation window: brain 0.5-99.5th percentiles (default) or 0.5th percentile to "
+                        "2.5 x (median - low), which large bright lesions hardly move")
     g.add_argument("--cache-dir", help="preprocessed-slice cache (default RUN/cache; share it between runs)")
     g = p.add_argument_group("model")
     g.add_argument("--architecture", choices=("fdgan", "pix2pix_unet"), help="generator (default fdgan)")

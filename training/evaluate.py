@@ -51,7 +51,8 @@ class Method:
     def describe(self) -> dict:
         d = {"label": self.label, "kind": self.kind, "sources": list(self.sources)}
         if self.bundle is not None:
-            d.update(path=self.bundle.path, sha256=self.bundle.sha256, model=self.bundle.model.to_dict())
+            d.update(path=self.bundle.path, sha256=self.bundle.sha256, model=self.bundle.model.to_dict(),
+                     preprocessing=self.bundle.preprocessing.to_dict())
         if self.coefficients is not None:
             d["coefficients"] = [float(c) for c in self.coefficients]
         return d
@@ -175,11 +176,10 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         bundle = load_bundle(path)
         if bundle.target != target:
             raise InputError(f"{path}: the model predicts {bundle.target}, not {target}")
+        # Baselines and the figure use the first model's preprocessing; a model with other
+        # settings is scored against the real target normalised its own way (its own units).
         if preprocessing is None:
             preprocessing = bundle.preprocessing
-        elif bundle.preprocessing != preprocessing:
-            raise InputError(f"{path}: its preprocessing differs from the first model's; their outputs are in "
-                             "different units and cannot be compared on one real target")
         label = label or Path(path).name.removesuffix(".safetensors")
         methods.append(Method(label, bundle.sources, "model", bundle, bundle.build_generator(torch_device)))
     preprocessing = preprocessing or PreprocessingConfig()
@@ -250,8 +250,17 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         volumes, mask = _subject_volumes(by_name[name], needed, reference)
         affine = volumes[reference].affine
         orient = AxialReorientation(affine)
-        # The library's one definition of the real target in output units, in RAS order.
-        real = orient.forward(real_target_in_output_units(volumes[target].array, mask, preprocessing, target))
+        # The library's one definition of the real target in output units, in RAS order,
+        # for each preprocessing in use.
+        reals = {}
+
+        def real_for(config):
+            key = json.dumps(config.to_dict(), sort_keys=True)
+            if key not in reals:
+                reals[key] = orient.forward(real_target_in_output_units(volumes[target].array, mask, config, target))
+            return reals[key]
+
+        real = real_for(preprocessing)
         if mask is not None:
             region = orient.forward(mask)
         else:
@@ -270,12 +279,13 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         for m in methods:
             pred = orient.forward(predict(m, volumes, mask, reference, preprocessing, device, precision, batch_size))
             predictions[m.label] = pred
+            own = real_for(m.bundle.preprocessing) if m.bundle is not None else real
             # Slices first: (Z, X, Y).
-            per_subject[name][m.label] = subject_metrics(real[..., slices].transpose(2, 0, 1),
+            per_subject[name][m.label] = subject_metrics(own[..., slices].transpose(2, 0, 1),
                                                          pred[..., slices].transpose(2, 0, 1),
                                                          region[..., slices].transpose(2, 0, 1))
             if lesion is not None:  # every lesion voxel of the volume, not only the middle slices
-                per_subject[name][m.label].update(lesion_metrics(real, pred, lesion, region))
+                per_subject[name][m.label].update(lesion_metrics(own, pred, lesion, region))
         if len(figure_rows) < 3:
             # Through the lesion where there is one (what FLAIR is read for), else the middle slice.
             k = int(np.argmax(lesion.sum(axis=(0, 1)))) if lesion is not None and lesion.any() \
@@ -307,7 +317,9 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
                   "normalisation; brain = the dataset's brain mask, else the non-zero voxels of the inputs; "
                   "PSNR MAX = max of the real slice/region; SSIM 7x7 uniform window, data range "
                   "of the real slice; NRMSE = sqrt(sum (Y-Y')^2 / sum Y^2); per-slice values averaged per "
-                  "subject, then mean +- std (ddof 1) over subjects; paired t-tests over subjects (n stated). "
+                  "subject, then mean +- std (ddof 1) over subjects; paired t-tests over subjects (n stated); a model "
+                  "whose preprocessing differs from the first model's is scored against the real target normalised "
+                  "its own way. "
                   "Lesion figures over all lesion voxels of the volume (label > 0: BraTS whole tumour, MS "
                   "lesions): conspicuity = lesion contrast of the synthetic / of the real image, contrast = "
                   "(mean lesion - mean normal brain) / mean normal brain, normal brain = brain minus the lesion "

@@ -38,7 +38,7 @@ from MRISynthesisLib.inference import autocast_context, resolve_device
 from MRISynthesisLib.metrics import aggregate, subject_metrics
 from MRISynthesisLib.networks import (ModelConfig, build_discriminator, build_generator, count_parameters, init_generator,
                                       init_weights)
-from MRISynthesisLib.preprocessing import PreprocessingConfig, to_output_scale
+from MRISynthesisLib.preprocessing import INTENSITY_REFERENCES, PreprocessingConfig, to_output_scale
 
 from . import data as data_mod
 from . import recipe
@@ -56,7 +56,7 @@ DEFAULTS = dict(
     adain_scale="one_plus_delta", style_init="kaiming",
     epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
-    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, augment=False,
+    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, augment=False, intensity_reference="percentile",
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
     seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
@@ -107,6 +107,8 @@ def resolve_config(given: dict) -> dict:
     for key in ("lambda1", "lambda2"):
         if cfg[key] is None:
             cfg[key] = DEFAULT_LAMBDA[cfg["l1_reduction"]]
+    if cfg["intensity_reference"] not in INTENSITY_REFERENCES:
+        raise InputError(f"--intensity-reference must be one of {INTENSITY_REFERENCES}")
     if cfg["background_weight"] < 0 or cfg["gdl_weight"] < 0 or cfg["gan_weight"] < 0:
         raise InputError("--background-weight, --gdl-weight and --gan-weight must be >= 0")
     if cfg["d_width"] is None:
@@ -255,7 +257,7 @@ class Run:
         self.sources = cfg["sources"].split(",")
         self.target = cfg["target"]
         self.modalities = self.sources + [self.target]
-        self.preprocessing = PreprocessingConfig()
+        self.preprocessing = PreprocessingConfig(intensity_reference=cfg["intensity_reference"])
         self.log_file = self.dir / "train.log"
 
     def log(self, message: str) -> None:

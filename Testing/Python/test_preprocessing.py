@@ -116,3 +116,27 @@ def test_slice_stack_skips_slices_without_brain():
 def test_select_middle_slices():
     assert select_middle_slices(np.arange(10, 110), 80).tolist() == list(range(20, 100))
     assert select_middle_slices(np.arange(5), 80).tolist() == list(range(5))
+
+
+def test_median_reference_is_robust_to_a_large_bright_lesion():
+    """A lesion covering 20% of the brain shifts the percentile window, so normal brain
+    comes out darker; the median reference moves it about a third as much."""
+    rng = np.random.default_rng(2)
+    vol = np.zeros((30, 30, 30), np.float32)
+    vol[3:27, 3:27, 3:27] = rng.normal(100, 8, (24, 24, 24))
+    vol[3:27, 3:6, 3:27] = rng.normal(20, 3, (24, 3, 24))  # FLAIR-dark CSF, an eighth of the brain
+    lesioned = vol.copy()
+    lesioned[3:27, 6:27, 3:8] = rng.normal(180, 10, (24, 21, 5))
+    normal = np.zeros(vol.shape, bool)
+    normal[3:27, 3:27, 10:27] = True
+    median = PreprocessingConfig(intensity_reference="median")
+    shift = {}
+    for name, config in (("percentile", CFG), ("median", median)):
+        shift[name] = abs(normalize_intensity(lesioned, None, config)[normal].mean()
+                          - normalize_intensity(vol, None, config)[normal].mean())
+    assert shift["percentile"] > 0.3 and shift["median"] < shift["percentile"] / 3, shift
+    out = normalize_intensity(lesioned, None, median)
+    assert out[5, 10, 5] < 0.9  # headroom: the lesion (1.8x normal brain) is not clipped
+    assert PreprocessingConfig.from_dict({"lower_percentile": 0.5}).intensity_reference == "percentile"
+    with pytest.raises(ValueError, match="intensity_reference"):
+        PreprocessingConfig(intensity_reference="mode")

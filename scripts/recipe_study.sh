@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The recipe study of docs/recipe_study.md: T1+T2 -> FLAIR variants at one fixed budget
+# (width 16, 2 epochs of 40 middle slices per training subject, bf16, seed 0, one thread
+# each), trained on the train part of docs/split.json and compared on its val part.
+# Usage: bash scripts/recipe_study.sh DATA_DIRS [RUNS_DIR]
+#   DATA_DIRS: ../shared/data and the staged ../shared/more-data subjects joined with ':'.
+# Resumable: run it again after a stop; finished runs are skipped, stopped ones --resume.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:?usage: recipe_study.sh DATA_DIRS [RUNS_DIR]}
+RUNS=${2:-runs/study}
+PY=.venv/bin/python
+COMMON=(--data "$DATA" --split docs/split.json --cache-dir "$RUNS/cache" --sources t1,t2 --width 16 --epochs 2
+        --slices-per-subject 40 --precision bf16 --seed 0 --num-threads 1 --max-val-slices 24 --no-progress)
+mkdir -p "$RUNS"
+exec 9>"$RUNS/.lock"
+flock -n 9 || { echo "another recipe_study.sh is using $RUNS" >&2; exit 1; }
+train() {  # name, then options
+  local name=$1; shift
+  if [ -f "$RUNS/$name/model.safetensors" ]; then return; fi
+  if [ -f "$RUNS/$name/checkpoint.pt" ]; then
+    $PY -m training train --out "$RUNS/$name" --resume --num-threads 1 --no-progress >> "$RUNS/$name.out" 2>&1
+  else
+    $PY -m training train "${COMMON[@]}" --out "$RUNS/$name" "$@" > "$RUNS/$name.out" 2>&1
+  fi
+}
+evaluate() {
+  local models=()
+  for run in "$RUNS"/*/model.safetensors; do models+=(--model "$(basename "$(dirname "$run")")=$run"); done
+  $PY -m training evaluate "${models[@]}" --baseline linear --data "$DATA" --split docs/split.json \
+      --split-name val --precision bf16 --out "$RUNS/val-report"
+}
+# Two lanes, one thread each.
+( train a_paper --adain-scale direct --style-init normal
+  train c_bg --background-weight 0.1
+  train e_bg_gdl --background-weight 0.1 --gdl-weight 50
+  train g_bg_median --background-weight 0.1 --intensity-reference median ) &
+( train b_init
+  train d_bg_aug --background-weight 0.1 --augment
+  train f_bg_gan5 --background-weight 0.1 --gan-weight 5 ) &
+wait
+OMP_NUM_THREADS=2 evaluate

@@ -17,10 +17,15 @@ offline). Anatomy is real (an average of 152 brains), contrasts are simulated:
 
    | tissue | T1 (ms) | T2 (ms) | PD   | source |
    |--------|---------|---------|------|--------|
-   | WM     | 832     | 80      | 0.69 | T1/T2: Wansapura et al., JMRI 1999 (3 T); PD: Neeb et al., NeuroImage 2006 |
-   | GM     | 1331    | 110     | 0.80 | same |
+   | WM     | 1084    | 69      | 0.69 | T1/T2: Stanisz et al., MRM 2005 (3 T, frontal WM); PD: Neeb et al., NeuroImage 2006 |
+   | GM     | 1820    | 99      | 0.80 | same (caudate/cortex GM) |
    | CSF    | 4200    | 2000    | 1.00 | order of values reported for CSF at 3 T (close to free water); FLAIR's TI is computed from it, so CSF is nulled whatever value is used |
-   | lesion | 1400    | 200     | 0.85 | typical of chronic MS lesions / WMH at 3 T (T1 and T2 prolonged vs WM); illustrative |
+   | lesion | 1500    | 140     | 0.80 | chronic MS lesions / WMH at 3 T: T1 about 1.4x and T2 about 2x normal-appearing WM, more water; illustrative |
+
+   Resulting contrasts (pure-tissue means, checked in the tests): FLAIR GM/WM 1.16 (grey
+   matter slightly brighter, as in a real 3 T FLAIR), CSF/WM 0.06 (nulled), lesion/WM 2.0;
+   T2 CSF > GM > WM; T1 WM > GM > CSF. (The previous values, Wansapura et al. 1999, gave
+   a FLAIR GM/WM of 1.27.)
 
    Sequences (spin echo; ``SEQUENCES``):
    - T1w:   S = PD (1 - e^(-TR/T1)) e^(-TE/T2), TR 500 ms, TE 10 ms     (WM > GM > CSF)
@@ -71,10 +76,10 @@ class Tissue:
 
 
 TISSUES = {
-    "wm": Tissue(832.0, 80.0, 0.69),
-    "gm": Tissue(1331.0, 110.0, 0.80),
+    "wm": Tissue(1084.0, 69.0, 0.69),
+    "gm": Tissue(1820.0, 99.0, 0.80),
     "csf": Tissue(4200.0, 2000.0, 1.00),
-    "lesion": Tissue(1400.0, 200.0, 0.85),
+    "lesion": Tissue(1500.0, 140.0, 0.80),
 }
 
 # TR/TE/TI in ms; TI None = spin echo; "flair" TI is computed to null CSF.

@@ -1,5 +1,8 @@
 """The shipped model bundles (Resources/Models): digest, metadata, size, and on a held-out
-real case (MRISYNTHESIS_DATA) a PSNR above a trivial reference."""
+real subjects of the fixed test split (MRISYNTHESIS_DATA) brain PSNR/SSIM above the
+per-voxel linear baseline."""
+
+import json
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ from MRISynthesisLib.bundle import load_bundle
 from MRISynthesisLib.inference import synthesize
 from MRISynthesisLib.metrics import subject_metrics
 from MRISynthesisLib.models import bundle_name, models_dirs, shipped_bundles
-from MRISynthesisLib.preprocessing import AxialReorientation, real_target_in_output_units
+from MRISynthesisLib.preprocessing import AxialReorientation, SliceStack, real_target_in_output_units
 from MRISynthesisLib.volumes import load_volume
 
 from conftest import REPO
@@ -45,24 +48,51 @@ def _brain_slices_metrics(real, pred, mask, affine):
     return subject_metrics(t(real), t(pred), t(mask))
 
 
-@pytest.mark.parametrize("sources,name", SHIPPED.items())
-def test_beats_trivial_reference_on_held_out_case(real_data, sources, name):
+def _linear_coefficients(bundle):
+    """The per-voxel linear baseline of the bundle's held-out evaluation (fit on its
+    training subjects): y = a0 + sum a_i x_i on the normalised sources."""
+    for method in bundle.provenance["held_out_evaluation"]["methods"]:
+        if method["kind"] == "linear" and tuple(method["sources"]) == bundle.sources:
+            return np.asarray(method["coefficients"])
+    pytest.fail(f"{bundle.path}: no linear baseline over {bundle.sources} in its held-out evaluation")
+
+
+# Held-out subjects of the fixed split (docs/split.json), cheapest first; two per model
+# keep the test short. Each must also be outside the bundle's own training/validation data.
+TEST_SUBJECTS_PREFERRED = ("ms-long-04a", "brats-met-00110", "ms-mni-07")
+
+
+# Measured: today's T1-only bundle (7 training subjects, width 16, 24 CPU epochs) scores a
+# brain PSNR of 12.1 dB on brats-met-00110 against 13.9 dB for the linear fit of T1; it is
+# to be replaced by the retraining of issue 12. strict: the mark must go once it passes.
+KNOWN_BELOW_LINEAR = {"t1_to_flair": "today's T1 model is below the linear baseline on brats-met-00110 "
+                                     "(brain PSNR 12.1 vs 13.9 dB); retraining pending (issue 12)"}
+
+
+@pytest.mark.parametrize("sources,name", [
+    pytest.param(sources, name, marks=pytest.mark.xfail(reason=KNOWN_BELOW_LINEAR[name], strict=True))
+    if name in KNOWN_BELOW_LINEAR else (sources, name) for sources, name in SHIPPED.items()])
+def test_beats_the_linear_baseline_on_held_out_subjects(real_data, sources, name):
     bundle = load_bundle(MODELS_DIR / f"{name}.safetensors")
-    test_subjects = [s for s in bundle.provenance["split"]["test"]
-                     if all((real_data / s / f"{m}.nii.gz").is_file() for m in (*sources, "flair"))]
-    assert test_subjects, "no held-out subject with these modalities in the data folder"
-    subject = real_data / test_subjects[0]
-    mask_path = subject / "mask.nii.gz"
-    inputs = {m: load_volume(subject / f"{m}.nii.gz", m) for m in sources}
-    mask = load_volume(mask_path).array > 0 if mask_path.is_file() else None
-    flair = load_volume(subject / "flair.nii.gz", "flair")
-    pred = synthesize(inputs, bundle, mask=mask_path if mask is not None else None, precision="bf16")
-    brain = mask if mask is not None else (np.stack([v.array for v in inputs.values()]) != 0).any(0)
-    real = real_target_in_output_units(flair.array, brain, bundle.preprocessing)
-    # Trivial reference: the normalised T2 when the model has it, else the normalised T1.
-    trivial_source = "t2" if "t2" in sources else "t1"
-    trivial = real_target_in_output_units(inputs[trivial_source].array, brain, bundle.preprocessing)
-    model = _brain_slices_metrics(real, pred.array, brain, flair.affine)
-    reference = _brain_slices_metrics(real, trivial, brain, flair.affine)
-    assert model["psnr"] > reference["psnr"], (model, reference)
-    assert model["psnr_masked"] > reference["psnr_masked"], (model, reference)
+    split = json.loads((REPO / "docs" / "split.json").read_text())
+    seen = set(bundle.provenance["split"]["train"]) | set(bundle.provenance["split"].get("val", []))
+    subjects = [s for s in TEST_SUBJECTS_PREFERRED if s in split["test"] and s not in seen
+                and all((real_data / s / f"{m}.nii.gz").is_file() for m in (*sources, "flair"))][:2]
+    assert subjects, "no held-out subject with these modalities in the data folder"
+    coefficients = _linear_coefficients(bundle)
+    for subject_name in subjects:
+        subject = real_data / subject_name
+        mask_path = subject / "mask.nii.gz"
+        inputs = {m: load_volume(subject / f"{m}.nii.gz", m) for m in sources}
+        mask = load_volume(mask_path).array > 0 if mask_path.is_file() else None
+        flair = load_volume(subject / "flair.nii.gz", "flair")
+        pred = synthesize(inputs, bundle, mask=mask_path if mask is not None else None, precision="bf16")
+        brain = mask if mask is not None else (np.stack([v.array for v in inputs.values()]) != 0).any(0)
+        real = real_target_in_output_units(flair.array, brain, bundle.preprocessing)
+        stack = SliceStack([inputs[m].array for m in sources], flair.affine, bundle.preprocessing, mask=brain)
+        linear = stack.finish((coefficients[0] + np.tensordot(coefficients[1:], stack.channels, axes=1))
+                              .astype(np.float32))
+        model = _brain_slices_metrics(real, pred.array, brain, flair.affine)
+        reference = _brain_slices_metrics(real, linear, brain, flair.affine)
+        assert model["psnr_masked"] > reference["psnr_masked"], (subject_name, model, reference)
+        assert model["ssim_masked"] > reference["ssim_masked"], (subject_name, model, reference)

@@ -28,7 +28,6 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-import slicer
 from MRISynthesisLib.errors import BundleError, InputError
 from MRISynthesisLib.subjects import subject_files
 from MRISynthesisLib.volumes import Volume

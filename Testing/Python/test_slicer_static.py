@@ -248,10 +248,40 @@ def test_extension_metadata_and_catalog_entry():
     catalog = json.loads((REPO / "MRISynthesis.json").read_text())
     assert {"$schema", "category", "scm_url"} <= set(catalog)
     assert catalog["category"] == re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', cmake).group(1)
+    assert catalog["category"] == "Image Synthesis"  # as SlicerModalityConverter
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', cmake) and catalog["build_dependencies"] == ["PyTorch"]
     from PIL import Image
 
     for icon in (REPO / "Resources/Icons/MRISynthesis.png", MODULE_DIR / "Resources/Icons/MRISynthesis.png"):
         assert Image.open(icon).size == (128, 128)
+
+
+def test_catalog_readiness_license_and_urls():
+    """The catalog checker needs a top-level LICENSE; every URL into this repository that the
+    metadata names must point at a file that exists."""
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+    texts = [(REPO / "CMakeLists.txt").read_text(), (REPO / "MRISynthesis.json").read_text()]
+    urls = [u for text in texts for u in re.findall(r"https://raw\.githubusercontent\.com/[^\s\"';]+", text)]
+    ours = [u for u in urls if "/MRISynthesis/SlicerMRISynthesis/" in u]
+    assert set(urls) - set(ours) <= {"https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                     "slicer-extension-catalog-entry-schema-v1.0.1.json#"}
+    assert len(ours) >= 2  # icon and screenshot
+    for url in ours:
+        match = re.fullmatch(r"https://raw\.githubusercontent\.com/MRISynthesis/SlicerMRISynthesis/main/(.+)", url)
+        assert match, f"{url} does not point into this repository's main branch"
+        assert (REPO / match.group(1)).is_file(), f"{url} names {match.group(1)}, which does not exist"
+    from PIL import Image
+
+    assert Image.open(REPO / "Resources/Screenshots/MRISynthesis.png").size[0] >= 800
+
+
+def test_panel_shows_the_research_notice():
+    label = ui_widgets()["researchNoticeLabel"]
+    text = next(p.find("string").text for p in label.findall("property") if p.get("name") == "text")
+    assert "research use only" in text.lower()
+    assert {"modelInfoLabel", "environmentLabel"} <= set(ui_widgets())
 
 
 def _sample_files():

@@ -96,8 +96,7 @@ def prefillInputs(nodes: Iterable, current: Dict[str, object], decided: Iterable
     ({modality: node} to assign, the new set of decided modalities).
     """
     decided = set(decided) | {m for m, node in current.items() if node is not None}
-    open_ = {m: None for m in INPUT_MODALITIES if m not in decided}
-    assigned = assignInputsByName(nodes, open_)
+    assigned = {m: n for m, n in assignInputsByName(nodes).items() if m not in decided}
     return assigned, decided | set(assigned)
 
 

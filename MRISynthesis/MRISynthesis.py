@@ -12,6 +12,7 @@ Python console:
     ...                          device="cuda:0", precision="bf16")
 """
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -443,10 +444,9 @@ def _installTorchWithPyTorchUtils(requirement: str) -> None:
 
 
 def _pipEnsure(requirements) -> None:
-    import slicer.packaging  # Slicer 5.12+
-
+    packaging = importlib.import_module("slicer.packaging")  # Slicer 5.12+
     # Already confirmed once by MRISynthesis: prompt_install=False, or it asks again.
-    slicer.packaging.pip_ensure(list(requirements), prompt_install=False, requester="MRISynthesis")
+    packaging.pip_ensure(list(requirements), prompt_install=False, requester="MRISynthesis")
 
 
 def _launchPip(requirements):
@@ -462,11 +462,9 @@ def _launchPip(requirements):
 
 def slicerDependencyInstaller() -> dependencies.DependencyInstaller:
     """The installer wired to this Slicer's dialogs and installers."""
-    hasPipEnsure = importlib.util.find_spec("slicer.packaging") is not None
-    if hasPipEnsure:
-        import slicer.packaging
-
-        hasPipEnsure = hasattr(slicer.packaging, "pip_ensure")
+    # slicer.packaging.pip_ensure exists from Slicer 5.12 on.
+    hasPipEnsure = (importlib.util.find_spec("slicer.packaging") is not None
+                    and hasattr(importlib.import_module("slicer.packaging"), "pip_ensure"))
     return dependencies.DependencyInstaller(
         confirm=_confirmInSlicer, hasPyTorchUtils=importlib.util.find_spec("PyTorchUtils") is not None,
         hasPipEnsure=hasPipEnsure, installTorchWithPyTorchUtils=_installTorchWithPyTorchUtils,

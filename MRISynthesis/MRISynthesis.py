@@ -40,7 +40,7 @@ import pathlib
 import SlicerMRISynthesisLib  # noqa: F401
 from MRISynthesisLib.errors import MRISynthesisError
 from SlicerMRISynthesisLib import dependencies, modelinfo
-from SlicerMRISynthesisLib.jobs import SceneWatcher, SynthesisJob
+from SlicerMRISynthesisLib.jobs import ApplyRun, SynthesisJob
 from SlicerMRISynthesisLib.scene import (
     DEFAULT_PRECISION,
     INPUT_MODALITIES,
@@ -144,8 +144,8 @@ class MRISynthesisParameterNode:
 
 class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Thin: the panel state comes from MRISynthesisLogic.panelState, synthesis runs in a
-    SynthesisJob (worker thread) and the dependency install in an InstallJob, both advanced
-    by a QTimer, so the panel stays responsive and Cancel works throughout."""
+    SynthesisJob (worker thread) after the dependency install (InstallJob), both in one
+    ApplyRun advanced by a QTimer, so the panel stays responsive and Cancel works throughout."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -153,10 +153,7 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._installJob = None
-        self._job = None
-        self._watcher = None
-        self._pendingRequest = None
+        self._run = None  # the running ApplyRun
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -297,7 +294,7 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @property
     def _running(self) -> bool:
-        return self._installJob is not None or self._job is not None
+        return self._run is not None
 
     def onApplyButton(self) -> None:
         if self._running:
@@ -318,92 +315,51 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._report(_("The Python packages were not installed, so nothing was synthesised; the scene is "
                            "unchanged. Press Apply again to be asked again."))
             return
-        self._pendingRequest = request
+        installJob = dependencies.InstallJob(self.logic.dependencyInstaller, steps) if steps else None
         self._setRunning(True)
-        if steps:
-            self._installJob = dependencies.InstallJob(self.logic.dependencyInstaller, steps)
-            self.ui.statusLabel.text = _("Installing {packages}...").format(packages=self._installJob.description())
-            self.ui.progressBar.maximum = 0  # busy
-        else:
-            self._startSynthesis()
+        self._run = ApplyRun(self.logic.sceneLogic, request, slicer.mrmlScene, installJob,
+                             onInstalled=self._showEnvironment)
+        self._showProgress()
         self.timer.start()
 
-    def _startSynthesis(self) -> None:
-        self._job = SynthesisJob(self.logic.sceneLogic, self._pendingRequest)
-        self._pendingRequest = None
-        self._watcher = SceneWatcher(slicer.mrmlScene, self._job)
-        self.ui.statusLabel.text = _("Loading the model...")
-        self._job.start()
-
     def _poll(self) -> None:
-        if self._installJob is not None:
-            if self._installJob.poll():
-                return
-            job, self._installJob = self._installJob, None
-            if job.error is not None:
-                self._finishRun(_("Installing the Python packages failed: {error}").format(error=job.error), True)
-            elif job.cancelled:
-                self._finishRun(_("Installation cancelled; nothing was synthesised."))
-            else:
-                self._showEnvironment()
-                self._startSynthesis()
-            return
-        if self._job is None:
+        run = self._run
+        if run is None:
             self.timer.stop()
             return
-        if self._job.poll():
-            done, total = self._job.progress
-            if total:
-                self.ui.progressBar.maximum = total
-                self.ui.progressBar.value = done
-                self.ui.statusLabel.text = _("Synthesising slice {done} of {total}...").format(done=done, total=total)
+        if run.poll():
+            if self._run is run:  # not cancelled inside a blocking install step
+                self._showProgress()
             return
-        job, self._job = self._job, None
-        self._watcher.stop()
-        self._watcher = None
-        try:
-            output = job.finish()
-        except MRISynthesisError as exc:
-            self._finishRun(str(exc), True)
-            return
-        except Exception as exc:
-            logging.exception("MRISynthesis failed", exc_info=exc)
-            self._finishRun(_("Synthesis failed: {error}").format(error=exc), True)
-            return
-        if output is None:
-            self._finishRun(_("Cancelled ({reason}); the scene is unchanged.").format(reason=job.cancelReason))
-            return
-        slicer.util.setSliceViewerLayers(background=output, fit=True)
-        self._finishRun(_("Done: {name}").format(name=output.GetName()))
+        if self._run is run:
+            self._finishRun()
+
+    def _showProgress(self) -> None:
+        progress = self._run.progress
+        self.ui.progressBar.maximum = progress[1] if progress else 0  # 0: busy indicator
+        self.ui.progressBar.value = progress[0] if progress else 0
+        self.ui.statusLabel.text = self._run.status
 
     def _cancelRun(self, reason: str) -> None:
         """Stop an install or synthesis now; nothing is added to or changed in the scene."""
-        if self._installJob is not None:
-            self._installJob.cancel()
-            self._installJob = None
-            self._finishRun(_("Installation cancelled ({reason}).").format(reason=reason))
-        if self._job is not None:
-            job, self._job = self._job, None
-            job.cancel(reason)
-            try:
-                job.finish(timeout=60)  # stops at the next batch of slices; applies nothing
-            except Exception:
-                logging.exception("MRISynthesis: error while cancelling")
-            if self._watcher is not None:
-                self._watcher.stop()
-                self._watcher = None
-            self._finishRun(_("Cancelled ({reason}); the scene is unchanged.").format(reason=reason))
+        if self._run is not None:
+            self._run.cancel(reason)
+            self._finishRun()
+
+    def _finishRun(self) -> None:
+        run, self._run = self._run, None
+        self.timer.stop()
+        self._setRunning(False)
+        if run.output is not None:
+            slicer.util.setSliceViewerLayers(background=run.output, fit=True)
+        self._report(run.message, run.failed)
+        if run.failed:
+            logging.error("MRISynthesis: %s", run.message)
 
     def _report(self, message: str, error: bool = False) -> None:
         self.ui.statusLabel.text = message
         if error:
             slicer.util.errorDisplay(message)
-
-    def _finishRun(self, message: str, error: bool = False) -> None:
-        self.timer.stop()
-        self._pendingRequest = None
-        self._setRunning(False)
-        self._report(message, error)
 
     def _setRunning(self, running: bool) -> None:
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")

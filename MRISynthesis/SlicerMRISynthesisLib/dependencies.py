@@ -297,14 +297,18 @@ class InstallJob:
         self.cancelled = False
         self.error: Optional[BaseException] = None
         self.finished = not self.steps
+        self._inStep = False
 
     def description(self) -> str:
         return ", ".join(self.steps[0].requirements) if self.steps else ""
 
     def poll(self) -> bool:
-        """Advance; True while work remains."""
+        """Advance; True while work remains. Re-entrant calls (a blocking Slicer installer
+        runs an event loop, so the panel's timer fires inside it) return at once."""
         if self.finished:
             return False
+        if self._inStep:
+            return True
         try:
             if self.current is not None:
                 if not self.current.done:
@@ -313,9 +317,18 @@ class InstallJob:
                 process.finish()
                 self.steps.pop(0)
             if self.steps:
-                self.current = self.installer.start(self.steps[0])
-                if self.current is None:  # blocking step: already done
+                self._inStep = True
+                try:
+                    started = self.installer.start(self.steps[0])
+                finally:
+                    self._inStep = False
+                if self.cancelled:  # Cancel was pressed while a blocking step ran
+                    if started is not None:
+                        started.cancel()
+                    return False
+                if started is None:  # blocking step: already done
                     self.steps.pop(0)
+                self.current = started
                 return True
             self.installer.verify()
         except BaseException as exc:  # reported by the panel

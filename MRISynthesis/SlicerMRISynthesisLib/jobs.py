@@ -7,9 +7,12 @@ Qt-free, so tested on real MRML with slicer-core. MRML is touched only by ``prep
     job = SynthesisJob(sceneLogic, request)
     watcher = SceneWatcher(scene, job)        # closing the scene / removing an input cancels
     job.start()
-    ...  # from a QTimer: job.poll() -> (done, total) while running
+    ...  # from a QTimer: job.poll() -> True while running, progress in job.progress
     node = job.finish()                       # joins; the output node, or None if cancelled
     watcher.stop()
+
+``ApplyRun`` is what the panel's Apply starts: the dependency installation (an
+``dependencies.InstallJob``) and then the synthesis job, as one thing to poll and cancel.
 """
 
 import threading
@@ -17,7 +20,7 @@ from typing import Optional, Tuple
 
 import vtk
 
-from MRISynthesisLib.errors import Cancelled
+from MRISynthesisLib.errors import Cancelled, MRISynthesisError
 
 PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
 
@@ -119,3 +122,97 @@ class SceneWatcher:
         for tag in self._tags:
             self.scene.RemoveObserver(tag)
         self._tags = []
+
+
+INSTALLING, SYNTHESIZING, FINISHED = "installing", "synthesizing", "finished"
+
+
+class ApplyRun:
+    """One Apply: install the missing Python packages (``installJob``, may be None), then
+    synthesise in the background; advanced by ``poll()`` from the panel's timer, stopped by
+    ``cancel(reason)``. Qt-free. When finished: ``output`` (the new or chosen node, or None),
+    ``message`` for the status line and ``failed``.
+    """
+
+    def __init__(self, sceneLogic, request, scene, installJob=None, onInstalled=None):
+        self.sceneLogic = sceneLogic
+        self.request = request
+        self.scene = scene
+        self.installJob = installJob
+        self.onInstalled = onInstalled  # e.g. refresh the PyTorch line of the panel
+        self.job: Optional[SynthesisJob] = None
+        self.watcher: Optional[SceneWatcher] = None
+        self.output = None
+        self.message = ""
+        self.failed = False
+        self.phase = INSTALLING
+        if installJob is None or installJob.finished:
+            self._startSynthesis()
+
+    @property
+    def progress(self) -> Optional[Tuple[int, int]]:
+        """(done, total) slices while synthesising; None while busy otherwise."""
+        return self.job.progress if self.job is not None and self.job.progress[1] else None
+
+    @property
+    def status(self) -> str:
+        if self.phase == INSTALLING:
+            return f"Installing {self.installJob.description()}..."
+        if self.phase == SYNTHESIZING:
+            done, total = self.job.progress
+            return f"Synthesising slice {done} of {total}..." if total else "Loading the model..."
+        return self.message
+
+    def _startSynthesis(self) -> None:
+        self.phase = SYNTHESIZING
+        self.job = SynthesisJob(self.sceneLogic, self.request)
+        self.watcher = SceneWatcher(self.scene, self.job)
+        self.job.start()
+
+    def poll(self) -> bool:
+        """Advance; True while running. Safe to call re-entrantly (see InstallJob.poll)."""
+        if self.phase == INSTALLING:
+            job = self.installJob
+            if job.poll():
+                return True
+            if self.phase != INSTALLING:  # finished by cancel() inside a blocking install step
+                return False
+            if job.error is not None:
+                return self._finish(None, f"Installing the Python packages failed: {job.error}", failed=True)
+            if job.cancelled:
+                return self._finish(None, "Installation cancelled; nothing was synthesised.")
+            if self.onInstalled is not None:
+                self.onInstalled()
+            self._startSynthesis()
+            return True
+        if self.phase == SYNTHESIZING:
+            if self.job.poll():
+                return True
+            return self._finishSynthesis()
+        return False
+
+    def _finishSynthesis(self) -> bool:
+        self.watcher.stop()
+        try:
+            output = self.job.finish()
+        except Exception as exc:
+            return self._finish(None, str(exc) if isinstance(exc, MRISynthesisError)
+                                else f"Synthesis failed: {type(exc).__name__}: {exc}", failed=True)
+        if output is None:
+            return self._finish(None, f"Cancelled ({self.job.cancelReason}); the scene is unchanged.")
+        return self._finish(output, f"Done: {output.GetName()}")
+
+    def cancel(self, reason: str) -> None:
+        """Stop now: a pip process is terminated, the worker stops at the next batch of
+        slices and is joined; nothing is added to or changed in the scene."""
+        if self.phase == INSTALLING:
+            self.installJob.cancel()
+            self._finish(None, f"Installation cancelled ({reason}); nothing was synthesised.")
+        elif self.phase == SYNTHESIZING:
+            self.job.cancel(reason)
+            self._finishSynthesis()
+
+    def _finish(self, output, message: str, failed: bool = False) -> bool:
+        self.phase = FINISHED
+        self.output, self.message, self.failed = output, message, failed
+        return False

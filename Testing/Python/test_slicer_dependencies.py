@@ -182,6 +182,26 @@ def test_install_job_cancel_from_the_panel_terminates_pip():
     assert launched[0].poll() is not None and not reader.is_alive()
 
 
+def test_install_job_is_not_reentered_by_a_blocking_installer_and_cancel_inside_it_stops():
+    """pip_ensure / PyTorchUtils run an event loop (progress dialog, processEvents), so the
+    panel's timer calls poll() again inside them; and Cancel can be pressed there."""
+    env = FakeEnvironment(torch=None, safetensors=None)
+    calls = []
+    installer = env.installer(lambda m: True, hasPyTorchUtils=True, hasPipEnsure=True)
+    job = deps.InstallJob(installer, installer.askToInstall())
+
+    def torch_installer(requirement):
+        calls.append(requirement)
+        assert job.poll() is True  # nested timer tick: no second install
+        job.cancel()  # the user presses Cancel while the extension installs
+
+    installer.installTorchWithPyTorchUtils = torch_installer
+    assert job.poll() is False
+    assert calls == ["torch>=2.1"] and job.cancelled and job.error is None
+    assert not job.poll()  # nothing else runs: pip_ensure never called
+    assert [m for m, _ in env.calls] == []
+
+
 def test_install_job_reports_a_failed_pip_with_its_output():
     env = FakeEnvironment(torch=None)
 

@@ -19,7 +19,9 @@ slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is n
 
 from conftest import make_bundle  # noqa: E402
 from MRISynthesisLib.inference import synthesize as core_synthesize  # noqa: E402
-from SlicerMRISynthesisLib.jobs import CANCELLED, DONE, FAILED, SceneWatcher, SynthesisJob  # noqa: E402
+from SlicerMRISynthesisLib import dependencies as deps  # noqa: E402
+from SlicerMRISynthesisLib.jobs import CANCELLED, DONE, FAILED, ApplyRun, SceneWatcher, SynthesisJob  # noqa: E402
+from test_slicer_dependencies import FakeEnvironment, _slow_pip  # noqa: E402
 from SlicerMRISynthesisLib.scene import SynthesisSceneLogic, updateNodeFromArray  # noqa: E402
 
 AFFINE = np.array([[0.0, -1.1, 0.0, 30.0], [0.9, 0.0, 0.0, -12.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
@@ -242,3 +244,73 @@ def test_module_side_prefers_the_installed_copy_beside_it(tmp_path):
     result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
                             cwd=str(tmp_path / "elsewhere"))
     assert result.returncode != 0 and "incompletely installed" in result.stderr
+
+
+def poll_until_done(run, limit=60.0):
+    import time
+
+    end = time.time() + limit
+    while run.poll():
+        assert time.time() < end, "the run did not finish"
+        time.sleep(0.02)
+
+
+def test_apply_run_installs_then_synthesises(scene, bundle, one_thread):
+    scene, t1, t2 = scene
+    env = FakeEnvironment(torch=None)
+    installer = env.installer(lambda m: True, hasPipEnsure=True)
+    installed = []
+    logic = SynthesisSceneLogic(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu"), scene,
+                   deps.InstallJob(installer, installer.askToInstall()), onInstalled=lambda: installed.append(1))
+    assert run.status.startswith("Installing torch>=2.1")
+    poll_until_done(run)
+    assert [m for m, _ in env.calls] == ["pip_ensure"] and installed == [1]
+    assert not run.failed and run.output.GetName() == "case t1 synthetic FLAIR" and run.message.startswith("Done")
+    assert not run.job.running
+
+
+def test_apply_run_cancel_during_install_stops_pip_and_synthesises_nothing(scene, bundle):
+    scene, t1, t2 = scene
+    env = FakeEnvironment(torch=None)
+    launched = []
+    installer = env.installer(lambda m: True, launchPip=lambda r: launched.append(_slow_pip(r)) or launched[-1])
+    logic = SynthesisSceneLogic(scene)
+    before = node_state(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu"), scene,
+                   deps.InstallJob(installer, installer.askToInstall()))
+    assert run.poll() and run.poll() and launched[0].poll() is None  # pip running
+    run.cancel("the scene was closed")
+    assert not run.poll() and run.output is None and run.job is None
+    assert launched[0].poll() is not None and "Installation cancelled (the scene was closed)" in run.message
+    assert node_state(scene) == before
+
+
+def test_apply_run_cancel_during_synthesis(scene, bundle, one_thread):
+    scene, t1, t2 = scene
+    gate = Gate()
+    logic = SynthesisSceneLogic(scene, synthesizeFunction=gate)
+    before = node_state(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu"), scene)
+    assert gate.started.wait(60) and run.poll() and run.progress[0] >= 1
+    threading.Timer(0.2, gate.release.set).start()  # the worker reaches its next batch later
+    run.cancel("you left the module")
+    assert not run.job.running and run.output is None and not run.failed
+    assert run.message == "Cancelled (you left the module); the scene is unchanged."
+    assert node_state(scene) == before
+
+
+def test_apply_run_reports_a_failed_install_and_does_not_synthesise(scene, bundle):
+    scene, t1, t2 = scene
+    env = FakeEnvironment(torch=None)
+    installer = env.installer(lambda m: True, hasPipEnsure=True)
+
+    def broken(requirements):
+        raise RuntimeError("no network")
+
+    installer.pipEnsure = broken
+    logic = SynthesisSceneLogic(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu"), scene,
+                   deps.InstallJob(installer, installer.askToInstall()))
+    poll_until_done(run)
+    assert run.failed and "no network" in run.message and run.job is None and run.output is None

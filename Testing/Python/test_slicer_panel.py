@@ -105,10 +105,11 @@ def test_widget_scene_rules():
     exit_ = _method("MRISynthesisWidget", "exit")
     assert "_cancelRun" in exit_ and "NodeAddedEvent" in exit_
     assert "_cancelRun" in _method("MRISynthesisWidget", "onSceneStartClose")
+    assert "_cancelRun" in _method("MRISynthesisWidget", "cleanup")
+    assert "ApplyRun(" in _method("MRISynthesisWidget", "onApplyButton")
     assert "isEntered" in _method("MRISynthesisWidget", "_prefill")
     assert "isEntered" in _method("MRISynthesisWidget", "onSceneEndClose")
-    poll = _method("MRISynthesisWidget", "_poll")
-    assert "setSliceViewerLayers" in poll and "processEvents" not in ast.unparse(
+    assert "setSliceViewerLayers" in _method("MRISynthesisWidget", "_finishRun") and "processEvents" not in ast.unparse(
         ast.parse((MODULE_DIR / "MRISynthesis.py").read_text()))
     prepare = _method("MRISynthesisLogic", "prepareFromParameterNode")
     assert "outputNode=p.outputVolume" in prepare

@@ -195,7 +195,9 @@ class DependencyInstaller:
     Injected: ``confirm(message) -> bool`` (Slicer's OK/Cancel dialog),
     ``installTorchWithPyTorchUtils(requirement)``, ``pipEnsure([requirements])`` (5.12+),
     ``launchPip([requirements]) -> Popen-like`` (5.8-5.10), and whether the PyTorch
-    extension and pip_ensure exist. Blocking installers raise on failure.
+    extension and pip_ensure exist; ``installedVersion``, ``findSpec`` and ``isLoaded``
+    (already imported in this session) describe the environment. Blocking installers raise
+    on failure.
     """
 
     def __init__(self, confirm: Callable[[str], bool], hasPyTorchUtils: bool = False, hasPipEnsure: bool = False,
@@ -203,8 +205,10 @@ class DependencyInstaller:
                  pipEnsure: Optional[Callable[[Sequence[str]], None]] = None,
                  launchPip: Optional[Callable[[Sequence[str]], object]] = None,
                  installedVersion: Callable[[str], Optional[str]] = _installedVersion,
-                 findSpec: Callable = importlib.util.find_spec):
+                 findSpec: Callable = importlib.util.find_spec,
+                 isLoaded: Callable[[str], bool] = lambda name: name in sys.modules):
         self.confirm = confirm
+        self.isLoaded = isLoaded
         self.hasPyTorchUtils = hasPyTorchUtils
         self.hasPipEnsure = hasPipEnsure
         self.installTorchWithPyTorchUtils = installTorchWithPyTorchUtils
@@ -222,7 +226,7 @@ class DependencyInstaller:
 
     def plan(self) -> Tuple[List[Problem], List[InstallStep]]:
         problems = self.problems()
-        oldImportedTorch = [p for p in problems if p.installed is not None and p.requirement.importName in sys.modules]
+        oldImportedTorch = [p for p in problems if p.installed is not None and self.isLoaded(p.requirement.importName)]
         if oldImportedTorch:
             # Already imported (by another extension): replacing it needs a restart in any case.
             names = "; ".join(p.message for p in oldImportedTorch)

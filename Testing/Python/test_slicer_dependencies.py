@@ -23,7 +23,8 @@ PRESENT = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "nibabel": "5.2.1", "safeten
 class FakeEnvironment:
     """Installed distributions (name -> version) that the injected installers change."""
 
-    def __init__(self, **versions):
+    def __init__(self, loaded=(), **versions):
+        self.loaded = set(loaded)  # imported in the running session
         self.versions = dict(PRESENT, **versions)
         self.versions = {k: v for k, v in self.versions.items() if v is not None}
         self.calls = []
@@ -46,7 +47,8 @@ class FakeEnvironment:
         return deps.DependencyInstaller(
             confirm=confirm, hasPyTorchUtils=hasPyTorchUtils, hasPipEnsure=hasPipEnsure,
             installTorchWithPyTorchUtils=self.install("pytorchutils"), pipEnsure=self.install("pip_ensure"),
-            launchPip=launchPip or self._launch, installedVersion=self.version, findSpec=self.find_spec)
+            launchPip=launchPip or self._launch, installedVersion=self.version, findSpec=self.find_spec,
+            isLoaded=lambda name: name in self.loaded)
 
     def _launch(self, requirements):
         self.install("pip_install")(requirements)
@@ -121,9 +123,7 @@ def test_install_that_does_not_help_is_reported():
 
 
 def test_old_torch_already_loaded_asks_for_update_and_restart():
-    import torch  # noqa: F401  (loaded in this process, as another extension would have)
-
-    env = FakeEnvironment(torch="1.13.1")
+    env = FakeEnvironment(torch="1.13.1", loaded={"torch"})  # imported by another extension
     installer = env.installer(lambda message: pytest.fail("must not ask"), hasPipEnsure=True)
     with pytest.raises(RuntimeError, match=r"torch 1\.13\.1 is installed; MRISynthesis needs torch>=2\.1.*restart"):
         installer.askToInstall()

@@ -1,19 +1,21 @@
 """MRISynthesis 3D Slicer module: synthesise a missing FLAIR from T1 (+ T2, + T1c).
 
-The panel and this file stay thin: volumes <-> MRISynthesisLib and the scene rules live in
-MRISynthesisSceneLogic (Qt-free, tested in CI with slicer-core); model and preprocessing
-live in MRISynthesisLib. Importing this module never imports torch.
+The panel and this file stay thin: volumes <-> MRISynthesisLib, the scene rules, the
+background job and the dependency installer live in the SlicerMRISynthesisLib package beside
+this file (Qt-free, tested in CI with slicer-core); model and preprocessing live in
+MRISynthesisLib. Importing this module never imports torch.
 
 Python console:
     >>> logic = slicer.util.getModuleLogic("MRISynthesis")
     >>> flair = logic.synthesize(t1=getNode("t1"), t2=getNode("t2"))       # blocks, returns the node
     >>> flair = logic.synthesize(t1=getNode("t1"), model="/path/model.safetensors",
-    ...                          device="cuda", precision="bf16")
+    ...                          device="cuda:0", precision="bf16")
 """
 
+import importlib
+import importlib.util
 import logging
 import os
-import sys
 from typing import Annotated, Optional
 
 import vtk
@@ -33,28 +35,26 @@ from slicer.util import VTKObservationMixin
 
 import pathlib
 
-# In a source checkout (module path = this folder) MRISynthesisLib is one level up; in an
-# installed extension it sits next to this file.
-_moduleDir = os.path.dirname(os.path.abspath(__file__))
-for _candidate in (_moduleDir, os.path.dirname(_moduleDir)):
-    if os.path.isdir(os.path.join(_candidate, "MRISynthesisLib")) and _candidate not in sys.path:
-        sys.path.insert(0, _candidate)
-
-from MRISynthesisLib.errors import Cancelled, MRISynthesisError  # noqa: E402
-from MRISynthesisDependencies import DependencyInstaller  # noqa: E402
-from MRISynthesisSceneLogic import (  # noqa: E402
+# Makes MRISynthesisLib importable (beside this file when installed, ../MRISynthesisLib in a
+# source checkout) without putting any other folder on sys.path.
+import SlicerMRISynthesisLib  # noqa: F401
+from MRISynthesisLib.errors import MRISynthesisError
+from SlicerMRISynthesisLib import dependencies, modelinfo
+from SlicerMRISynthesisLib.jobs import ApplyRun, SynthesisJob
+from SlicerMRISynthesisLib.scene import (
     DEFAULT_PRECISION,
-    DEVICES,
     INPUT_MODALITIES,
     MODEL_AUTOMATIC,
     MODEL_CHOICES,
     MODEL_FILE,
     PRECISIONS,
     SynthesisSceneLogic,
-    assignInputsByName,
     panelState,
+    prefillInputs,
     updateNodeFromArray,
 )
+
+RESEARCH_NOTICE = "For research use only. A synthetic FLAIR is not a substitute for an acquired one in diagnosis."
 
 # BraTS 2023 GLI sample BraTS-GLI-00001-000 from BrainLesion/tutorials, pinned commit; the
 # SHA-256 sums were computed from files verified byte-identical to these blobs (git blob ids).
@@ -83,7 +83,7 @@ class MRISynthesis(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("MRI Synthesis")
-        self.parent.categories = [_("Filtering")]
+        self.parent.categories = [_("Image Synthesis")]
         self.parent.dependencies = []
         self.parent.contributors = ["MRISynthesis contributors"]
         self.parent.helpText = _("""
@@ -122,17 +122,19 @@ def registerSampleData():
 
 @parameterNodeWrapper
 class MRISynthesisParameterNode:
-    """Panel state, saved with the scene. Names match SlicerParameterName in the .ui."""
+    """Panel state, saved with the scene. Names match SlicerParameterName in the .ui; ``model``
+    and ``device`` are shown with human labels, so the widget binds those two itself."""
 
     t1Volume: vtkMRMLScalarVolumeNode
     t2Volume: vtkMRMLScalarVolumeNode
     t1cVolume: vtkMRMLScalarVolumeNode
     maskVolume: vtkMRMLScalarVolumeNode
-    model: Annotated[str, Choice(list(MODEL_CHOICES))] = MODEL_AUTOMATIC
+    model: str = MODEL_AUTOMATIC  # MODEL_CHOICES
     modelFile: pathlib.Path
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    device: str = "auto"  # "auto", "cpu", "cuda:N"
     precision: Annotated[str, Choice(list(PRECISIONS))] = DEFAULT_PRECISION
-    outputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode  # None: each Apply creates a new volume
+    decidedInputs: str = ""  # comma-separated selectors already set once: never pre-filled again
 
 
 #
@@ -141,14 +143,17 @@ class MRISynthesisParameterNode:
 
 
 class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin: the panel state comes from MRISynthesisLogic.panelState, synthesis runs in a
+    SynthesisJob (worker thread) after the dependency install (InstallJob), both in one
+    ApplyRun advanced by a QTimer, so the panel stays responsive and Cancel works throughout."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
+        self._run = None  # the running ApplyRun
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -157,27 +162,39 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MRISynthesisLogic()
+        self.ui.researchNoticeLabel.text = RESEARCH_NOTICE
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self._fillModelComboBox()
+        self._fillDeviceComboBox(torchModule=None)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.progressBar.hide()
-        self.initializeParameterNode()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(100)
+        self.timer.connect("timeout()", self._poll)
+        # Scene close cancels a run even when the module is not shown.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
     def cleanup(self) -> None:
+        self._cancelRun(_("the module was closed"))
         self.removeObservers()
 
     def enter(self) -> None:
+        # The parameter node and the name-based pre-fill only while the module is shown.
         self.initializeParameterNode()
+        if not self.hasObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded):
+            self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self._showEnvironment()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._cancelRun(_("you left the module"))
+        self.removeObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._cancelRun(_("the scene was closed"))
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -188,24 +205,84 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onNodeAdded(self, caller, event, node) -> None:
         if node.IsA("vtkMRMLScalarVolumeNode"):
             # Loaders set the name after adding the node: decide once the event loop runs.
-            qt.QTimer.singleShot(0, self.logic.prefillInputs)
+            qt.QTimer.singleShot(0, self._prefill)
+
+    def _prefill(self) -> None:
+        if self.parent.isEntered and self._parameterNode is not None:
+            self.logic.prefillInputs(self._parameterNode)
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        self.logic.prefillInputs()
+        self.logic.prefillInputs(self._parameterNode)
 
     def setParameterNode(self, inputParameterNode: Optional[MRISynthesisParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._running or not self._parameterNode:
+    # -- model and device: human labels, values in item data
+
+    def _fillModelComboBox(self) -> None:
+        combo = self.ui.modelComboBox
+        combo.clear()
+        combo.addItem(_("automatic (by the selected inputs)"), MODEL_AUTOMATIC)
+        combo.setItemData(0, _(modelinfo.AUTOMATIC_HELP), qt.Qt.ToolTipRole)
+        self._modelSummaries = {MODEL_AUTOMATIC: _(modelinfo.AUTOMATIC_HELP),
+                                MODEL_FILE: _("A model bundle file (.safetensors) you trained or received.")}
+        for name, label, summary in modelinfo.shippedModels():
+            combo.addItem(label, name)
+            combo.setItemData(combo.count - 1, summary, qt.Qt.ToolTipRole)
+            self._modelSummaries[name] = summary
+        combo.addItem(_("model bundle file..."), MODEL_FILE)
+
+    def _fillDeviceComboBox(self, torchModule) -> None:
+        combo = self.ui.deviceComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for device, label in modelinfo.deviceChoices(torchModule):
+            combo.addItem(label, device)
+        combo.blockSignals(wasBlocked)
+        self._showChoice(combo, self._parameterNode.device if self._parameterNode else "auto")
+
+    def _showEnvironment(self) -> None:
+        torchModule = None
+        if importlib.util.find_spec("torch") is not None:  # imported when the panel is shown, not at start-up
+            try:
+                import torch as torchModule
+            except Exception as exc:  # a broken install: say so, keep the panel usable
+                self.ui.environmentLabel.text = _("PyTorch cannot be imported: {error}").format(error=exc)
+                return
+        self._fillDeviceComboBox(torchModule)
+        self.ui.environmentLabel.text = modelinfo.torchStatus(torchModule)
+
+    @staticmethod
+    def _showChoice(combo, value) -> None:
+        index = combo.findData(value)
+        wasBlocked = combo.blockSignals(True)
+        combo.currentIndex = index if index >= 0 else 0
+        combo.blockSignals(wasBlocked)
+
+    def onModelChanged(self, index: int) -> None:
+        if self._parameterNode is not None and index >= 0:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+
+    def onDeviceChanged(self, index: int) -> None:
+        if self._parameterNode is not None and index >= 0:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        if not self._parameterNode:
+            return
+        self.logic.rememberDecidedInputs(self._parameterNode)
+        self._showChoice(self.ui.modelComboBox, self._parameterNode.model)
+        self._showChoice(self.ui.deviceComboBox, self._parameterNode.device)
+        self.ui.modelInfoLabel.text = self._modelSummaries.get(self._parameterNode.model, "")
+        if self._running:
             return
         state = self.logic.panelState(self._parameterNode)
         self.ui.modelFilePathLineEdit.enabled = self._parameterNode.model == MODEL_FILE
@@ -213,50 +290,88 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = state.message
         self.ui.statusLabel.text = state.message
 
+    # -- Apply / Cancel
+
+    @property
+    def _running(self) -> bool:
+        return self._run is not None
+
     def onApplyButton(self) -> None:
         if self._running:
-            self._cancelRequested = True
-            self.ui.statusLabel.text = _("Cancelling after the current batch of slices...")
+            self._cancelRun(_("you pressed Cancel"))
             return
-        self._setRunning(True)
         try:
-            output = self.logic.synthesizeFromParameterNode(self._parameterNode, self._onProgress,
-                                                            lambda: self._cancelRequested)
-            if output is not None:
-                slicer.util.setSliceViewerLayers(background=output, fit=True)
-                self.ui.statusLabel.text = _("Done: {name}").format(name=output.GetName())
-            else:
-                self.ui.statusLabel.text = _("Python packages were not installed; nothing was done.")
-        except Cancelled:
-            self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
+            # Checked and read on the main thread; nothing in the scene changes yet.
+            request = self.logic.prepareFromParameterNode(self._parameterNode)
+            steps = self.logic.dependencyInstaller.askToInstall()
         except MRISynthesisError as exc:
-            self.ui.statusLabel.text = str(exc)
-            slicer.util.errorDisplay(str(exc))
+            self._report(str(exc), error=True)
+            return
         except Exception as exc:
-            logging.exception("MRISynthesis failed")
-            self.ui.statusLabel.text = _("Failed: {error}").format(error=exc)
-            slicer.util.errorDisplay(_("Synthesis failed: {error}").format(error=exc))
-        finally:
-            self._setRunning(False)
+            logging.exception("MRISynthesis")
+            self._report(_("Cannot start: {error}").format(error=exc), error=True)
+            return
+        if steps is None:
+            self._report(_("The Python packages were not installed, so nothing was synthesised; the scene is "
+                           "unchanged. Press Apply again to be asked again."))
+            return
+        installJob = dependencies.InstallJob(self.logic.dependencyInstaller, steps) if steps else None
+        self._setRunning(True)
+        self._run = ApplyRun(self.logic.sceneLogic, request, slicer.mrmlScene, installJob,
+                             onInstalled=self._showEnvironment)
+        self._showProgress()
+        self.timer.start()
 
-    def _onProgress(self, done: int, total: int) -> None:
-        self.ui.progressBar.maximum = max(total, 1)
-        self.ui.progressBar.value = done
-        self.ui.statusLabel.text = _("Synthesising slice {done} of {total}...").format(done=done, total=total)
-        slicer.app.processEvents()  # keeps the panel responsive so Cancel can be clicked
+    def _poll(self) -> None:
+        run = self._run
+        if run is None:
+            self.timer.stop()
+            return
+        if run.poll():
+            if self._run is run:  # not cancelled inside a blocking install step
+                self._showProgress()
+            return
+        if self._run is run:
+            self._finishRun()
+
+    def _showProgress(self) -> None:
+        progress = self._run.progress
+        self.ui.progressBar.maximum = progress[1] if progress else 0  # 0: busy indicator
+        self.ui.progressBar.value = progress[0] if progress else 0
+        self.ui.statusLabel.text = self._run.status
+
+    def _cancelRun(self, reason: str) -> None:
+        """Stop an install or synthesis now; nothing is added to or changed in the scene."""
+        if self._run is not None:
+            self._run.cancel(reason)
+            self._finishRun()
+
+    def _finishRun(self) -> None:
+        run, self._run = self._run, None
+        self.timer.stop()
+        self._setRunning(False)
+        if run.output is not None:
+            slicer.util.setSliceViewerLayers(background=run.output, fit=True)
+        self._report(run.message, run.failed)
+        if run.failed:
+            logging.error("MRISynthesis: %s", run.message)
+
+    def _report(self, message: str, error: bool = False) -> None:
+        self.ui.statusLabel.text = message
+        if error:
+            slicer.util.errorDisplay(message)
 
     def _setRunning(self, running: bool) -> None:
-        self._running = running
-        self._cancelRequested = False
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = True
         self.ui.progressBar.visible = running
+        self.ui.progressBar.maximum = 100
         self.ui.progressBar.value = 0
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.modelCollapsibleButton.enabled = not running
         self.ui.outputsCollapsibleButton.enabled = not running
         if not running:
-            self._checkCanApply()
+            self._onParameterNodeModified()
 
 
 #
@@ -265,57 +380,51 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 def _confirmInSlicer(message: str) -> bool:
+    if slicer.app.testingEnabled():
+        # Confirmation dialogs answer yes in testing mode: never install from a test.
+        logging.info("MRISynthesis: testing mode, not installing Python packages")
+        return False
     if slicer.app.commandOptions().noMainWindow:
-        raise RuntimeError("Python packages are missing and Slicer runs without a main window, so it cannot ask: "
-                           "open the MRISynthesis module once in Slicer and press Apply to install them, "
-                           "or install the PyTorch extension.\n" + message)
-    return slicer.util.confirmOkCancelDisplay(message, windowTitle="MRISynthesis: install Python packages")
+        raise MRISynthesisError("Python packages are missing and Slicer runs without a main window, so it cannot "
+                                "ask: open the MRISynthesis module in Slicer and press Apply once to install them.\n"
+                                + message)
+    return slicer.util.confirmOkCancelDisplay(message, windowTitle=_("MRISynthesis: install Python packages"))
 
 
-def _pipEnsureFunction():
-    """slicer.pydeps.pip_ensure (Slicer >= 5.11; called slicer.packaging in some previews), or None."""
-    import importlib
+def _installTorchWithPyTorchUtils(requirement: str) -> None:
+    import PyTorchUtils  # the PyTorch extension: chooses the CUDA build matching the GPU
 
-    for name in ("slicer.pydeps", "slicer.packaging"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "pip_ensure"):
-            return module.pip_ensure
-    return None
+    specifier = requirement[len("torch"):]
+    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=specifier) is None:
+        raise RuntimeError("the PyTorch extension could not install PyTorch; see the Python console log")
 
 
-def _pipInstallInSlicer(requirements) -> None:
-    pipEnsure = _pipEnsureFunction()
-    if pipEnsure is not None:
-        from packaging.requirements import Requirement
-
-        pipEnsure([Requirement(r) for r in requirements], requester="MRISynthesis")
-    else:
-        slicer.util.pip_install(" ".join(f'"{r}"' for r in requirements))
+def _pipEnsure(requirements) -> None:
+    packaging = importlib.import_module("slicer.packaging")  # Slicer 5.12+
+    # Already confirmed once by MRISynthesis: prompt_install=False, or it asks again.
+    packaging.pip_ensure(list(requirements), prompt_install=False, requester="MRISynthesis")
 
 
-def _installTorchInSlicer(requirement: str) -> None:
-    try:
-        import PyTorchUtils  # the PyTorch extension: chooses the CUDA build matching the GPU
-    except ImportError:
-        PyTorchUtils = None
-    if PyTorchUtils is not None:
-        specifier = requirement[len("torch"):]
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=specifier) is None:
-            raise RuntimeError("the PyTorch extension could not install PyTorch; see the Python console log")
-        return
-    pipEnsure = _pipEnsureFunction()
-    if pipEnsure is not None:
-        from packaging.requirements import Requirement
+def _launchPip(requirements):
+    """What slicer.util.pip_install runs on 5.8-5.10, as a process the panel can stop."""
+    import shutil
 
-        logging.warning("Installing PyTorch from PyPI; for a CUDA build matched to your GPU install the "
-                        "PyTorch extension from the Extensions Manager instead")
-        pipEnsure([Requirement(requirement)], requester="MRISynthesis")
-        return
-    raise RuntimeError("PyTorch is not installed. Install the 'PyTorch' extension from the Extensions Manager "
-                       "(it picks a CUDA build when a GPU is present), restart Slicer and press Apply again.")
+    python = shutil.which("PythonSlicer")
+    if not python:
+        raise RuntimeError("PythonSlicer executable not found")
+    return slicer.util.launchConsoleProcess(dependencies.pipInstallCommand(python, requirements),
+                                            useStartupEnvironment=False)
+
+
+def slicerDependencyInstaller() -> dependencies.DependencyInstaller:
+    """The installer wired to this Slicer's dialogs and installers."""
+    # slicer.packaging.pip_ensure exists from Slicer 5.12 on.
+    hasPipEnsure = (importlib.util.find_spec("slicer.packaging") is not None
+                    and hasattr(importlib.import_module("slicer.packaging"), "pip_ensure"))
+    return dependencies.DependencyInstaller(
+        confirm=_confirmInSlicer, hasPyTorchUtils=importlib.util.find_spec("PyTorchUtils") is not None,
+        hasPipEnsure=hasPipEnsure, installTorchWithPyTorchUtils=_installTorchWithPyTorchUtils,
+        pipEnsure=_pipEnsure, launchPip=_launchPip)
 
 
 class MRISynthesisLogic(ScriptedLoadableModuleLogic):
@@ -325,27 +434,39 @@ class MRISynthesisLogic(ScriptedLoadableModuleLogic):
     """
 
     def __init__(self, sceneLogic: Optional[SynthesisSceneLogic] = None,
-                 dependencyInstaller: Optional[DependencyInstaller] = None) -> None:
+                 dependencyInstaller: Optional[dependencies.DependencyInstaller] = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.sceneLogic = sceneLogic or SynthesisSceneLogic(slicer.mrmlScene)
-        self.dependencyInstaller = dependencyInstaller or DependencyInstaller(
-            confirm=_confirmInSlicer, installTorch=_installTorchInSlicer, pipInstall=_pipInstallInSlicer)
+        self.dependencyInstaller = dependencyInstaller or slicerDependencyInstaller()
 
     def getParameterNode(self):
         return MRISynthesisParameterNode(super().getParameterNode())
+
+    def missingRequirements(self):
+        """["torch is not installed (...)", ...]: what must be installed first (no install)."""
+        return [problem.message for problem in self.dependencyInstaller.problems()]
 
     def ensureDependencies(self) -> bool:
         """Install PyTorch and the other packages on first use, after asking. False if declined."""
         return self.dependencyInstaller.ensure()
 
-    def prefillInputs(self) -> None:
-        """Fill empty input selectors from volume names (t1/t1n, t2/t2w, t1c/t1ce/t1gd/post)."""
-        p = self.getParameterNode()
+    @staticmethod
+    def rememberDecidedInputs(p) -> None:
+        decided = {m for m in p.decidedInputs.split(",") if m}
+        decided |= {m for m in INPUT_MODALITIES if getattr(p, f"{m}Volume") is not None}
+        text = ",".join(m for m in INPUT_MODALITIES if m in decided)
+        if text != p.decidedInputs:
+            p.decidedInputs = text
+
+    @staticmethod
+    def prefillInputs(p) -> None:
+        """Fill input selectors nobody has set yet from volume names (t1/t1n, t2/t2w, t1c/...)."""
         current = {m: getattr(p, f"{m}Volume") for m in INPUT_MODALITIES}
-        nodes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-        nodes = [n for n in nodes if n is not p.outputVolume]
-        for modality, node in assignInputsByName(nodes, current).items():
+        nodes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if n is not p.outputVolume]
+        assigned, decided = prefillInputs(nodes, current, [m for m in p.decidedInputs.split(",") if m])
+        for modality, node in assigned.items():
             setattr(p, f"{modality}Volume", node)
+        p.decidedInputs = ",".join(m for m in INPUT_MODALITIES if m in decided)
 
     def panelState(self, p):
         from MRISynthesisLib.models import shipped_bundles  # torch-free
@@ -354,20 +475,15 @@ class MRISynthesisLogic(ScriptedLoadableModuleLogic):
         modelFile = str(p.modelFile) if p.modelFile and str(p.modelFile) not in ("", ".") else None
         return panelState(p.model, modelFile, given, shipped_bundles())
 
-    def synthesizeFromParameterNode(self, p, progressCallback=None, cancel=None):
-        """Run what the panel shows: only the inputs the chosen model takes. None if the user
-        declined installing the Python packages."""
+    def prepareFromParameterNode(self, p):
+        """What the panel shows, checked and read from the scene: only the inputs the chosen
+        model takes; a new output volume unless the user picked one."""
         state = self.panelState(p)
         if not state.canApply:
             raise MRISynthesisError(state.message)
-        if not self.ensureDependencies():
-            return None
         inputs = {m: getattr(p, f"{m}Volume") for m in state.sources}
-        output = self.synthesize(**inputs, mask=p.maskVolume, model=state.model, device=p.device,
-                                 precision=p.precision, outputNode=p.outputVolume,
-                                 progressCallback=progressCallback, cancel=cancel)
-        p.outputVolume = output
-        return output
+        return self.sceneLogic.prepare(**inputs, mask=p.maskVolume, model=state.model, device=p.device,
+                                       precision=p.precision, outputNode=p.outputVolume)
 
     def synthesize(self, t1=None, t2=None, t1c=None, mask=None, model=None, device="auto",
                    precision=DEFAULT_PRECISION, outputNode=None, progressCallback=None, cancel=None):
@@ -377,14 +493,16 @@ class MRISynthesisLogic(ScriptedLoadableModuleLogic):
             logic = slicer.util.getModuleLogic("MRISynthesis")
             flair = logic.synthesize(t1=getNode("t1"))                        # model by inputs
             flair = logic.synthesize(t1=getNode("t1"), t2=getNode("t2"), t1c=getNode("t1c"),
-                                     device="cuda", precision="bf16")
+                                     device="cuda:0", precision="bf16")
             flair = logic.synthesize(t1=getNode("t1"), model="/models/my.safetensors",
                                      outputNode=getNode("previous result"))
 
         model: "t1_to_flair", "t1_t2_to_flair", "t1_t2_t1c_to_flair" or a bundle file;
         None picks the shipped model taking exactly the given inputs. device: "auto", "cpu",
-        "cuda" ("cuda" without a GPU falls back to the CPU with a warning). On error or
-        cancellation the scene is unchanged. Installs PyTorch on first use after asking.
+        "cuda" or "cuda:N" (without a GPU: the CPU, with a warning). Each call creates a new
+        output volume unless ``outputNode`` is given. On error or cancellation the scene is
+        unchanged. Installs PyTorch on first use after asking. The network is built once and
+        reused while model and device stay the same.
         """
         if not self.ensureDependencies():
             raise MRISynthesisError("PyTorch and the other required Python packages are not installed")
@@ -399,14 +517,20 @@ class MRISynthesisLogic(ScriptedLoadableModuleLogic):
 
 
 class MRISynthesisTest(ScriptedLoadableModuleTest):
-    """Self-test in a real Slicer: small generated volumes, a small random model."""
+    """Self-test in a real Slicer: small generated volumes, a small random model. It never
+    installs anything: without the Python packages it is skipped with the list."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        missing = MRISynthesisLogic().missingRequirements()
+        if missing:
+            self.skipTest("MRISynthesis needs Python packages that are not installed: " + "; ".join(missing))
         self.setUp()
         self.test_SynthesisGeometryAndValues()
+        self.setUp()
+        self.test_BackgroundJobAndCancel()
         self.setUp()
         self.test_ErrorLeavesSceneUnchanged()
 
@@ -433,12 +557,14 @@ class MRISynthesisTest(ScriptedLoadableModuleTest):
         save_bundle(bundle, path)
         return path
 
+    def _logic(self):
+        installer = dependencies.DependencyInstaller(confirm=lambda message: False)  # never installs
+        return MRISynthesisLogic(dependencyInstaller=installer)
+
     def test_SynthesisGeometryAndValues(self):
         import numpy as np
 
-        logic = MRISynthesisLogic()
-        if not logic.ensureDependencies():
-            self.skipTest("PyTorch is not installed")
+        logic = self._logic()
         ijkToRAS = np.array([[0, -1.1, 0, 20], [0.9, 0, 0, -15], [0, 0, 2.0, 5], [0, 0, 0, 1]], dtype=float)
         t1 = self._volume("case t1n", (24, 20, 6), ijkToRAS, 0)
         t2 = self._volume("case t2w", (24, 20, 6), ijkToRAS, 1)
@@ -454,14 +580,33 @@ class MRISynthesisTest(ScriptedLoadableModuleTest):
         self.assertGreaterEqual(float(values.min()), 0.0)
         self.assertLessEqual(float(values.max()), 1000.0)
         self.assertGreater(float(values.max()), 0.0)
+        second = logic.synthesize(t1=t1, t2=t2, model=self._bundle(2), device="cpu")
+        self.assertIsNot(second, output)  # a second Apply never overwrites the first result
+        self.delayDisplay("Test passed")
+
+    def test_BackgroundJobAndCancel(self):
+        import numpy as np
+
+        logic = self._logic()
+        t1 = self._volume("t1", (24, 20, 6), np.eye(4), 0)
+        request = logic.sceneLogic.prepare(t1=t1, model=self._bundle(1), device="cpu")
+        job = SynthesisJob(logic.sceneLogic, request)
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        job.cancel("self-test")
+        job.start()
+        self.assertIsNone(job.finish(timeout=60))
+        self.assertFalse(job.running)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        job = SynthesisJob(logic.sceneLogic, request)
+        job.start()
+        output = job.finish(timeout=120)
+        self.assertEqual(output.GetName(), "t1 synthetic FLAIR")
         self.delayDisplay("Test passed")
 
     def test_ErrorLeavesSceneUnchanged(self):
         import numpy as np
 
-        logic = MRISynthesisLogic()
-        if not logic.ensureDependencies():
-            self.skipTest("PyTorch is not installed")
+        logic = self._logic()
         t1 = self._volume("t1", (24, 20, 6), np.eye(4), 0)
         before = slicer.mrmlScene.GetNumberOfNodes()
         with self.assertRaises(MRISynthesisError):

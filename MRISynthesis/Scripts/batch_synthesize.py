@@ -10,8 +10,11 @@ t2, t2w; t1c, t1ce, t1gd, post; a "mask" file is used as brain mask). Every subj
 into a fresh MRML scene through storage nodes and synthesised by the same
 SynthesisSceneLogic the module uses; the result is written to OUT/<subject>_flair.nii.gz
 (or --format nrrd) on the T1 grid. One line per subject is printed; subjects with missing
-modalities are skipped and reported; the exit status is 1 if any subject was skipped or
-failed, 0 otherwise.
+modalities are skipped and reported. Arguments (--inputs, --model, --device, the folders)
+are checked before any subject is read. Every path ends the process with a printed reason
+(``Slicer --python-script`` would otherwise keep running): exit status 0 when all subjects
+were synthesised, 1 when a subject failed or was skipped or an unexpected error (e.g. an
+import error) occurred, 2 for bad arguments or missing Python packages, 130 for Ctrl-C.
 """
 
 import argparse
@@ -19,24 +22,20 @@ import os
 import sys
 import time
 
-# The module folder (MRISynthesisSceneLogic) and the folder holding MRISynthesisLib: the
-# same two levels up in the source tree (MRISynthesis/Scripts) and in an installed
-# extension (qt-scripted-modules/Scripts).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-for _path in (os.path.dirname(_HERE), os.path.dirname(os.path.dirname(_HERE))):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
-import slicer  # noqa: E402  (3D Slicer's, or slicer-core's under plain Python)
-
-from MRISynthesisLib.errors import MRISynthesisError  # noqa: E402
-from MRISynthesisSceneLogic import (  # noqa: E402
-    DEFAULT_PRECISION, DEVICES, MODALITY_LABELS, PRECISIONS, SHIPPED_MODEL_NAMES, SynthesisSceneLogic,
-    inputsFromFolder, loadVolumeNode, saveVolumeNode,
-)
+def _importModuleSide():
+    """The module folder (SlicerMRISynthesisLib beside MRISynthesis.py) is one level up, in the
+    source tree (MRISynthesis/Scripts) and in an installed extension (qt-scripted-modules/Scripts);
+    importing SlicerMRISynthesisLib makes MRISynthesisLib importable."""
+    moduleDir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if moduleDir not in sys.path:
+        sys.path.insert(0, moduleDir)
+    import SlicerMRISynthesisLib  # noqa: F401
 
 
 def parseArguments(argv=None):
+    from SlicerMRISynthesisLib.scene import DEFAULT_PRECISION, PRECISIONS, SHIPPED_MODEL_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input-dir", required=True, help="folder with one subfolder per subject")
     parser.add_argument("--output-dir", required=True, help="where <subject>_flair.<ext> files are written")
@@ -46,7 +45,7 @@ def parseArguments(argv=None):
     parser.add_argument("--inputs", default=None,
                         help="comma-separated modalities to use (e.g. t1,t2); default: all found "
                              "(or those the --model needs)")
-    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION)
     parser.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz")
     parser.add_argument("--no-mask", action="store_true", help="ignore mask files in subject folders")
@@ -54,64 +53,115 @@ def parseArguments(argv=None):
     return parser.parse_args(argv)
 
 
+class ArgumentError(Exception):
+    """An argument that cannot work; found before any subject is read."""
+
+
+def validateArguments(args):
+    """Check everything that can be checked before work; returns the subject folder names."""
+    import re
+
+    from MRISynthesisLib.errors import MRISynthesisError
+    from MRISynthesisLib.models import resolve_model
+    from SlicerMRISynthesisLib.scene import DEVICES, INPUT_MODALITIES, readBundleSources
+
+    if args.device not in DEVICES and not re.fullmatch(r"cuda:\d+", args.device):
+        raise ArgumentError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    if args.inputs is not None:
+        wanted = [m.strip() for m in args.inputs.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in INPUT_MODALITIES]
+        if unknown or not wanted:
+            raise ArgumentError(f"--inputs {args.inputs!r}: {', '.join(unknown) or 'nothing'} is not an input "
+                                f"modality; choose from {', '.join(INPUT_MODALITIES)} (a mask is found by file name)")
+        if "t1" not in wanted:
+            raise ArgumentError(f"--inputs {args.inputs!r}: t1 is required (the output is made on its grid)")
+        if len(set(wanted)) != len(wanted):
+            raise ArgumentError(f"--inputs {args.inputs!r}: a modality is listed twice")
+    if args.model:
+        try:
+            sources = readBundleSources(resolve_model(args.model, []))
+        except MRISynthesisError as exc:
+            raise ArgumentError(f"--model: {exc}") from None
+        if args.inputs is not None and sorted(sources) != sorted(wanted):
+            raise ArgumentError(f"--inputs {args.inputs!r} but the model takes {', '.join(sources)}")
+    if not os.path.isdir(args.input_dir):
+        raise ArgumentError(f"input folder not found: {args.input_dir}")
+    subjects = sorted(d for d in os.listdir(args.input_dir) if os.path.isdir(os.path.join(args.input_dir, d)))
+    if args.subjects:
+        chosen = [s.strip() for s in args.subjects.split(",") if s.strip()]
+        unknown = [s for s in chosen if s not in subjects]
+        if unknown:
+            raise ArgumentError(f"no subject folder {', '.join(unknown)} in {args.input_dir}")
+        subjects = chosen
+    if not subjects:
+        raise ArgumentError(f"no subject folders in {args.input_dir}")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError(f"cannot create the output folder {args.output_dir}: {exc.strerror or exc}") from None
+    if not os.access(args.output_dir, os.W_OK):
+        raise ArgumentError(f"the output folder {args.output_dir} is not writable")
+    return subjects
+
+
 def wantedInputs(args, found):
     if args.inputs:
         return [m.strip() for m in args.inputs.split(",") if m.strip()]
     if args.model:
         from MRISynthesisLib.models import resolve_model
-        from MRISynthesisSceneLogic import readBundleSources
+        from SlicerMRISynthesisLib.scene import readBundleSources
 
         return list(readBundleSources(resolve_model(args.model, [])))
     return [m for m in ("t1", "t2", "t1c") if m in found]
 
 
-def runSubject(args, subjectDir, outputPath):
+def runSubject(args, logic, subjectDir, outputPath):
+    import slicer  # 3D Slicer's, or slicer-core's under plain Python
+
+    from SlicerMRISynthesisLib.scene import MODALITY_LABELS, inputsFromFolder, loadVolumeNode, saveVolumeNode
+
     found = inputsFromFolder(subjectDir)
     wanted = wantedInputs(args, found)
     missing = [m for m in wanted if m not in found] or ([] if "t1" in found else ["t1"])
     if missing:
         return "SKIPPED", f"missing {', '.join(MODALITY_LABELS.get(m, m) for m in missing)}"
     scene = slicer.vtkMRMLScene()  # one small scene per subject: nothing accumulates
+    logic.scene = scene
     nodes = {m: loadVolumeNode(scene, found[m], m) for m in wanted}
     mask = None
     if "mask" in found and not args.no_mask:
         mask = loadVolumeNode(scene, found["mask"], "mask")
-    logic = SynthesisSceneLogic(scene)
-    output = logic.synthesize(**nodes, mask=mask, model=args.model, device=args.device,
-                              precision=args.precision)
+    output = logic.synthesize(**nodes, mask=mask, model=args.model, device=args.device, precision=args.precision)
     saveVolumeNode(output, outputPath)
     return "OK", f"{'+'.join(wanted)} -> {outputPath}"
 
 
 def main(argv=None):
+    """Exit status: 0 all synthesised, 1 a subject failed or was skipped, 2 bad arguments or setup."""
+    _importModuleSide()
     args = parseArguments(argv)
-    import importlib.util
+    try:
+        subjects = validateArguments(args)
+    except ArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from SlicerMRISynthesisLib.dependencies import checkRequirements
 
-    if importlib.util.find_spec("torch") is None:
-        print("error: PyTorch is not installed in this Python. In Slicer, open the MRISynthesis module and "
-              "press Apply once (it offers to install PyTorch), or install the PyTorch extension.", file=sys.stderr)
+    problems = checkRequirements()
+    if problems:
+        print("error: " + "; ".join(p.message for p in problems) + ". In Slicer, open the MRISynthesis module and "
+              "press Apply once (it offers to install them), or install the PyTorch extension.", file=sys.stderr)
         return 2
-    if not os.path.isdir(args.input_dir):
-        print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
-        return 2
-    subjects = sorted(d for d in os.listdir(args.input_dir) if os.path.isdir(os.path.join(args.input_dir, d)))
-    if args.subjects:
-        chosen = [s.strip() for s in args.subjects.split(",") if s.strip()]
-        unknown = [s for s in chosen if s not in subjects]
-        if unknown:
-            print(f"error: no subject folder {', '.join(unknown)} in {args.input_dir}", file=sys.stderr)
-            return 2
-        subjects = chosen
-    if not subjects:
-        print(f"error: no subject folders in {args.input_dir}", file=sys.stderr)
-        return 2
-    os.makedirs(args.output_dir, exist_ok=True)
+    from MRISynthesisLib.errors import MRISynthesisError
+    from SlicerMRISynthesisLib.scene import SynthesisSceneLogic
+
+    logic = SynthesisSceneLogic()  # one logic for all subjects: the network is built once
     failures = 0
     for subject in subjects:
         start = time.time()
         outputPath = os.path.join(args.output_dir, f"{subject}_flair.{args.format}")
         try:
-            status, detail = runSubject(args, os.path.join(args.input_dir, subject), outputPath)
+            status, detail = runSubject(args, logic, os.path.join(args.input_dir, subject), outputPath)
         except MRISynthesisError as exc:
             status, detail = "FAILED", str(exc)
         except Exception as exc:  # report and continue with the next subject
@@ -122,13 +172,38 @@ def main(argv=None):
     return 1 if failures else 0
 
 
+def run(argv=None) -> int:
+    """main() with every way out turned into an exit status and a printed reason."""
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 130
+    except BaseException as exc:  # an import error, a broken installation...
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
 def _exit(status):
-    # Inside Slicer, quit the application with the status; under plain Python, exit normally.
-    if hasattr(slicer, "app") and slicer.app is not None:
+    # Slicer --python-script never exits by itself: quit the application with the status.
+    try:
+        import slicer
+
+        app = getattr(slicer, "app", None)
+    except BaseException:
+        app = None
+    if app is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
         slicer.util.exit(status)
     else:
         sys.exit(status)
 
 
 if __name__ == "__main__":
-    _exit(main())
+    _exit(run())

@@ -2,6 +2,8 @@
 folders, and one real subject when MRISYNTHESIS_DATA is set."""
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "MRISynthesis" / "Scripts" / "batch_synthesize.py"
+SOURCE_SCRIPT = REPO / "MRISynthesis" / "Scripts" / "batch_synthesize.py"
 
 pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
 
@@ -37,8 +39,36 @@ def brain(seed):
     return array
 
 
-def run(*args, timeout=300):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+def installed_layout(root, with_helpers=True):
+    """The extension as CMake installs it: qt-scripted-modules/ with the module file, its
+    helper package, MRISynthesisLib beside them and Scripts/batch_synthesize.py."""
+    lib = Path(root) / "qt-scripted-modules"
+    (lib / "Scripts").mkdir(parents=True)
+    shutil.copy(REPO / "MRISynthesis" / "MRISynthesis.py", lib)
+    shutil.copy(SOURCE_SCRIPT, lib / "Scripts")
+    shutil.copytree(REPO / "MRISynthesisLib", lib / "MRISynthesisLib", ignore=shutil.ignore_patterns("__pycache__"))
+    if with_helpers:
+        shutil.copytree(REPO / "MRISynthesis" / "SlicerMRISynthesisLib", lib / "SlicerMRISynthesisLib",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return lib / "Scripts" / "batch_synthesize.py"
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory):
+    return installed_layout(tmp_path_factory.mktemp("install"))
+
+
+SCRIPT = None  # set by the autouse fixture: every test runs the installed-layout copy
+
+
+@pytest.fixture(autouse=True)
+def _use_installed_copy(script):
+    global SCRIPT
+    SCRIPT = script
+
+
+def run(*args, timeout=300, script=None):
+    return subprocess.run([sys.executable, str(script or SCRIPT), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=str(REPO / "Testing"))
 
 
@@ -91,7 +121,8 @@ def test_batch_bad_arguments(subjects, tmp_path):
     assert result.returncode == 2 and "no subject folder zzz" in result.stderr
     result = run("--input-dir", subjects, "--output-dir", tmp_path / "out", "--model", "no_such_model",
                  "--subjects", "a")
-    assert result.returncode == 1 and "a: FAILED" in result.stdout and "no_such_model" in result.stdout
+    assert result.returncode == 2 and "--model" in result.stderr and "no_such_model" in result.stderr
+    assert result.stdout == "" and not (tmp_path / "out" / "a_flair.nii.gz").exists()  # checked before any work
 
 
 def test_batch_on_one_real_subject(tmp_path):
@@ -108,3 +139,74 @@ def test_batch_on_one_real_subject(tmp_path):
     np.testing.assert_allclose(flair.affine, t1.affine, atol=1e-4)
     # Background stays 0 where T1 is 0 (skull-stripped), brain gets values.
     assert np.all(flair.array[t1.array == 0] == 0) and flair.array[t1.array > 0].mean() > 0
+
+
+def test_batch_uses_the_installed_copies(subjects, tmp_path):
+    code = (f"import runpy, sys; sys.argv = [{str(SCRIPT)!r}, '--help']\n"
+            f"try:\n    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\nexcept SystemExit as e:\n"
+            "    import MRISynthesisLib, SlicerMRISynthesisLib; print(MRISynthesisLib.__file__); "
+            "print(SlicerMRISynthesisLib.__file__); print(e.code)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "0" and "--input-dir" in result.stdout
+    assert Path(lines[-3]).parent.parent == SCRIPT.parent.parent and Path(lines[-2]).parent.parent == SCRIPT.parent.parent
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ("t1,mask", "mask is not an input modality"),
+    ("t2", "t1 is required"),
+])
+def test_batch_bad_inputs_are_refused_before_any_work(subjects, tmp_path, inputs, message):
+    result = run("--input-dir", subjects, "--output-dir", tmp_path / "out", "--inputs", inputs)
+    assert result.returncode == 2 and message in result.stderr and result.stdout == ""
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_batch_output_folder_that_cannot_be_made(subjects, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run("--input-dir", subjects, "--output-dir", blocker / "out")
+    assert result.returncode == 2 and "cannot create the output folder" in result.stderr
+    result = run("--input-dir", subjects)  # argparse error: printed, exit 2
+    assert result.returncode == 2 and "--output-dir" in result.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--inputs", "t1,t1"], "listed twice"),
+    (["--inputs", ","], "nothing is not an input modality"),
+    (["--device", "gpu"], "--device 'gpu'"),
+    (["--inputs", "t1", "--model", "t1_t2_to_flair"], "the model takes t1, t2"),
+])
+def test_batch_argument_validation_in_process(subjects, tmp_path, extra, message):
+    import runpy
+
+    script = runpy.run_path(str(SOURCE_SCRIPT))  # not __main__: only defines its functions
+    script["_importModuleSide"]()
+    args = script["parseArguments"](["--input-dir", str(subjects), "--output-dir", str(tmp_path / "out"), *extra])
+    with pytest.raises(script["ArgumentError"], match=message):
+        script["validateArguments"](args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_import_error_exits_with_its_reason(tmp_path, subjects):
+    broken = installed_layout(tmp_path, with_helpers=False)
+    result = run("--input-dir", subjects, "--output-dir", tmp_path / "out", script=broken)
+    assert result.returncode == 1
+    assert "ModuleNotFoundError" in result.stderr and "SlicerMRISynthesisLib" in result.stderr
+
+
+def test_batch_ctrl_c_exits_130(tmp_path):
+    root = tmp_path / "many"
+    for i in range(12):
+        (root / f"s{i:02d}").mkdir(parents=True)
+        save_volume(Volume(brain(i), AFFINE), root / f"s{i:02d}" / "t1.nii.gz")
+    bundle = make_bundle(tmp_path / "m.safetensors", ("t1",))
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--input-dir", str(root), "--output-dir",
+                                str(tmp_path / "out"), "--model", str(bundle), "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    assert first.startswith("s00: OK"), first + process.stderr.read()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, out + err
+    assert "interrupted (Ctrl-C)" in err and "12 of 12" not in out

@@ -2,7 +2,6 @@
 volume and storage nodes; no Qt). Small generated volumes and tiny random bundles."""
 
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,19 +12,17 @@ from vtk.util import numpy_support
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MRISynthesis"
-for _p in (str(REPO), str(MODULE_DIR)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
 
 slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
 
-from MRISynthesisDependencies import DependencyInstaller, missingRequirements  # noqa: E402
 from MRISynthesisLib.bundle import bundle_from_generator, save_bundle  # noqa: E402
 from MRISynthesisLib.errors import BundleError, Cancelled, InputError  # noqa: E402
 from MRISynthesisLib.inference import synthesize as core_synthesize  # noqa: E402
 from MRISynthesisLib.networks import ModelConfig, build_generator, init_weights  # noqa: E402
 from MRISynthesisLib.volumes import Volume  # noqa: E402
-from MRISynthesisSceneLogic import (  # noqa: E402
+from SlicerMRISynthesisLib.scene import (  # noqa: E402
     MODEL_AUTOMATIC, MODEL_FILE, SynthesisSceneLogic, assignInputsByName, guessModality, ijkToRAS,
     inputsFromFolder, loadVolumeNode, panelState, readBundleSources, saveVolumeNode, updateNodeFromArray,
     volumeFromNode, worldIJKToRAS,
@@ -436,54 +433,3 @@ def test_inputs_from_folder(tmp_path):
 
 
 # ----------------------------------------------------------------------------- torch and packages
-
-
-def test_importing_the_module_side_never_imports_torch():
-    code = ("import sys; sys.path[:0] = [{!r}, {!r}]\n"
-            "import MRISynthesisSceneLogic, MRISynthesisDependencies\n"
-            "from MRISynthesisLib.models import shipped_bundles; shipped_bundles()\n"
-            "print('torch' in sys.modules)").format(str(REPO), str(MODULE_DIR))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
-
-
-def test_dependency_installer_asks_then_installs_only_what_is_missing():
-    present = {"numpy", "SimpleITK", "nibabel", "safetensors"}
-    calls = []
-
-    def find_spec(name):
-        return object() if name in present else None
-
-    def install_torch(requirement):
-        calls.append(("torch", requirement))
-        present.add("torch")
-
-    def pip_install(requirements):
-        calls.append(("pip", list(requirements)))
-        present.add("skimage")
-
-    assert [m for m, _ in missingRequirements(find_spec)] == ["torch", "skimage"]
-    declined = DependencyInstaller(lambda message: False, install_torch, pip_install, find_spec)
-    assert declined.ensure() is False and calls == []
-    asked = []
-    installer = DependencyInstaller(lambda message: asked.append(message) or True, install_torch, pip_install,
-                                    find_spec)
-    assert installer.ensure() is True
-    assert "torch>=2.1" in asked[0] and "scikit-image>=0.21" in asked[0]
-    assert calls == [("torch", "torch>=2.1"), ("pip", ["scikit-image>=0.21"])]
-    asked.clear()
-    assert installer.ensure() is True and asked == []  # nothing missing: no question
-
-
-def test_dependency_installer_reports_failed_install_and_broken_slicer():
-    def find_spec(name):
-        return None if name in ("torch",) else object()
-
-    installer = DependencyInstaller(lambda m: True, lambda r: None, lambda r: None, find_spec)
-    with pytest.raises(RuntimeError, match="torch still cannot be imported"):
-        installer.ensure()
-    broken = DependencyInstaller(lambda m: True, lambda r: None, lambda r: None,
-                                 lambda name: None if name == "SimpleITK" else object())
-    with pytest.raises(RuntimeError, match="SimpleITK should come with 3D Slicer"):
-        broken.ensure()

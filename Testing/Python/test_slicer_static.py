@@ -18,7 +18,10 @@ MODULE_DIR = REPO / "MRISynthesis"
 MODULE_PY = MODULE_DIR / "MRISynthesis.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MRISynthesis.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
-LOCAL_MODULES = ("MRISynthesisSceneLogic", "MRISynthesisDependencies")
+HELPER_PACKAGE = "SlicerMRISynthesisLib"
+HELPER_DIR = MODULE_DIR / HELPER_PACKAGE
+# Parameter-node fields the widget binds itself (shown with human labels / internal state).
+WIDGET_BOUND_FIELDS = {"model", "device", "decidedInputs"}
 
 
 def module_tree(path=MODULE_PY):
@@ -72,25 +75,28 @@ def test_ui_bindings_and_parameter_node_fields_agree():
     fields = parameter_node_fields()
     unknown = set(bindings.values()) - fields
     assert not unknown, f".ui binds SlicerParameterName {sorted(unknown)} missing from the parameter node"
-    unbound = fields - set(bindings.values())
+    unbound = fields - set(bindings.values()) - WIDGET_BOUND_FIELDS
     assert not unbound, f"parameter node fields {sorted(unbound)} have no widget in the .ui"
     assert len(set(bindings.values())) == len(bindings), "two widgets bind the same parameter"
     assert bindings["t1Selector"] == "t1Volume" and bindings["modelFilePathLineEdit"] == "modelFile"
+    assert not (WIDGET_BOUND_FIELDS & set(bindings.values())), "the widget binds model/device itself"
+    source = MODULE_PY.read_text()
+    assert "parameterNode.model = " in source and "parameterNode.device = " in source
 
 
 def _imports(path):
     """Top-level and nested module names imported by a Python file (relative ones resolved
-    inside MRISynthesisLib)."""
+    inside the file's own package)."""
+    package = path.parent.name
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = "MRISynthesisLib" + ("." + node.module if node.module else "")
+                base = package + ("." + node.module if node.module else "")
                 names.add(base)
-                if not node.module:
-                    names.update(f"MRISynthesisLib.{a.name}" for a in node.names)
+                names.update(f"{base}.{a.name}" for a in node.names)
             else:
                 names.add(node.module)
                 names.update(f"{node.module}.{a.name}" for a in node.names)
@@ -98,8 +104,9 @@ def _imports(path):
 
 
 def _needed_files():
-    """Module-relative paths of every local file the module needs, following MRISynthesisLib's
-    own imports transitively."""
+    """Paths of every local file the module and the batch script need, following imports
+    transitively through SlicerMRISynthesisLib and MRISynthesisLib."""
+    roots = {HELPER_PACKAGE: HELPER_DIR, "MRISynthesisLib": REPO / "MRISynthesisLib"}
     todo = [MODULE_PY, MODULE_DIR / "Scripts" / "batch_synthesize.py"]
     seen, needed = set(), set()
     while todo:
@@ -109,18 +116,25 @@ def _needed_files():
         seen.add(path)
         for name in _imports(path):
             parts = name.split(".")
-            if parts[0] in LOCAL_MODULES:
-                candidate = MODULE_DIR / f"{parts[0]}.py"
-            elif parts[0] == "MRISynthesisLib":
-                candidate = REPO / "MRISynthesisLib" / (f"{parts[1]}.py" if len(parts) > 1 else "__init__.py")
-                if not candidate.exists():
-                    continue  # "from MRISynthesisLib.x import name": name is not a module
-                needed.add(REPO / "MRISynthesisLib" / "__init__.py")
-            else:
+            if parts[0] not in roots:
                 continue
-            needed.add(candidate)
-            todo.append(candidate)
+            candidate = roots[parts[0]] / (f"{parts[1]}.py" if len(parts) > 1 else "__init__.py")
+            if not candidate.exists():
+                continue  # "from package.module import name": name is not a module
+            for item in (roots[parts[0]] / "__init__.py", candidate):
+                needed.add(item)
+                todo.append(item)
     return needed
+
+
+def installed_python_files():
+    """Every .py the extension installs into Slicer: the module's scripts (CMake list) and
+    the MRISynthesisLib files CMake copies beside them."""
+    cmake = re.sub(r"#.*", "", MODULE_CMAKE.read_text()).replace("${MODULE_NAME}", "MRISynthesis")
+    files = []
+    for item in re.findall(r"[\w{}$/]+\.py", cmake):
+        files.append((REPO if item.startswith("MRISynthesisLib/") else MODULE_DIR) / item)
+    return files
 
 
 def test_cmake_lists_every_file_the_module_imports():
@@ -129,6 +143,7 @@ def test_cmake_lists_every_file_the_module_imports():
     listed = {item.replace("${MODULE_NAME}", "MRISynthesis") for item in listed}
     needed = _needed_files()
     assert REPO / "MRISynthesisLib" / "inference.py" in needed  # the walk follows imports
+    assert HELPER_DIR / "jobs.py" in needed and HELPER_DIR / "modelinfo.py" in needed
     for path in needed:
         relative = (path.relative_to(MODULE_DIR) if MODULE_DIR in path.parents
                     else path.relative_to(REPO)).as_posix()
@@ -152,13 +167,76 @@ def test_module_file_never_imports_torch_at_import_time():
     heavy = {"MRISynthesisLib.inference", "MRISynthesisLib.bundle", "MRISynthesisLib.networks",
              "MRISynthesisLib.preprocessing"}
     assert not (top_level & heavy), f"MRISynthesis.py imports {top_level & heavy} at import time (they import torch)"
-    # What it does import at top level is torch-free (run in a fresh interpreter).
-    local = [m for m in top_level if m in LOCAL_MODULES or m.startswith("MRISynthesisLib")]
-    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(MODULE_DIR)!r}]\n"
-            + "".join(f"import {m}\n" for m in sorted(local)) + "print('torch' in sys.modules)")
-    result = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # What it imports at top level, and listing the models with their cards, is torch-free
+    # (a fresh interpreter with only the module folder on sys.path, as Slicer has it).
+    local = sorted(m for m in top_level if m.split(".")[0] in (HELPER_PACKAGE, "MRISynthesisLib"))
+    assert f"{HELPER_PACKAGE}.jobs" in local
+    code = (f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r})\n"
+            + "".join(f"import {m}\n" for m in local)
+            + "from SlicerMRISynthesisLib import modelinfo; assert len(modelinfo.shippedModels()) == 3\n"
+            + "print('torch' in sys.modules)")
+    result = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=str(MODULE_DIR.parent / "Testing"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def _module_classes(path):
+    """Names of the classes in a file that derive from ScriptedLoadableModule itself."""
+    return {node.name for node in ast.parse(path.read_text()).body if isinstance(node, ast.ClassDef)
+            and any(getattr(b, "id", getattr(b, "attr", None)) == "ScriptedLoadableModule" for b in node.bases)}
+
+
+def test_every_top_level_python_file_is_a_module():
+    """Slicer registers each top-level *.py of a scripted-module folder as a module and fails
+    with "class X was not found in file X.py" for any without a same-named module class."""
+    top_level = set(MODULE_DIR.glob("*.py"))
+    top_level |= {p for p in installed_python_files() if p.parent == MODULE_DIR}
+    assert MODULE_PY in top_level
+    for path in sorted(top_level):
+        assert path.stem in _module_classes(path), (
+            f"{path.name} sits in the scripted-module folder but has no class {path.stem}(ScriptedLoadableModule): "
+            f"Slicer would fail to load it; move it into {HELPER_PACKAGE}/")
+    # The check can fail: a helper file at the top level has no module class.
+    assert "SynthesisSceneLogic" not in _module_classes(HELPER_DIR / "scene.py")
+    assert _module_classes(HELPER_DIR / "scene.py") == set()
+    # Everything in the helper package is installed.
+    installed = set(installed_python_files())
+    assert set(HELPER_DIR.glob("*.py")) <= installed, "CMakeLists.txt must list every file of the helper package"
+
+
+def test_everything_installed_into_slicer_parses_as_python_3_9():
+    """Slicer 5.8 ships Python 3.9: no match statements, no X | Y annotations evaluated at
+    run time, no parenthesised context managers..."""
+    files = installed_python_files()
+    assert MODULE_PY in files and REPO / "MRISynthesisLib" / "inference.py" in files
+    assert MODULE_DIR / "Scripts" / "batch_synthesize.py" in files
+    for path in files:
+        ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
+    with pytest.raises(SyntaxError):  # the check can fail
+        ast.parse("match x:\n    case 1:\n        pass\n", feature_version=(3, 9))
+
+
+def test_runtime_annotations_are_python_3_9_safe():
+    """ast cannot see ``X | None`` in an annotation that is evaluated at import (a dataclass
+    or function without ``from __future__ import annotations``); on 3.9 it raises TypeError."""
+    for path in installed_python_files():
+        tree = ast.parse(path.read_text())
+        future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
+                     and any(a.name == "annotations" for a in n.names) for n in tree.body)
+        if future:
+            continue
+        for node in ast.walk(tree):
+            annotations = []
+            if isinstance(node, ast.AnnAssign):
+                annotations.append(node.annotation)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                annotations += [a.annotation for a in node.args.args + node.args.kwonlyargs if a.annotation]
+                if node.returns:
+                    annotations.append(node.returns)
+            for annotation in annotations:
+                bad = [n for n in ast.walk(annotation) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr)]
+                assert not bad, f"{path}:{annotation.lineno}: 'X | Y' annotation is evaluated at import on Python 3.9"
 
 
 def test_extension_metadata_and_catalog_entry():
@@ -170,10 +248,40 @@ def test_extension_metadata_and_catalog_entry():
     catalog = json.loads((REPO / "MRISynthesis.json").read_text())
     assert {"$schema", "category", "scm_url"} <= set(catalog)
     assert catalog["category"] == re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', cmake).group(1)
+    assert catalog["category"] == "Image Synthesis"  # as SlicerModalityConverter
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', cmake) and catalog["build_dependencies"] == ["PyTorch"]
     from PIL import Image
 
     for icon in (REPO / "Resources/Icons/MRISynthesis.png", MODULE_DIR / "Resources/Icons/MRISynthesis.png"):
         assert Image.open(icon).size == (128, 128)
+
+
+def test_catalog_readiness_license_and_urls():
+    """The catalog checker needs a top-level LICENSE; every URL into this repository that the
+    metadata names must point at a file that exists."""
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+    texts = [(REPO / "CMakeLists.txt").read_text(), (REPO / "MRISynthesis.json").read_text()]
+    urls = [u for text in texts for u in re.findall(r"https://raw\.githubusercontent\.com/[^\s\"';]+", text)]
+    ours = [u for u in urls if "/MRISynthesis/SlicerMRISynthesis/" in u]
+    assert set(urls) - set(ours) <= {"https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                     "slicer-extension-catalog-entry-schema-v1.0.1.json#"}
+    assert len(ours) >= 2  # icon and screenshot
+    for url in ours:
+        match = re.fullmatch(r"https://raw\.githubusercontent\.com/MRISynthesis/SlicerMRISynthesis/main/(.+)", url)
+        assert match, f"{url} does not point into this repository's main branch"
+        assert (REPO / match.group(1)).is_file(), f"{url} names {match.group(1)}, which does not exist"
+    from PIL import Image
+
+    assert Image.open(REPO / "Resources/Screenshots/MRISynthesis.png").size[0] >= 800
+
+
+def test_panel_shows_the_research_notice():
+    label = ui_widgets()["researchNoticeLabel"]
+    text = next(p.find("string").text for p in label.findall("property") if p.get("name") == "text")
+    assert "research use only" in text.lower()
+    assert {"modelInfoLabel", "environmentLabel"} <= set(ui_widgets())
 
 
 def _sample_files():

@@ -11,18 +11,16 @@ Importing this file does not import torch: MRISynthesisLib.inference is imported
 first synthesis, after the module has made sure PyTorch is installed.
 
     >>> import slicer
-    >>> from MRISynthesisSceneLogic import SynthesisSceneLogic
+    >>> from SlicerMRISynthesisLib.scene import SynthesisSceneLogic
     >>> logic = SynthesisSceneLogic(slicer.mrmlScene)
     >>> flair = logic.synthesize(t1=t1Node, t2=t2Node, precision="bf16")
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -30,16 +28,16 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-import slicer
 from MRISynthesisLib.errors import BundleError, InputError
 from MRISynthesisLib.subjects import subject_files
 from MRISynthesisLib.volumes import Volume
 
+from .modelinfo import MODALITY_LABELS, readBundleHeader, readBundleMetadata
+
 log = logging.getLogger("MRISynthesis")
 
 INPUT_MODALITIES = ("t1", "t2", "t1c")
-MODALITY_LABELS = {"t1": "T1", "t2": "T2", "t1c": "T1c", "flair": "FLAIR"}
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N" for the N-th GPU
 # Mirrors MRISynthesisLib.inference.PRECISIONS (not imported: that module imports torch).
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_PRECISION = "auto"
@@ -90,6 +88,18 @@ def assignInputsByName(nodes: Iterable, current: Optional[Dict[str, object]] = N
     return assigned
 
 
+def prefillInputs(nodes: Iterable, current: Dict[str, object], decided: Iterable[str]):
+    """Pre-fill by name only the selectors nobody has decided yet.
+
+    ``decided``: modalities whose selector was already set once (by the user or a pre-fill):
+    they are left alone, so a selector the user set back to "None" stays None. Returns
+    ({modality: node} to assign, the new set of decided modalities).
+    """
+    decided = set(decided) | {m for m, node in current.items() if node is not None}
+    assigned = {m: n for m, n in assignInputsByName(nodes).items() if m not in decided}
+    return assigned, decided | set(assigned)
+
+
 def outputName(referenceNode) -> str:
     return f"{referenceNode.GetName()} synthetic FLAIR"
 
@@ -103,25 +113,8 @@ def shippedModelSources(name: str) -> Tuple[str, ...]:
 
 
 def readBundleSources(path) -> Tuple[str, ...]:
-    """The source modalities of a bundle file, read from its header only (no torch).
-
-    Only for showing what a chosen file needs; the bundle is fully verified by
-    MRISynthesisLib.bundle.load_bundle when synthesis runs.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise BundleError(f"model bundle not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            headerLength = struct.unpack("<Q", f.read(8))[0]
-            if headerLength > 100_000_000:
-                raise ValueError("implausible header size")
-            header = json.loads(f.read(headerLength))
-        info = json.loads(header["__metadata__"]["mrisynthesis_bundle"])
-        sources = tuple(info["sources"])
-    except Exception as exc:  # any failure means: not one of our bundles
-        raise BundleError(f"{path}: not an MRISynthesis model bundle ({exc})") from None
-    return sources
+    """The source modalities of a bundle file, read from its header only (no torch)."""
+    return tuple(readBundleMetadata(path)["sources"])
 
 
 @dataclass
@@ -312,14 +305,8 @@ def _stem(path: str) -> str:
 # ----------------------------------------------------------------------------- synthesis
 
 
-def _defaultSynthesize(*args, **kwargs):
-    from MRISynthesisLib.inference import synthesize  # imports torch: only when used
-
-    return synthesize(*args, **kwargs)
-
-
 def _defaultResolveModel(model, sources):
-    from MRISynthesisLib.models import resolve_model
+    from MRISynthesisLib.models import resolve_model  # torch-free
 
     return resolve_model(model, sources)
 
@@ -330,29 +317,88 @@ def _cudaAvailable() -> bool:
     return torch.cuda.is_available()
 
 
+def readBundleDigest(path) -> Optional[str]:
+    """The SHA-256 a bundle's header states (torch-free; None if unreadable)."""
+    try:
+        return readBundleHeader(path)["__metadata__"].get("sha256")
+    except Exception:
+        return None
+
+
+class GeneratorCache:
+    """The network of the last bundle used, built once and reused while the bundle (path and
+    digest) and the device and precision stay the same: a second Apply skips loading and
+    building. Holds one network (GPU memory)."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+        self.builds = 0  # how many networks were built (tests, logs)
+
+    def get(self, bundlePath, torchDevice: str, precision: str):
+        """(ModelBundle, generator) for the bundle on ``torchDevice`` ("cpu", "cuda:0")."""
+        from MRISynthesisLib.bundle import load_bundle  # imports torch
+
+        key = (os.path.realpath(os.fspath(bundlePath)), readBundleDigest(bundlePath), torchDevice, precision)
+        if key != self._key:
+            self._key = self._value = None  # free the old network before building the new one
+            bundle = load_bundle(bundlePath)
+            self._value = (bundle, bundle.build_generator(torchDevice))
+            self._key = key
+            self.builds += 1
+        return self._value
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+
+@dataclass
+class SynthesisRequest:
+    """What one synthesis needs, read from the scene on the main thread. The voxels are
+    copies, so ``SynthesisSceneLogic.compute`` can run in a worker thread without MRML."""
+
+    volumes: Dict[str, Volume]
+    mask: Optional[Volume]
+    bundlePath: str
+    device: str
+    precision: str
+    batchSize: int
+    referenceNode: object  # T1: the output takes its grid and parent transform
+    outputNode: object = None  # None: a new node "<T1 name> synthetic FLAIR"
+    inputNodes: Tuple = ()  # every node the result depends on
+
+    @property
+    def sceneNodes(self) -> Tuple:
+        """Nodes whose removal makes the result obsolete (inputs, mask, chosen output)."""
+        return tuple(n for n in (*self.inputNodes, self.outputNode) if n is not None)
+
+
 class SynthesisSceneLogic:
     """Synthesises FLAIR from volume nodes of a scene; everything the module, the console and
-    the batch script do goes through ``synthesize``.
+    the batch script do goes through ``prepare`` (main thread: read and check the nodes),
+    ``compute`` (any thread: no MRML) and ``store`` (main thread: write the result), which
+    ``synthesize`` runs in a row.
 
     Dependencies are injected for testing and reuse: ``synthesizeFunction`` (default
-    MRISynthesisLib.inference.synthesize), ``resolveModel`` (default
-    MRISynthesisLib.models.resolve_model) and ``cudaAvailable``.
+    MRISynthesisLib.inference.synthesize with the network from ``generatorCache``),
+    ``resolveModel`` (default MRISynthesisLib.models.resolve_model) and ``cudaAvailable``.
     """
 
     def __init__(self, scene=None, synthesizeFunction: Optional[Callable] = None,
                  resolveModel: Optional[Callable] = None, cudaAvailable: Optional[Callable[[], bool]] = None,
                  logger: Optional[logging.Logger] = None):
         self.scene = scene
-        self._synthesize = synthesizeFunction or _defaultSynthesize
+        self._synthesize = synthesizeFunction
         self._resolveModel = resolveModel or _defaultResolveModel
         self._cudaAvailable = cudaAvailable or _cudaAvailable
         self.log = logger or log
+        self.generatorCache = GeneratorCache()
 
     def resolveDevice(self, device: str) -> str:
-        """"cuda" without a usable GPU falls back to "cpu" with a warning."""
-        if device not in DEVICES:
-            raise InputError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
-        if device == "cuda" and not self._cudaAvailable():
+        """"cuda" (or "cuda:N") without a usable GPU falls back to "cpu" with a warning."""
+        if device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(device)):
+            raise InputError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)} or cuda:N")
+        if device.startswith("cuda") and not self._cudaAvailable():
             self.log.warning("CUDA was requested but PyTorch sees no CUDA GPU; running on the CPU instead")
             return "cpu"
         return device
@@ -366,12 +412,20 @@ class SynthesisSceneLogic:
         t1, t2, t1c, mask: vtkMRMLScalarVolumeNode (or None). model: a shipped model name
         ("t1_t2_to_flair", ...) or a bundle file; None picks the shipped model that takes
         exactly the given inputs. The output gets exactly T1's IJK-to-RAS matrix and parent
-        transform and is named "<T1 name> synthetic FLAIR" (an ``outputNode`` given by the
-        caller keeps its name unless it is still empty). Inputs on other grids or under other
-        parent transforms are resampled onto T1 in physical space (logged). On any error or
-        cancellation (``cancel()`` returning True) the scene is left as it was and no input
-        node is modified. ``progressCallback(done, total)`` counts slices.
+        transform and is a new node named "<T1 name> synthetic FLAIR" unless the caller gives
+        ``outputNode`` (which keeps its name unless it is still empty). Inputs on other grids
+        or under other parent transforms are resampled onto T1 in physical space (logged). On
+        any error or cancellation (``cancel()`` returning True) the scene is left as it was
+        and no input node is modified. ``progressCallback(done, total)`` counts slices.
         """
+        request = self.prepare(t1=t1, t2=t2, t1c=t1c, mask=mask, model=model, device=device, precision=precision,
+                               outputNode=outputNode, batchSize=batchSize)
+        result = self.compute(request, progressCallback, cancel)
+        return self.store(request, result)
+
+    def prepare(self, t1=None, t2=None, t1c=None, mask=None, model: Optional[str] = None, device: str = "auto",
+                precision: str = DEFAULT_PRECISION, outputNode=None, batchSize: int = 4) -> SynthesisRequest:
+        """Check the nodes and copy their voxels (main thread). Raises InputError/BundleError."""
         nodes = {"t1": t1, "t2": t2, "t1c": t1c}
         given = {m: n for m, n in nodes.items() if n is not None}
         if t1 is None:
@@ -395,16 +449,48 @@ class SynthesisSceneLogic:
         device = self.resolveDevice(device)
         self.log.info("Synthesising FLAIR from %s with %s on %s (%s)",
                       " + ".join(MODALITY_LABELS[m] for m in given), bundlePath, device, precision)
+        return SynthesisRequest(volumes, maskVolume, str(bundlePath), device, precision, batchSize, t1, outputNode,
+                                tuple(n for n in (*given.values(), mask) if n is not None))
 
-        result = self._synthesize(volumes, bundlePath, mask=maskVolume, reference="t1", device=device,
-                                  precision=precision, batch_size=batchSize, progress=progressCallback,
-                                  cancel=cancel)
+    def compute(self, request: SynthesisRequest, progressCallback=None, cancel=None) -> Volume:
+        """Run the network (any thread; touches no MRML node). Raises Cancelled when ``cancel()``."""
+        reference = request.volumes["t1"]
+        kwargs = dict(mask=request.mask, reference="t1", precision=request.precision, batch_size=request.batchSize,
+                      progress=progressCallback, cancel=cancel)
+        if self._synthesize is not None:
+            result = self._synthesize(request.volumes, request.bundlePath, device=request.device, **kwargs)
+        else:
+            result = self._computeWithCachedGenerator(request, kwargs)
         if tuple(result.shape) != tuple(reference.shape):
             raise RuntimeError(f"synthesis returned shape {result.shape}, expected T1's {reference.shape}")
-        return self._storeOutput(result.array, t1, outputNode)
+        return result
+
+    def _computeWithCachedGenerator(self, request: SynthesisRequest, kwargs) -> Volume:
+        import contextlib
+
+        import torch
+        from MRISynthesisLib.inference import synthesize
+
+        device = request.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+            torchDevice, coreDevice = f"cuda:{index}", "cuda"
+            # The core takes "cuda" = the current device, which is per thread.
+            deviceContext = torch.cuda.device(index)
+        else:
+            torchDevice = coreDevice = "cpu"
+            deviceContext = contextlib.nullcontext()
+        bundle, generator = self.generatorCache.get(request.bundlePath, torchDevice, request.precision)
+        with deviceContext:
+            return synthesize(request.volumes, bundle, device=coreDevice, generator=generator, **kwargs)
+
+    def store(self, request: SynthesisRequest, result: Volume):
+        """Put the result into the scene (main thread), only now that synthesis succeeded."""
+        return self._storeOutput(result.array, request.referenceNode, request.outputNode)
 
     def _storeOutput(self, array: np.ndarray, referenceNode, outputNode):
-        """Put the result into the output node only now that synthesis succeeded."""
         scene = self.scene or referenceNode.GetScene()
         created = outputNode is None
         node = outputNode

@@ -1,0 +1,316 @@
+"""The Slicer module's background synthesis on real MRML (slicer-core, no Qt): the worker
+thread, cancelling (Cancel, removing an input, closing the scene), applying the result only on
+the main thread, the generator cache; and how the module side reaches MRISynthesisLib."""
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "MRISynthesis"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
+
+from conftest import make_bundle  # noqa: E402
+from MRISynthesisLib.inference import synthesize as core_synthesize  # noqa: E402
+from SlicerMRISynthesisLib import dependencies as deps  # noqa: E402
+from SlicerMRISynthesisLib.jobs import CANCELLED, DONE, FAILED, ApplyRun, SceneWatcher, SynthesisJob  # noqa: E402
+from test_slicer_dependencies import FakeEnvironment, _slow_pip  # noqa: E402
+from SlicerMRISynthesisLib.scene import SynthesisSceneLogic, updateNodeFromArray  # noqa: E402
+
+AFFINE = np.array([[0.0, -1.1, 0.0, 30.0], [0.9, 0.0, 0.0, -12.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+SHAPE = (24, 20, 10)
+
+
+def brain(seed):
+    rng = np.random.default_rng(seed)
+    array = np.zeros(SHAPE, dtype=np.float32)
+    array[3:-3, 3:-3, 1:-1] = 100 + 400 * rng.random((SHAPE[0] - 6, SHAPE[1] - 6, SHAPE[2] - 2))
+    return array
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return str(make_bundle(tmp_path_factory.mktemp("b") / "t1_t2.safetensors", ("t1", "t2")))
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    t1 = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case t1")
+    updateNodeFromArray(t1, brain(0), AFFINE)
+    t2 = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case t2")
+    updateNodeFromArray(t2, brain(1), AFFINE)
+    return scene, t1, t2
+
+
+class Gate:
+    """A synthesize function that runs the real core but stops after the first batch until
+    released, so the test acts while the worker is mid-run."""
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.threads = []
+
+    def __call__(self, volumes, bundle, progress=None, **kwargs):
+        self.threads.append(threading.current_thread())
+
+        def hold(done, total):
+            if progress:
+                progress(done, total)
+            if done > 0:
+                self.started.set()
+                assert self.release.wait(30)
+
+        kwargs["batch_size"] = 1
+        return core_synthesize(volumes, bundle, progress=hold, **kwargs)
+
+
+def node_state(scene):
+    return sorted((n.GetID(), n.GetName(), n.GetMTime()) for n in
+                  (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())))
+
+
+def start_job(scene, t1, t2, bundle, gate, outputNode=None):
+    logic = SynthesisSceneLogic(scene, synthesizeFunction=gate)
+    request = logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu", outputNode=outputNode)
+    job = SynthesisJob(logic, request)
+    watcher = SceneWatcher(scene, job)
+    job.start()
+    assert gate.started.wait(60), "the worker did not start"
+    return job, watcher
+
+
+def test_job_runs_in_a_worker_thread_and_applies_only_when_finished(scene, bundle, one_thread):
+    scene, t1, t2 = scene
+    gate = Gate()
+    before = scene.GetNumberOfNodes()
+    job, watcher = start_job(scene, t1, t2, bundle, gate)
+    assert job.poll() and job.progress[0] >= 1 and job.progress[1] > 1  # running, with progress
+    assert gate.threads[0] is not threading.main_thread()
+    assert scene.GetNumberOfNodes() == before  # nothing in the scene while it runs
+    gate.release.set()
+    output = job.finish(timeout=60)
+    watcher.stop()
+    assert job.state == DONE and not job.running
+    assert output.GetName() == "case t1 synthetic FLAIR" and output.GetScene() is scene
+    values = slicer_array(output)
+    assert values.shape == SHAPE[::-1]
+    assert 0 <= values.min() and 0 < values.max() <= 1000
+
+
+@pytest.mark.parametrize("how", ["cancel", "remove t2", "close scene", "remove output"])
+def test_cancel_mid_run_leaves_the_scene_unchanged_and_the_thread_ended(scene, bundle, how, one_thread):
+    scene, t1, t2 = scene
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chosen output") if how == "remove output" else None
+    gate = Gate()
+    job, watcher = start_job(scene, t1, t2, bundle, gate, outputNode=output)
+    before = node_state(scene)
+    if how == "cancel":
+        job.cancel("Cancel pressed")
+    elif how == "remove t2":
+        scene.RemoveNode(t2)
+        before = node_state(scene)
+    elif how == "remove output":
+        scene.RemoveNode(output)
+        before = node_state(scene)
+    else:
+        scene.Clear(0)  # File > Close Scene
+        before = node_state(scene)
+    assert job.cancelled, f"{how} did not cancel the job"
+    gate.release.set()
+    assert job.finish(timeout=60) is None
+    watcher.stop()
+    assert job.state == CANCELLED and not job.running
+    assert node_state(scene) == before  # no node added or changed
+    assert {"remove t2": "'case t2' was removed", "close scene": "scene was closed",
+            "cancel": "Cancel pressed", "remove output": "'chosen output' was removed"}[how] in job.cancelReason
+
+
+def test_watcher_ignores_other_nodes_and_stops_observing(scene, bundle, one_thread):
+    scene, t1, t2 = scene
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "unrelated")
+    gate = Gate()
+    job, watcher = start_job(scene, t1, t2, bundle, gate)
+    scene.RemoveNode(other)
+    assert not job.cancelled
+    gate.release.set()
+    assert job.finish(timeout=60) is not None
+    watcher.stop()
+    scene.RemoveNode(t2)  # after stop(): no effect on the finished job
+    assert job.state == DONE
+
+
+def test_worker_error_is_raised_on_the_main_thread_and_nothing_added(scene, bundle):
+    scene, t1, t2 = scene
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    logic = SynthesisSceneLogic(scene, synthesizeFunction=failing)
+    job = SynthesisJob(logic, logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu"))
+    before = scene.GetNumberOfNodes()
+    job.start()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        job.finish(timeout=60)
+    assert job.state == FAILED and scene.GetNumberOfNodes() == before
+
+
+def test_generator_is_built_once_across_applies(scene, bundle, tmp_path, one_thread):
+    scene, t1, t2 = scene
+    logic = SynthesisSceneLogic(scene)  # the real path: core synthesize with the cached network
+    first = logic.synthesize(t1=t1, t2=t2, model=bundle, device="cpu", precision="fp32")
+    second = logic.synthesize(t1=t1, t2=t2, model=bundle, device="cpu", precision="fp32")
+    assert logic.generatorCache.builds == 1
+    assert first is not second  # each Apply a new output node
+    np.testing.assert_array_equal(slicer_array(first), slicer_array(second))
+    expected = core_synthesize({"t1": logic.prepare(t1=t1).volumes["t1"], "t2": logic.prepare(t1=t2).volumes["t1"]},
+                               bundle, device="cpu", precision="fp32")
+    np.testing.assert_allclose(slicer_array(first), expected.array.transpose(2, 1, 0), atol=1e-4)
+    logic.synthesize(t1=t1, t2=t2, model=bundle, device="cpu", precision="bf16")
+    assert logic.generatorCache.builds == 2  # precision changed
+    other = str(make_bundle(tmp_path / "other.safetensors", ("t1", "t2"), seed=1))
+    logic.synthesize(t1=t1, t2=t2, model=other, device="cpu", precision="bf16")
+    assert logic.generatorCache.builds == 3  # another bundle
+    make_bundle(other, ("t1", "t2"), seed=2)  # same path, new content (digest)
+    logic.synthesize(t1=t1, t2=t2, model=other, device="cpu", precision="bf16")
+    assert logic.generatorCache.builds == 4
+
+
+def slicer_array(node):
+    from vtk.util import numpy_support
+
+    dims = node.GetImageData().GetDimensions()
+    return numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(dims[::-1])
+
+
+def test_cuda_device_names_are_accepted_and_fall_back_without_gpu(scene, bundle, caplog):
+    scene, t1, t2 = scene
+    logic = SynthesisSceneLogic(scene, cudaAvailable=lambda: False)
+    assert logic.resolveDevice("cuda:1") == "cpu" and "no CUDA GPU" in caplog.text
+    assert SynthesisSceneLogic(scene, cudaAvailable=lambda: True).resolveDevice("cuda:1") == "cuda:1"
+    from MRISynthesisLib.errors import InputError
+
+    with pytest.raises(InputError, match="cuda:N"):
+        logic.resolveDevice("gpu0")
+
+
+def test_module_side_makes_only_mrisynthesislib_importable(tmp_path):
+    """Source-tree use: Slicer puts the module folder on sys.path. Importing the helper package
+    must make MRISynthesisLib importable (from this checkout) without adding the repository
+    root, so ``training`` and the other top-level folders shadow nothing."""
+    code = "\n".join([
+        "import sys",
+        f"sys.path[:] = [{str(MODULE_DIR)!r}] + [p for p in sys.path if 'site-packages' not in p and p]",
+        "before = list(sys.path)",
+        "import importlib.util",
+        "assert importlib.util.find_spec('MRISynthesisLib') is None, 'precondition: core not importable yet'",
+        "import SlicerMRISynthesisLib, MRISynthesisLib, MRISynthesisLib.errors, MRISynthesisLib.models",
+        "assert sys.path == before, 'sys.path changed'",
+        "for name in ('training', 'scripts', 'Testing', 'docs'):",
+        "    assert importlib.util.find_spec(name) is None, name + ' became importable'",
+        "print(MRISynthesisLib.__file__)",
+        "print(len(MRISynthesisLib.models.shipped_bundles()))",
+    ])
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    path, shipped = result.stdout.split()
+    assert Path(path) == REPO / "MRISynthesisLib" / "__init__.py" and int(shipped) == 3
+
+
+def test_module_side_prefers_the_installed_copy_beside_it(tmp_path):
+    """Installed layout (qt-scripted-modules/): MRISynthesisLib sits beside the helper package."""
+    import shutil
+
+    lib = tmp_path / "qt-scripted-modules"
+    shutil.copytree(MODULE_DIR / "SlicerMRISynthesisLib", lib / "SlicerMRISynthesisLib")
+    shutil.copytree(REPO / "MRISynthesisLib", lib / "MRISynthesisLib")
+    code = (f"import sys; sys.path[:] = [{str(lib)!r}] + [p for p in sys.path if 'site-packages' not in p and p]\n"
+            "import SlicerMRISynthesisLib, MRISynthesisLib; print(MRISynthesisLib.__file__)")
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == lib / "MRISynthesisLib" / "__init__.py"
+    shutil.rmtree(lib / "MRISynthesisLib")
+    (tmp_path / "elsewhere").mkdir()
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=str(tmp_path / "elsewhere"))
+    assert result.returncode != 0 and "incompletely installed" in result.stderr
+
+
+def poll_until_done(run, limit=60.0):
+    import time
+
+    end = time.time() + limit
+    while run.poll():
+        assert time.time() < end, "the run did not finish"
+        time.sleep(0.02)
+
+
+def test_apply_run_installs_then_synthesises(scene, bundle, one_thread):
+    scene, t1, t2 = scene
+    env = FakeEnvironment(torch=None)
+    installer = env.installer(lambda m: True, hasPipEnsure=True)
+    installed = []
+    logic = SynthesisSceneLogic(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu"), scene,
+                   deps.InstallJob(installer, installer.askToInstall()), onInstalled=lambda: installed.append(1))
+    assert run.status.startswith("Installing torch>=2.1")
+    poll_until_done(run)
+    assert [m for m, _ in env.calls] == ["pip_ensure"] and installed == [1]
+    assert not run.failed and run.output.GetName() == "case t1 synthetic FLAIR" and run.message.startswith("Done")
+    assert not run.job.running
+
+
+def test_apply_run_cancel_during_install_stops_pip_and_synthesises_nothing(scene, bundle):
+    scene, t1, t2 = scene
+    env = FakeEnvironment(torch=None)
+    launched = []
+    installer = env.installer(lambda m: True, launchPip=lambda r: launched.append(_slow_pip(r)) or launched[-1])
+    logic = SynthesisSceneLogic(scene)
+    before = node_state(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu"), scene,
+                   deps.InstallJob(installer, installer.askToInstall()))
+    assert run.poll() and run.poll() and launched[0].poll() is None  # pip running
+    run.cancel("the scene was closed")
+    assert not run.poll() and run.output is None and run.job is None
+    assert launched[0].poll() is not None and "Installation cancelled (the scene was closed)" in run.message
+    assert node_state(scene) == before
+
+
+def test_apply_run_cancel_during_synthesis(scene, bundle, one_thread):
+    scene, t1, t2 = scene
+    gate = Gate()
+    logic = SynthesisSceneLogic(scene, synthesizeFunction=gate)
+    before = node_state(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu"), scene)
+    assert gate.started.wait(60) and run.poll() and run.progress[0] >= 1
+    threading.Timer(0.2, gate.release.set).start()  # the worker reaches its next batch later
+    run.cancel("you left the module")
+    assert not run.job.running and run.output is None and not run.failed
+    assert run.message == "Cancelled (you left the module); the scene is unchanged."
+    assert node_state(scene) == before
+
+
+def test_apply_run_reports_a_failed_install_and_does_not_synthesise(scene, bundle):
+    scene, t1, t2 = scene
+    env = FakeEnvironment(torch=None)
+    installer = env.installer(lambda m: True, hasPipEnsure=True)
+
+    def broken(requirements):
+        raise RuntimeError("no network")
+
+    installer.pipEnsure = broken
+    logic = SynthesisSceneLogic(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, t2=t2, model=bundle, device="cpu"), scene,
+                   deps.InstallJob(installer, installer.askToInstall()))
+    poll_until_done(run)
+    assert run.failed and "no network" in run.message and run.job is None and run.output is None

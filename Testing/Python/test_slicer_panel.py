@@ -1,0 +1,116 @@
+"""What the panel decides and shows, without Qt: name-based pre-fill that respects the user's
+choices, model labels and model-card summaries from the shipped bundles (no torch), device
+and PyTorch lines; and static checks of the widget's scene rules (it cannot run here)."""
+
+import ast
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "MRISynthesis"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
+
+from MRISynthesisLib.models import shipped_bundles  # noqa: E402
+from SlicerMRISynthesisLib import modelinfo  # noqa: E402
+from SlicerMRISynthesisLib.scene import prefillInputs  # noqa: E402
+
+
+def volumes(scene, *names):
+    return [scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", n) for n in names]
+
+
+def test_prefill_fills_only_undecided_selectors():
+    scene = slicer.vtkMRMLScene()
+    t1, t2 = volumes(scene, "case-t1n", "case-t2w")
+    assigned, decided = prefillInputs([t1, t2], {"t1": None, "t2": None, "t1c": None}, [])
+    assert assigned == {"t1": t1, "t2": t2} and decided == {"t1", "t2"}
+    # The user sets T2 back to "None": a later volume named t2 does not refill it.
+    (t2b,) = volumes(scene, "other t2")
+    assigned, decided = prefillInputs([t1, t2, t2b], {"t1": t1, "t2": None, "t1c": None}, decided)
+    assert assigned == {} and decided == {"t1", "t2"}
+    # T1c was never decided: a T1c volume loaded later is pre-filled.
+    (t1c,) = volumes(scene, "case-t1c")
+    assigned, decided = prefillInputs([t1, t2, t1c], {"t1": t1, "t2": None, "t1c": None}, decided)
+    assert assigned == {"t1c": t1c} and decided == {"t1", "t2", "t1c"}
+    # A selector the user set by hand is decided even when no pre-fill ran.
+    assigned, decided = prefillInputs([], {"t1": None, "t2": t2, "t1c": None}, [])
+    assert decided == {"t2"}
+
+
+def test_shipped_models_have_human_labels_and_card_summaries():
+    models = modelinfo.shippedModels()
+    assert [name for name, _, _ in models] == ["t1_to_flair", "t1_t2_to_flair", "t1_t2_t1c_to_flair"]
+    labels = {name: label for name, label, _ in models}
+    assert labels["t1_t2_to_flair"] == "T1 + T2 \u2192 FLAIR (paper model)"
+    assert labels["t1_t2_t1c_to_flair"] == "T1 + T2 + T1c \u2192 FLAIR (paper model)"
+    for name, _, summary in models:
+        assert "held-out subjects" in summary and "Held-out test: PSNR" in summary and "SSIM" in summary, name
+        assert "Training data:" in summary and "Limits:" in summary and "research use only" in summary
+    assert "automatic" in modelinfo.AUTOMATIC_HELP.lower() and "T1 + T2 + T1c" in modelinfo.AUTOMATIC_HELP
+
+
+def test_summary_numbers_come_from_the_bundle(tmp_path):
+    path = shipped_bundles()["t1_to_flair"]
+    info = modelinfo.readBundleMetadata(path)
+    stats = info["provenance"]["held_out_evaluation"]["summary"]["fdgan"]["psnr"]
+    assert f"PSNR {stats['mean']:.2f} \u00b1 {stats['std']:.2f} dB" in modelinfo.modelSummary(info)
+    bad = tmp_path / "t1_to_flair.safetensors"
+    bad.write_bytes(b"junk")
+    (name, label, summary), = modelinfo.shippedModels({"t1_to_flair": bad})
+    assert "unreadable" in label and "not an MRISynthesis model bundle" in summary
+
+
+def fake_torch(gpus=(), cuda_build="12.1", version="2.5.1+cu121"):
+    """A stand-in for the torch module's device queries (torch itself has no GPU here)."""
+    cuda = types.SimpleNamespace(is_available=lambda: bool(gpus), device_count=lambda: len(gpus),
+                                 get_device_name=lambda i: gpus[i])
+    return types.SimpleNamespace(cuda=cuda, version=types.SimpleNamespace(cuda=cuda_build), __version__=version)
+
+
+def test_device_list_names_each_gpu_and_the_cpu():
+    assert modelinfo.deviceChoices(None) == [("auto", "automatic (GPU when usable, else CPU)"), ("cpu", "CPU")]
+    choices = modelinfo.deviceChoices(fake_torch(("NVIDIA H200", "NVIDIA RTX A4000")))
+    assert [d for d, _ in choices] == ["auto", "cuda:0", "cuda:1", "cpu"]
+    assert choices[1][1] == "cuda:0 \u2013 NVIDIA H200"
+    import torch
+
+    assert [d for d, _ in modelinfo.deviceChoices(torch)][-1] == "cpu"  # the real one works too
+
+
+def test_pytorch_line():
+    assert "not installed" in modelinfo.torchStatus(None)
+    assert modelinfo.torchStatus(fake_torch(("NVIDIA H200",))) == "PyTorch 2.5.1+cu121: CUDA 12.1 usable (1 GPU)."
+    assert "no usable GPU" in modelinfo.torchStatus(fake_torch(()))
+    assert "CPU build" in modelinfo.torchStatus(fake_torch((), cuda_build=None, version="2.13.0+cpu"))
+
+
+def _method(cls, name):
+    tree = ast.parse((MODULE_DIR / "MRISynthesis.py").read_text())
+    klass = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    return ast.unparse(next(n for n in klass.body if getattr(n, "name", None) == name))
+
+
+def test_widget_scene_rules():
+    """Statically (Qt cannot run here): no parameter node or pre-fill outside the shown module,
+    a run is cancelled on scene close / module exit, the result is shown, outputs are new."""
+    setup = _method("MRISynthesisWidget", "setup")
+    assert "getParameterNode" not in setup and "initializeParameterNode" not in setup and "NodeAddedEvent" not in setup
+    assert "NodeAddedEvent" in _method("MRISynthesisWidget", "enter")
+    exit_ = _method("MRISynthesisWidget", "exit")
+    assert "_cancelRun" in exit_ and "NodeAddedEvent" in exit_
+    assert "_cancelRun" in _method("MRISynthesisWidget", "onSceneStartClose")
+    assert "_cancelRun" in _method("MRISynthesisWidget", "cleanup")
+    assert "ApplyRun(" in _method("MRISynthesisWidget", "onApplyButton")
+    assert "isEntered" in _method("MRISynthesisWidget", "_prefill")
+    assert "isEntered" in _method("MRISynthesisWidget", "onSceneEndClose")
+    assert "setSliceViewerLayers" in _method("MRISynthesisWidget", "_finishRun") and "processEvents" not in ast.unparse(
+        ast.parse((MODULE_DIR / "MRISynthesis.py").read_text()))
+    prepare = _method("MRISynthesisLogic", "prepareFromParameterNode")
+    assert "outputNode=p.outputVolume" in prepare
+    assert "p.outputVolume =" not in ast.unparse(ast.parse((MODULE_DIR / "MRISynthesis.py").read_text()))

@@ -35,7 +35,7 @@ import torch
 
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.preprocessing import PreprocessingConfig, SliceStack, select_middle_slices
-from MRISynthesisLib.subjects import subject_files
+from MRISynthesisLib.subjects import bids_subjects, is_bids_dataset, subject_files
 from MRISynthesisLib.volumes import load_volume
 
 MODALITIES = ("t1", "t1c", "t2", "flair")
@@ -59,18 +59,25 @@ class Subject:
 
 
 def discover(data_dir) -> List[Subject]:
-    """Every subject folder under ``data_dir`` that holds at least one recognised image."""
+    """Every subject folder under ``data_dir`` that holds at least one recognised image; in a
+    BIDS dataset every sub-X[/ses-Y]/anat folder (named sub-X or sub-X_ses-Y)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise InputError(f"data folder not found: {data_dir}")
+    if is_bids_dataset(data_dir):
+        found = [(s.name, Path(s.folder), s.files) for s in bids_subjects(data_dir)]
+    else:
+        found = [(folder.name, folder, subject_files(folder))
+                 for folder in sorted(p for p in data_dir.iterdir() if p.is_dir())]
     subjects = []
-    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
-        files = {m: Path(p) for m, p in subject_files(folder).items()}
+    for name, folder, files in found:
+        files = {m: Path(p) for m, p in files.items()}
         if any(m in files for m in MODALITIES):
-            subjects.append(Subject(folder.name, folder, files))
+            subjects.append(Subject(name, folder, files))
     if not subjects:
         raise InputError(f"{data_dir}: no subject folders with recognised images "
-                         f"(expected e.g. SUBJECT/t1.nii.gz or BraTS names like SUBJECT/x_t1.nii.gz)")
+                         f"(expected e.g. SUBJECT/t1.nii.gz, BraTS names like SUBJECT/x_t1.nii.gz "
+                         f"or a BIDS dataset sub-X/anat/sub-X_T1w.nii.gz)")
     return subjects
 
 

@@ -61,6 +61,15 @@ def cmd_predict(args) -> int:
         raise InputError("give the mask once: --brain-mask FILE (--mask FILE is the older spelling)")
     mask_spec = brain_mask_spec(args.mask or args.brain_mask or "auto")
     outputs = [("output", args.output)] + ([("--save-mask", args.save_mask)] if args.save_mask else [])
+    mask_file = [("brain-mask", mask_spec)] if mask_spec not in ("auto", "none") else []
+    for name, path in list(inputs.items()) + mask_file:
+        if not os.path.exists(path):
+            raise InputError(f"--{name}: file not found (nor a DICOM folder): {path}")
+        for option, out in outputs:
+            if _same_file(path, out):
+                raise InputError(f"{option} {out} is the --{name} input; refusing to overwrite an input")
+    if args.save_mask and _same_file(args.save_mask, args.output):
+        raise InputError("--save-mask and the output are the same file")
     for option, out in outputs:
         if not out.lower().endswith(OUTPUT_SUFFIXES):
             raise InputError(f"{option} {out}: unsupported extension; use one of {', '.join(OUTPUT_SUFFIXES)}")
@@ -68,15 +77,6 @@ def cmd_predict(args) -> int:
             raise InputError(f"{option} folder does not exist: {os.path.dirname(os.path.abspath(out))}")
         if os.path.exists(out) and not args.overwrite:
             raise InputError(f"{option} {out} exists; pass --overwrite to replace it")
-    if args.save_mask and _same_file(args.save_mask, args.output):
-        raise InputError("--save-mask and the output are the same file")
-    mask_file = [("brain-mask", mask_spec)] if mask_spec not in ("auto", "none") else []
-    for name, path in list(inputs.items()) + mask_file:
-        if not os.path.exists(path):
-            raise InputError(f"--{name}: file or DICOM folder not found: {path}")
-        for option, out in outputs:
-            if _same_file(path, out):
-                raise InputError(f"{option} {out} is the --{name} input; refusing to overwrite an input")
     model_path = resolve_model(args.model, inputs)
     result = synthesize_with_details(inputs, str(model_path), mask=mask_spec, device=args.device,
                                      precision=args.precision, batch_size=args.batch_size,

@@ -145,10 +145,14 @@ def check_brain_like(mask: np.ndarray, reference: Volume, what: str, extracted: 
 def _deepbet(device_str: str):
     """deepbet's two networks on ``device`` (loaded once per device). Only deepbet.bet is
     imported: its GUI (customtkinter) is never loaded, so no display is needed."""
+    import warnings
+
     import torch
     from deepbet.bet import BrainExtraction
 
-    bet = BrainExtraction(no_gpu=True)  # load on the CPU, then move to the synthesis device
+    with warnings.catch_warnings():  # deepbet ships TorchScript; torch 2.9+ calls jit.load deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        bet = BrainExtraction(no_gpu=True)  # load on the CPU, then move to the synthesis device
     device = torch.device(device_str)
     bet.model.to(device)
     bet.bbox_model.to(device)

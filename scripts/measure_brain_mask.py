@@ -61,8 +61,13 @@ def main(argv=None) -> int:
     parser.add_argument("--figure-subject", default="ms-long-04a", help="default: the held-out raw head")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--timing", nargs="*", metavar="SUBJECT",
+                        help="only time extraction (and the rule) on these subjects, 3 runs each, forced "
+                             "even on skull-stripped ones (docs/performance.md: ms-long-04a brats18-cbica-aqn)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.timing:
+        return time_extraction(args.data, args.timing, args.device)
 
     from MRISynthesisLib.bundle import load_bundle
 
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
               + " | ".join(f"{mean[k]:.2f}" for k in ("none", "auto", "dataset mask"))
               + f" | {mean['auto'] - mean['dataset mask']:+.2f} |")
 
-    print("\n| skull-stripped subject | auto decision | brain PSNR dB none | auto | difference, dB | max |voxel difference| |")
+    print("\n| skull-stripped subject | auto decision | brain PSNR dB none | auto | difference, dB | max abs voxel difference |")
     print("|---|---|---|---|---|---|")
     for name in args.stripped:
         files = subject_files(os.path.join(args.data, name))
@@ -126,6 +131,29 @@ def main(argv=None) -> int:
         print(f"| {name} | {outs['auto'].mask_decision.source} | {m['none']['psnr_masked']:.2f} | "
               f"{m['auto']['psnr_masked']:.2f} | {m['auto']['psnr_masked'] - m['none']['psnr_masked']:+.3f} | {diff:.3g} |",
               flush=True)
+    return 0
+
+
+def time_extraction(data, subjects, device) -> int:
+    import time
+
+    from MRISynthesisLib.brainmask import _deepbet, extract_brain
+
+    start = time.perf_counter()
+    _deepbet(str(torch.device(device)))
+    print(f"deepbet networks loaded in {time.perf_counter() - start:.2f} s ({torch.get_num_threads()} threads)")
+    for name in subjects:
+        t1 = load_volume(subject_files(os.path.join(data, name))["t1"], "t1")
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            extract_brain(t1, device)
+            runs.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        skull_stripped(t1)
+        rule = time.perf_counter() - start
+        print(f"{name} {'x'.join(map(str, t1.shape))}: extraction median {np.median(runs):.1f} s "
+              f"(runs {', '.join(f'{r:.1f}' for r in runs)}), rule {1000 * rule:.0f} ms", flush=True)
     return 0
 
 

@@ -9,6 +9,8 @@ the slices by position), giving the grid the same series gives once converted to
 
 from __future__ import annotations
 
+import contextlib
+import locale
 import logging
 import os
 import warnings
@@ -79,14 +81,26 @@ def load_volume(path, name: str = "volume") -> Volume:
 DICOM_SERIES_DESCRIPTION = "0008|103e"
 
 
+@contextlib.contextmanager
+def keep_locale():
+    """Restore the process locale afterwards: GDCM (SimpleITK's DICOM IO) sets it to "C",
+    which would make every later text open() in this process ASCII-only."""
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def dicom_series(folder) -> dict:
     """{series instance UID: [file names in slice order]} of the DICOM series in ``folder``
     (not its sub-folders)."""
     import SimpleITK as sitk
 
     folder = os.fspath(folder)
-    return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
-            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)}
+    with keep_locale():
+        return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+                for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)}
 
 
 def _series_description(first_file: str) -> str:
@@ -95,7 +109,8 @@ def _series_description(first_file: str) -> str:
     reader = sitk.ImageFileReader()
     reader.SetFileName(first_file)
     try:
-        reader.ReadImageInformation()
+        with keep_locale():
+            reader.ReadImageInformation()
         if reader.HasMetaDataKey(DICOM_SERIES_DESCRIPTION):
             return reader.GetMetaData(DICOM_SERIES_DESCRIPTION).strip() or "no description"
     except RuntimeError:
@@ -121,7 +136,8 @@ def load_dicom_series(folder, name: str = "volume") -> Volume:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with keep_locale():
+            image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{name}: cannot read the DICOM series in {folder}: {str(exc).strip().splitlines()[-1]}") from exc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:

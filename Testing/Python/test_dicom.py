@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from MRISynthesisLib.cli import main
 from MRISynthesisLib.errors import InputError
-from MRISynthesisLib.volumes import Volume, load_volume, resample_to_reference, volume_to_sitk
+from MRISynthesisLib.volumes import Volume, keep_locale, load_volume, resample_to_reference, volume_to_sitk
 
 from conftest import data_dir, head_phantom
 
@@ -31,6 +31,11 @@ def write_dicom_series(volume: Volume, folder, description: str, series_number: 
     }
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    with keep_locale():
+        _write_slices(writer, image, common, uid, folder, series_number)
+
+
+def _write_slices(writer, image, common, uid, folder, series_number):
     for k in range(image.GetDepth()):
         slice_image = image[:, :, k]
         for tag, value in common.items():
@@ -45,9 +50,11 @@ def write_dicom_series(volume: Volume, folder, description: str, series_number: 
 def _as_nifti_by_itk(folder, tmp_path) -> Volume:
     """The series converted to NIfTI by SimpleITK and read back: the reference geometry."""
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    with keep_locale():
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+        image = reader.Execute()
     path = tmp_path / "converted.nii.gz"
-    sitk.WriteImage(reader.Execute(), str(path))
+    sitk.WriteImage(image, str(path))
     return load_volume(path)
 
 
@@ -96,6 +103,17 @@ def test_several_series_are_listed_by_description(tmp_path):
     message = str(info.value)
     assert "2 DICOM series" in message and "T1 SE axial" in message and "T2 TSE axial" in message
     assert "\n" not in message
+
+
+def test_reading_keeps_the_locale(tmp_path):
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL, None)
+    write_dicom_series(_oblique_phantom(), tmp_path / "t1", "T1")
+    load_volume(tmp_path / "t1")
+    with pytest.raises(InputError):
+        load_volume(tmp_path, "t1")  # no series directly in tmp_path
+    assert locale.setlocale(locale.LC_ALL, None) == before
 
 
 def test_folder_without_series(tmp_path):

@@ -50,7 +50,9 @@ deepbet itself finds a brain-sized blob in anything bright, so these checks are 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -58,6 +60,8 @@ import numpy as np
 
 from .errors import InputError
 from .volumes import Volume, load_volume, resample_to_reference, validate_volume
+
+log = logging.getLogger(__name__)
 
 BRAIN_MASK_MODES = ("auto", "none")
 EXTRACTION_MARGIN_MM = 2.0
@@ -194,14 +198,11 @@ def grow_mask(mask: np.ndarray, spacing, margin_mm: float) -> np.ndarray:
     return grown
 
 
-def _mask_volume(spec, reference: Volume, reference_name: str) -> np.ndarray:
-    mask = spec if isinstance(spec, Volume) else load_volume(spec, "mask")
-    mask = validate_volume(mask, "mask") if isinstance(spec, Volume) else mask
+def _given_mask(spec, reference: Volume, reference_name: str) -> np.ndarray:
+    """A given mask (Volume or file) as a boolean array on the reference grid."""
+    mask = validate_volume(spec, "mask") if isinstance(spec, Volume) else load_volume(spec, "mask")
     if not mask.same_grid(reference):
-        import logging
-
-        logging.getLogger(__name__).warning("mask is on a different grid than %s; resampling it (nearest neighbour)",
-                                            reference_name)
+        log.warning("mask is on a different grid than %s; resampling it (nearest neighbour)", reference_name)
         mask = resample_to_reference(mask, reference, "mask", interpolation="nearest")
     array = mask.array > 0
     if not array.any():
@@ -210,8 +211,8 @@ def _mask_volume(spec, reference: Volume, reference_name: str) -> np.ndarray:
 
 
 def brain_mask_spec(text: str) -> str:
-    """A command-line value checked: "auto", "none" or the path of an existing mask file."""
-    if text in BRAIN_MASK_MODES or os.path.isfile(text):
+    """A command-line value checked: "auto", "none" or an existing mask file (or DICOM folder)."""
+    if text in BRAIN_MASK_MODES or os.path.exists(text):
         return text
     raise InputError(f"--brain-mask {text!r}: expected {' or '.join(BRAIN_MASK_MODES)} or an existing mask file")
 
@@ -224,14 +225,12 @@ def resolve_brain_mask(spec: MaskSpec, reference: Volume, device="cpu", referenc
     device: the torch device synthesis runs on (extraction runs there too).
     Raises InputError with one line for an empty or non-brain mask or a non-brain image.
     """
-    import time
-
     start = time.perf_counter()
     if spec is None or (isinstance(spec, str) and spec == "none"):
         return BrainMaskDecision(None, SOURCE_NONE, "brain mask: none (the non-zero voxels of the inputs)")
     if isinstance(spec, str) and spec == "auto":
         ml = nonzero_ml(reference)
-        if ml <= STRIPPED_MAX_ML:
+        if skull_stripped(reference):
             check_brain_like(reference.array != 0, reference, f"the non-zero region of {reference_name}", extracted=False)
             return BrainMaskDecision(None, SOURCE_STRIPPED,
                                      f"brain mask: {reference_name} is already skull-stripped (non-zero region "
@@ -249,7 +248,7 @@ def resolve_brain_mask(spec: MaskSpec, reference: Volume, device="cpu", referenc
         if isinstance(spec, (str, os.PathLike)) and not os.path.exists(os.fspath(spec)):
             raise InputError(f"brain mask: {os.fspath(spec)!r} is neither {' nor '.join(BRAIN_MASK_MODES)} "
                              "nor an existing mask file")
-        array = _mask_volume(spec, reference, reference_name)
+        array = _given_mask(spec, reference, reference_name)
         where = "" if isinstance(spec, Volume) else f" ({os.fspath(spec)})"
         return BrainMaskDecision(array, SOURCE_GIVEN,
                                  f"brain mask: given{where}, {np.count_nonzero(array) * voxel_ml(reference):.0f} ml",

@@ -1,6 +1,8 @@
 """The ``mrisynthesis`` command line.
 
-    mrisynthesis predict --t1 T1 [--t2 T2] [--t1c T1C] [--mask MASK] [--model BUNDLE] -o OUT
+    mrisynthesis predict --t1 T1 [--t2 T2] [--t1c T1C] [--brain-mask auto|none|FILE]
+                         [--save-mask PATH] [--model BUNDLE] -o OUT
+    (T1/T2/T1C: an image file or a folder holding one DICOM series)
     mrisynthesis info BUNDLE
 
 Errors are reported as one line ``mrisynthesis: error: ...`` with exit status 2.
@@ -49,29 +51,43 @@ class _Progress:
 
 
 def cmd_predict(args) -> int:
-    from .inference import synthesize
+    from .brainmask import brain_mask_spec
+    from .inference import synthesize_with_details
     from .models import resolve_model
     from .volumes import save_volume
 
     inputs = {name: getattr(args, name) for name in SOURCE_OPTIONS if getattr(args, name)}
-    if not args.output.lower().endswith(OUTPUT_SUFFIXES):
-        raise InputError(f"output {args.output}: unsupported extension; use one of {', '.join(OUTPUT_SUFFIXES)}")
-    for name, path in list(inputs.items()) + ([("mask", args.mask)] if args.mask else []):
-        if not os.path.isfile(path):
-            raise InputError(f"--{name}: file not found: {path}")
-        if _same_file(path, args.output):
-            raise InputError(f"output {args.output} is the --{name} input; refusing to overwrite an input")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise InputError(f"output folder does not exist: {out_dir}")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise InputError(f"output {args.output} exists; pass --overwrite to replace it")
+    if args.mask and args.brain_mask is not None:
+        raise InputError("give the mask once: --brain-mask FILE (--mask FILE is the older spelling)")
+    mask_spec = brain_mask_spec(args.mask or args.brain_mask or "auto")
+    outputs = [("output", args.output)] + ([("--save-mask", args.save_mask)] if args.save_mask else [])
+    mask_file = [("brain-mask", mask_spec)] if mask_spec not in ("auto", "none") else []
+    for name, path in list(inputs.items()) + mask_file:
+        if not os.path.exists(path):
+            raise InputError(f"--{name}: file not found (nor a DICOM folder): {path}")
+        for option, out in outputs:
+            if _same_file(path, out):
+                raise InputError(f"{option} {out} is the --{name} input; refusing to overwrite an input")
+    if args.save_mask and _same_file(args.save_mask, args.output):
+        raise InputError("--save-mask and the output are the same file")
+    for option, out in outputs:
+        if not out.lower().endswith(OUTPUT_SUFFIXES):
+            raise InputError(f"{option} {out}: unsupported extension; use one of {', '.join(OUTPUT_SUFFIXES)}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise InputError(f"{option} folder does not exist: {os.path.dirname(os.path.abspath(out))}")
+        if os.path.exists(out) and not args.overwrite:
+            raise InputError(f"{option} {out} exists; pass --overwrite to replace it")
     model_path = resolve_model(args.model, inputs)
-    result = synthesize(inputs, str(model_path), mask=args.mask, device=args.device, precision=args.precision,
-                        batch_size=args.batch_size, progress=None if args.quiet else _Progress())
-    save_volume(result, args.output)
+    result = synthesize_with_details(inputs, str(model_path), mask=mask_spec, device=args.device,
+                                     precision=args.precision, batch_size=args.batch_size,
+                                     progress=None if args.quiet else _Progress())
+    save_volume(result.volume, args.output)
+    if args.save_mask:
+        save_volume(result.brain_mask, args.save_mask)
     if not args.quiet:
-        print(f"wrote {args.output} (model {model_path})")
+        print(result.mask_decision.description)
+        print(f"wrote {args.output}" + (f" and the brain mask {args.save_mask}" if args.save_mask else "")
+              + f" (model {model_path})")
     return 0
 
 
@@ -88,10 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predict", help="synthesise FLAIR from T1 [+ T2 [+ T1c]] NIfTI/NRRD files")
-    p.add_argument("--t1", required=True, help="T1-weighted volume (the output takes its grid)")
-    p.add_argument("--t2", help="T2-weighted volume")
-    p.add_argument("--t1c", help="post-contrast T1 volume")
-    p.add_argument("--mask", help="brain mask (non-zero = brain); default: non-zero voxels")
+    p.add_argument("--t1", required=True, help="T1-weighted volume: a file or a folder holding one DICOM "
+                                               "series (the output takes its grid)")
+    p.add_argument("--t2", help="T2-weighted volume (file or DICOM folder)")
+    p.add_argument("--t1c", help="post-contrast T1 volume (file or DICOM folder)")
+    p.add_argument("--brain-mask", metavar="auto|none|FILE",
+                   help="auto (default): extract the brain from the T1 with deepbet unless it is already "
+                        "skull-stripped; none: the non-zero voxels are the brain; FILE: a brain mask "
+                        "(non-zero = brain). Outside the brain the output is 0")
+    p.add_argument("--mask", metavar="FILE", help=argparse.SUPPRESS)  # older spelling of --brain-mask FILE
+    p.add_argument("--save-mask", metavar="PATH", help="also write the brain mask used (1 = brain) to PATH")
     p.add_argument("--model", help="model bundle file or shipped model name; default: the shipped model "
                                    "that takes exactly the given inputs")
     p.add_argument("-o", "--output", required=True, help="output file (.nii.gz, .nii, .nrrd, .mha)")

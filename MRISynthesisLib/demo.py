@@ -50,8 +50,10 @@ PHANTOM_MARKER = "phantom.json"  # marks a folder the demo wrote, safe to rewrit
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--subject", metavar="DIR",
                         help="your own subject folder with t1.nii.gz and optionally t2, t1c, flair (reference "
-                             "for metrics) and mask (.nii.gz/.nii/.nrrd); default: a case simulated from the "
-                             "ICBM152 template shipped with nilearn")
+                             "for metrics) and mask (.nii.gz/.nii/.nrrd; BraTS names and BIDS sub-X folders "
+                             "with anat/sub-X_T1w.nii.gz also work); without a mask the brain is extracted "
+                             "unless skull-stripped; default: a case simulated from the ICBM152 template "
+                             "shipped with nilearn")
     parser.add_argument("--model", help="model bundle file or shipped model name; default: the shipped model "
                                         "for the richest source set available")
     parser.add_argument("--sources", type=_parse_sources, metavar="LIST",
@@ -304,7 +306,7 @@ class _Progress:
 
 def demo_main(args) -> int:
     """Run the demo from parsed arguments (see ``add_demo_arguments``); 0 on success."""
-    from .inference import resolve_device, resolve_precision, synthesize
+    from .inference import resolve_device, resolve_precision, synthesize_with_details
     from .phantom import save_phantom
     from .volumes import resample_to_reference, save_volume
 
@@ -330,9 +332,13 @@ def demo_main(args) -> int:
     say(f"model {bundle.path} ({' + '.join(bundle.sources)} -> {bundle.target}, {bundle.model.architecture})")
     inputs = {name: case.volumes[name] for name in sources}
     t0 = time.perf_counter()
-    synthetic = synthesize(inputs, bundle, mask=case.mask, device=args.device, precision=args.precision,
-                           batch_size=args.batch_size, progress=_Progress(args.quiet))
+    # The subject's own mask when it has one, else the brain-mask policy's default.
+    result = synthesize_with_details(inputs, bundle, mask=case.mask if case.mask is not None else "auto",
+                                     device=args.device, precision=args.precision, batch_size=args.batch_size,
+                                     progress=_Progress(args.quiet))
+    synthetic = result.volume
     seconds = time.perf_counter() - t0
+    say(result.mask_decision.description)
     save_volume(synthetic, paths["synthetic_flair.nii.gz"])
 
     # Everything below is on the synthetic's grid (the T1's).
@@ -342,10 +348,8 @@ def demo_main(args) -> int:
         m = case.mask if case.mask.same_grid(grid) else resample_to_reference(case.mask, grid, "mask",
                                                                               interpolation="nearest")
         mask = m.array > 0
-    else:  # what synthesize uses: the union of the inputs' non-zero voxels
-        mask = np.zeros(grid.shape, dtype=bool)
-        for v in aligned.values():
-            mask |= v.array != 0
+    else:  # the brain mask synthesis used (extracted, or the inputs' non-zero voxels)
+        mask = result.brain_mask.array > 0
     config = bundle.preprocessing
     lesion = None
     if case.phantom is not None and case.phantom.lesion.same_grid(grid):
@@ -374,6 +378,7 @@ def demo_main(args) -> int:
                          "(real_target_in_output_units) in the brain mask; per axial slice with brain, averaged",
         "metrics": metrics,
         "brain_voxels": int(mask.sum()),
+        "brain_mask": result.mask_decision.source,
     }
     if case.phantom is not None:
         report["phantom"] = case.phantom.parameters

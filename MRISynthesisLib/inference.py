@@ -13,14 +13,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
 
+import numpy as np
 import torch
 
+from .brainmask import BrainMaskDecision, MaskSpec, resolve_brain_mask
 from .bundle import ModelBundle, load_bundle
 from .errors import Cancelled, InputError
 from .preprocessing import SliceStack
-from .volumes import Volume, align_to_reference, load_volume, resample_to_reference, validate_volume
+from .volumes import Volume, align_to_reference, load_volume, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +95,28 @@ def check_inputs(inputs: Mapping[str, Optional[VolumeLike]], bundle: ModelBundle
     return given
 
 
-def synthesize(
+@dataclass
+class SynthesisResult:
+    """``volume``: the synthetic target; ``brain_mask``: the brain region it was computed in
+    (1 inside, on the same grid); ``mask_decision``: how that mask was chosen
+    (MRISynthesisLib.brainmask: source "given" / "extracted (deepbet)" / ...)."""
+
+    volume: Volume
+    brain_mask: Volume
+    mask_decision: BrainMaskDecision
+
+
+def synthesize(inputs: Mapping[str, Optional[VolumeLike]], bundle: Union[ModelBundle, str, os.PathLike],
+               mask: MaskSpec = "auto", *args, **kwargs) -> Volume:
+    """Synthesise the bundle's target contrast; see ``synthesize_with_details`` (this returns
+    only the synthetic volume)."""
+    return synthesize_with_details(inputs, bundle, mask, *args, **kwargs).volume
+
+
+def synthesize_with_details(
     inputs: Mapping[str, Optional[VolumeLike]],
     bundle: Union[ModelBundle, str, os.PathLike],
-    mask: Optional[VolumeLike] = None,
+    mask: MaskSpec = "auto",
     reference: Optional[str] = None,
     device: str = "auto",
     precision: str = "auto",
@@ -103,16 +124,20 @@ def synthesize(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[Callable[[], bool]] = None,
     generator: Optional[torch.nn.Module] = None,
-) -> Volume:
+) -> SynthesisResult:
     """Synthesise the bundle's target contrast on the reference volume's grid.
 
     inputs: modality name ("t1", "t2", "t1c") -> Volume or file path.
     reference: the modality whose grid the output takes; default the bundle's first source
         (T1). Inputs on other grids are resampled onto it in physical space, with a warning.
-    mask: optional brain mask (non-zero = brain); default: the non-zero voxels.
+    mask: the brain-mask spec of MRISynthesisLib.brainmask: "auto" (default: extract the
+        brain from the reference unless it is already skull-stripped), "none" (or None: the
+        non-zero voxels), or a mask Volume / file (non-zero = brain). Outside the brain the
+        output is background (0).
     progress(done, total) is called after each batch; cancel() returning True raises
     ``Cancelled`` between batches. ``generator`` reuses an already built network.
-    Returns a float32 Volume in [0, output_max] (see preprocessing).
+    Returns the float32 volume in [0, output_max] (see preprocessing), the brain mask used
+    and the mask decision.
     """
     if not isinstance(bundle, ModelBundle):
         bundle = load_bundle(bundle)
@@ -128,18 +153,11 @@ def synthesize(
     volumes = {name: _as_volume(given[name], name) for name in bundle.sources}
     volumes = align_to_reference(volumes, reference)
     ref = volumes[reference]
-    mask_array = None
-    if mask is not None:
-        mask_vol = _as_volume(mask, "mask")
-        if not mask_vol.same_grid(ref):
-            log.warning("mask is on a different grid than %s; resampling it (nearest neighbour)", reference)
-            mask_vol = resample_to_reference(mask_vol, ref, "mask", interpolation="nearest")
-        mask_array = mask_vol.array > 0
-        if not mask_array.any():
-            raise InputError("mask: no voxel is inside the mask")
+    decision = resolve_brain_mask(mask, ref, torch_device, reference)
+    log.info(decision.description)
 
     stack = SliceStack([volumes[s].array for s in bundle.sources], ref.affine, bundle.preprocessing,
-                       mask=mask_array, names=bundle.sources)
+                       mask=decision.array, names=bundle.sources)
     del volumes
     net = generator if generator is not None else bundle.build_generator(torch_device)
     output = stack.empty_output()
@@ -157,4 +175,6 @@ def synthesize(
             stack.put(output, chunk, y.float().cpu())
             if progress:
                 progress(min(start + batch_size, total), total)
-    return Volume(stack.finish(output), ref.affine.copy())
+    used = stack.orientation.inverse(stack.mask).astype(np.float32)
+    return SynthesisResult(Volume(stack.finish(output), ref.affine.copy()),
+                           Volume(np.ascontiguousarray(used), ref.affine.copy()), decision)

@@ -2,11 +2,15 @@
 
 A ``Volume`` is a 3D numpy array indexed (i, j, k) like the file's voxel axes, plus the
 4x4 voxel-to-RAS affine (NIfTI convention, millimetres). NIfTI goes through nibabel,
-everything else (NRRD, MHA, ...) through SimpleITK, whose LPS geometry is converted.
+everything else (NRRD, MHA, ...) through SimpleITK, whose LPS geometry is converted. A
+folder holding one DICOM series is read with SimpleITK's ImageSeriesReader (GDCM sorts
+the slices by position), giving the grid the same series gives once converted to NIfTI.
 """
 
 from __future__ import annotations
 
+import contextlib
+import locale
 import logging
 import os
 import warnings
@@ -46,8 +50,11 @@ def is_nifti(path) -> bool:
 
 
 def load_volume(path, name: str = "volume") -> Volume:
-    """Read a 3D image; ``name`` (e.g. "t2") is used in error messages."""
+    """Read a 3D image file, or a folder holding one DICOM series; ``name`` (e.g. "t2") is
+    used in error messages."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        return validate_volume(load_dicom_series(path, name), name=f"{name} ({path})")
     if not os.path.isfile(path):
         raise InputError(f"{name}: file not found: {path}")
     try:
@@ -69,6 +76,73 @@ def load_volume(path, name: str = "volume") -> Volume:
     except Exception as exc:  # nibabel/ITK raise many types for unreadable files
         raise InputError(f"{name}: cannot read {path}: {exc}") from exc
     return validate_volume(Volume(array, affine), name=f"{name} ({path})")
+
+
+DICOM_SERIES_DESCRIPTION = "0008|103e"
+
+
+@contextlib.contextmanager
+def keep_locale():
+    """Restore the process locale afterwards: GDCM (SimpleITK's DICOM IO) sets it to "C",
+    which would make every later text open() in this process ASCII-only."""
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def dicom_series(folder) -> dict:
+    """{series instance UID: [file names in slice order]} of the DICOM series in ``folder``
+    (not its sub-folders)."""
+    import SimpleITK as sitk
+
+    folder = os.fspath(folder)
+    with keep_locale():
+        return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+                for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)}
+
+
+def _series_description(first_file: str) -> str:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(first_file)
+    try:
+        with keep_locale():
+            reader.ReadImageInformation()
+        if reader.HasMetaDataKey(DICOM_SERIES_DESCRIPTION):
+            return reader.GetMetaData(DICOM_SERIES_DESCRIPTION).strip() or "no description"
+    except RuntimeError:
+        pass
+    return "no description"
+
+
+def load_dicom_series(folder, name: str = "volume") -> Volume:
+    """The one DICOM series in ``folder`` as a Volume. No series, or several (listed with
+    their SeriesDescription and file counts), is an InputError."""
+    import SimpleITK as sitk
+
+    folder = os.fspath(folder)
+    series = dicom_series(folder)
+    if not series:
+        raise InputError(f"{name}: folder {folder} holds no DICOM series (expected the .dcm files of one series)")
+    if len(series) > 1:
+        listing = "; ".join(f"'{_series_description(files[0])}' ({len(files)} files, UID {uid})"
+                            for uid, files in sorted(series.items()))
+        raise InputError(f"{name}: folder {folder} holds {len(series)} DICOM series ({listing}); "
+                         "put the wanted series in a folder of its own")
+    (files,) = series.values()
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        with keep_locale():
+            image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{name}: cannot read the DICOM series in {folder}: {str(exc).strip().splitlines()[-1]}") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name}: the DICOM series in {folder} is not a 3D scalar volume")
+    return volume_from_sitk(image)
 
 
 def save_volume(volume: Volume, path) -> None:

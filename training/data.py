@@ -35,7 +35,7 @@ import torch
 
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.preprocessing import PreprocessingConfig, SliceStack, select_middle_slices
-from MRISynthesisLib.subjects import lesion_label_file, subject_files
+from MRISynthesisLib.subjects import bids_subjects, is_bids_dataset, lesion_label_file, subject_files
 from MRISynthesisLib.volumes import load_volume
 
 MODALITIES = ("t1", "t1c", "t2", "flair")
@@ -74,26 +74,33 @@ def data_folders(data_dir) -> List[Path]:
 
 
 def discover(data_dir) -> List[Subject]:
-    """Every subject folder under the data folder(s) that holds at least one recognised
-    image; a subject name found in two folders is an error (splits are by name)."""
+    """Every subject under the data folder(s) that holds at least one recognised image: each
+    subject folder, or in a BIDS dataset every sub-X[/ses-Y]/anat folder (named sub-X or
+    sub-X_ses-Y). A subject name found in two folders is an error (splits are by name)."""
     subjects, seen = [], {}
     for folder_root in data_folders(data_dir):
         if not folder_root.is_dir():
             raise InputError(f"data folder not found: {folder_root}")
+        if is_bids_dataset(folder_root):
+            entries = [(s.name, Path(s.folder), s.files) for s in bids_subjects(folder_root)]
+        else:
+            entries = [(folder.name, folder, subject_files(folder))
+                       for folder in sorted(p for p in folder_root.iterdir() if p.is_dir())]
         found = []
-        for folder in sorted(p for p in folder_root.iterdir() if p.is_dir()):
-            files = {m: Path(p) for m, p in subject_files(folder).items()}
+        for name, folder, files in entries:
+            files = {m: Path(p) for m, p in files.items()}
             if not any(m in files for m in MODALITIES):
                 continue
-            if folder.name in seen:
-                raise InputError(f"subject {folder.name} is in two data folders ({seen[folder.name]} and "
-                                 f"{folder_root}); subject names must be unique")
-            seen[folder.name] = folder_root
+            if name in seen:
+                raise InputError(f"subject {name} is in two data folders ({seen[name]} and {folder_root}); "
+                                 "subject names must be unique")
+            seen[name] = folder_root
             label = lesion_label_file(folder)
-            found.append(Subject(folder.name, folder, files, *(Path(label[0]), label[1]) if label else (None, None)))
+            found.append(Subject(name, folder, files, *(Path(label[0]), label[1]) if label else (None, None)))
         if not found:
             raise InputError(f"{folder_root}: no subject folders with recognised images "
-                             f"(expected e.g. SUBJECT/t1.nii.gz or BraTS names like SUBJECT/x_t1.nii.gz)")
+                             f"(expected e.g. SUBJECT/t1.nii.gz, BraTS names like SUBJECT/x_t1.nii.gz "
+                             f"or a BIDS dataset sub-X/anat/sub-X_T1w.nii.gz)")
         subjects += found
     return sorted(subjects, key=lambda s: s.name)
 

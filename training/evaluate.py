@@ -100,7 +100,8 @@ def predict(method: Method, volumes: Dict[str, Volume], mask, reference: str, pr
             batch_size) -> np.ndarray:
     """The method's prediction on the reference grid (original voxel order), output units."""
     if method.kind == "model":
-        mask_vol = None if mask is None else Volume(mask.astype(np.float32), volumes[reference].affine)
+        # The dataset's mask, else the inputs' non-zero voxels, as in training (never extraction).
+        mask_vol = "none" if mask is None else Volume(mask.astype(np.float32), volumes[reference].affine)
         ref = reference if reference in method.sources else None
         out = synthesize({s: volumes[s] for s in method.sources}, method.bundle, mask=mask_vol, reference=ref,
                          device=device, precision=precision, batch_size=batch_size, generator=method.generator)

@@ -18,7 +18,8 @@ if str(MODULE_DIR) not in sys.path:
 slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
 
 from conftest import make_bundle  # noqa: E402
-from MRISynthesisLib.inference import synthesize as core_synthesize  # noqa: E402
+from slicer_testdata import brain_like  # noqa: E402
+from MRISynthesisLib.inference import synthesize as core_synthesize, synthesize_with_details  # noqa: E402
 from SlicerMRISynthesisLib import dependencies as deps  # noqa: E402
 from SlicerMRISynthesisLib.jobs import CANCELLED, DONE, FAILED, ApplyRun, SceneWatcher, SynthesisJob  # noqa: E402
 from test_slicer_dependencies import FakeEnvironment, _slow_pip  # noqa: E402
@@ -29,10 +30,7 @@ SHAPE = (24, 20, 10)
 
 
 def brain(seed):
-    rng = np.random.default_rng(seed)
-    array = np.zeros(SHAPE, dtype=np.float32)
-    array[3:-3, 3:-3, 1:-1] = 100 + 400 * rng.random((SHAPE[0] - 6, SHAPE[1] - 6, SHAPE[2] - 2))
-    return array
+    return brain_like(SHAPE, seed, low=100, high=500)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +68,7 @@ class Gate:
                 assert self.release.wait(30)
 
         kwargs["batch_size"] = 1
-        return core_synthesize(volumes, bundle, progress=hold, **kwargs)
+        return synthesize_with_details(volumes, bundle, progress=hold, **kwargs)
 
 
 def node_state(scene):

@@ -17,9 +17,11 @@ if str(MODULE_DIR) not in sys.path:
 
 slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
 
+from slicer_testdata import brain_like  # noqa: E402
+
 from MRISynthesisLib.bundle import bundle_from_generator, save_bundle  # noqa: E402
 from MRISynthesisLib.errors import BundleError, Cancelled, InputError  # noqa: E402
-from MRISynthesisLib.inference import synthesize as core_synthesize  # noqa: E402
+from MRISynthesisLib.inference import synthesize as core_synthesize, synthesize_with_details  # noqa: E402
 from MRISynthesisLib.networks import ModelConfig, build_generator, init_weights  # noqa: E402
 from MRISynthesisLib.volumes import Volume  # noqa: E402
 from SlicerMRISynthesisLib.scene import (  # noqa: E402
@@ -57,10 +59,9 @@ def bundles(tmp_path_factory):
 
 
 def brain(shape, seed):
-    rng = np.random.default_rng(seed)
-    array = np.zeros(shape, dtype=np.float32)
-    array[3:-3, 3:-3, 1:-1] = 200 + 300 * rng.random((shape[0] - 6, shape[1] - 6, shape[2] - 2))
-    return array
+    """A small skull-stripped "brain": noisy tissue in an ellipsoid (round, with contrast), zero
+    outside, so the default brain mask "auto" finds it already stripped (= mode "none")."""
+    return brain_like(shape, seed)
 
 
 def add_volume(scene, name, array, affine):
@@ -142,7 +143,7 @@ def test_output_has_exactly_t1_geometry_and_matches_core(scene, pair, bundles):
     assert scene_snapshot(scene)[: len(before)] == before
     result = volumeFromNode(out).array
     expected = core_synthesize({"t1": Volume(brain(SHAPE, 0), OBLIQUE), "t2": Volume(brain(SHAPE, 1), OBLIQUE)},
-                               bundles["t1t2"], mask="none", device="cpu").array  # the logic's mask=None
+                               bundles["t1t2"], mask="none", device="cpu").array  # "auto" on a stripped T1 = "none"
     np.testing.assert_allclose(result, expected, atol=1e-4)
     assert 0.0 <= result.min() and result.max() <= 1000.0
     assert np.all(result[0] == 0) and result[5:-5, 5:-5, 2:-2].min() > 0  # background 0, brain filled
@@ -341,7 +342,7 @@ def test_cuda_without_gpu_falls_back_to_cpu_with_warning(scene, pair, bundles, c
 
     def recording(*args, device, **kwargs):
         seen["device"] = device
-        return core_synthesize(*args, device=device, **kwargs)
+        return synthesize_with_details(*args, device=device, **kwargs)
 
     logic = SynthesisSceneLogic(scene, synthesizeFunction=recording, cudaAvailable=lambda: False)
     with caplog.at_level(logging.WARNING, logger="MRISynthesis"):

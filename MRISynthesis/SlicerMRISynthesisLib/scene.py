@@ -187,6 +187,15 @@ def panelState(modelChoice: str, modelFile: Optional[str], given: Iterable[str],
     return PanelState(True, f"Ready: {label(sources)} -> FLAIR.{note}", tuple(sources), model, unused)
 
 
+def brainMaskSummary(brainMask: str, maskNode=None) -> str:
+    """One sentence for the status line: which brain mask the next Apply will use."""
+    if maskNode is not None:
+        return f"Brain mask: '{maskNode.GetName()}' as given."
+    if brainMask == "none":
+        return "Brain mask: none (the non-zero voxels of the inputs)."
+    return "Brain mask: automatic (T1's non-zero voxels if skull-stripped, else extracted with deepbet)."
+
+
 # ----------------------------------------------------------------------------- geometry
 
 

@@ -20,6 +20,7 @@ pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pi
 from MRISynthesisLib.bundle import bundle_from_generator, save_bundle  # noqa: E402
 from MRISynthesisLib.networks import ModelConfig, build_generator, init_weights  # noqa: E402
 from MRISynthesisLib.volumes import Volume, load_volume, save_volume  # noqa: E402
+from slicer_testdata import brain_like  # noqa: E402
 
 AFFINE = np.array([[0.0, -1.1, 0.0, 30.0], [0.9, 0.0, 0.0, -12.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
 SHAPE = (22, 18, 6)
@@ -32,11 +33,9 @@ def make_bundle(path, sources):
     return path
 
 
-def brain(seed):
-    rng = np.random.default_rng(seed)
-    array = np.zeros(SHAPE, dtype=np.float32)
-    array[3:-3, 3:-3, 1:-1] = 100 + 400 * rng.random((SHAPE[0] - 6, SHAPE[1] - 6, SHAPE[2] - 2))
-    return array
+def brain(seed, shape=SHAPE):
+    """Skull-stripped (round, zero outside): --brain-mask auto leaves it as it is."""
+    return brain_like(shape, seed, low=100, high=500)
 
 
 def installed_layout(root, with_helpers=True):

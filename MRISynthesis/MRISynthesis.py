@@ -10,6 +10,8 @@ Python console:
     >>> flair = logic.synthesize(t1=getNode("t1"), t2=getNode("t2"))       # blocks, returns the node
     >>> flair = logic.synthesize(t1=getNode("t1"), model="/path/model.safetensors",
     ...                          device="cuda:0", precision="bf16")
+    >>> result = logic.synthesizeWithDetails(t1=getNode("t1"), brainMask="auto", saveMask=True)
+    >>> print(result.maskDecision.description); result.maskOutput          # the label map
 """
 
 import importlib
@@ -22,7 +24,7 @@ import vtk
 
 import qt
 import slicer
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -42,6 +44,8 @@ from MRISynthesisLib.errors import MRISynthesisError
 from SlicerMRISynthesisLib import dependencies, modelinfo
 from SlicerMRISynthesisLib.jobs import ApplyRun, SynthesisJob
 from SlicerMRISynthesisLib.scene import (
+    BRAIN_MASK_MODES,
+    DEFAULT_BRAIN_MASK,
     DEFAULT_PRECISION,
     INPUT_MODALITIES,
     MODEL_AUTOMATIC,
@@ -49,6 +53,7 @@ from SlicerMRISynthesisLib.scene import (
     MODEL_FILE,
     PRECISIONS,
     SynthesisSceneLogic,
+    brainMaskSummary,
     panelState,
     prefillInputs,
     updateNodeFromArray,
@@ -122,18 +127,21 @@ def registerSampleData():
 
 @parameterNodeWrapper
 class MRISynthesisParameterNode:
-    """Panel state, saved with the scene. Names match SlicerParameterName in the .ui; ``model``
-    and ``device`` are shown with human labels, so the widget binds those two itself."""
+    """Panel state, saved with the scene. Names match SlicerParameterName in the .ui; ``model``,
+    ``device`` and ``brainMask`` are shown with human labels, so the widget binds those itself."""
 
     t1Volume: vtkMRMLScalarVolumeNode
     t2Volume: vtkMRMLScalarVolumeNode
     t1cVolume: vtkMRMLScalarVolumeNode
-    maskVolume: vtkMRMLScalarVolumeNode
+    maskVolume: vtkMRMLScalarVolumeNode  # a picked node is the brain mask "given"; None: ``brainMask``
+    brainMask: Annotated[str, Choice(list(BRAIN_MASK_MODES))] = DEFAULT_BRAIN_MASK  # "auto" or "none"
     model: str = MODEL_AUTOMATIC  # MODEL_CHOICES
     modelFile: pathlib.Path
     device: str = "auto"  # "auto", "cpu", "cuda:N"
     precision: Annotated[str, Choice(list(PRECISIONS))] = DEFAULT_PRECISION
     outputVolume: vtkMRMLScalarVolumeNode  # None: each Apply creates a new volume
+    saveBrainMask: bool = False  # also keep the brain mask used, as a label map
+    maskOutputVolume: vtkMRMLLabelMapVolumeNode  # None: each Apply creates a new label map
     decidedInputs: str = ""  # comma-separated selectors already set once: never pre-filled again
 
 
@@ -166,7 +174,9 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._fillModelComboBox()
         self._fillDeviceComboBox(torchModule=None)
+        self._fillBrainMaskComboBox()
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.brainMaskComboBox.connect("currentIndexChanged(int)", self.onBrainMaskChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.progressBar.hide()
@@ -240,6 +250,12 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._modelSummaries[name] = summary
         combo.addItem(_("model bundle file..."), MODEL_FILE)
 
+    def _fillBrainMaskComboBox(self) -> None:
+        combo = self.ui.brainMaskComboBox
+        combo.clear()
+        combo.addItem(_("automatic (extract unless skull-stripped)"), "auto")
+        combo.addItem(_("none (non-zero voxels)"), "none")
+
     def _fillDeviceComboBox(self, torchModule) -> None:
         combo = self.ui.deviceComboBox
         wasBlocked = combo.blockSignals(True)
@@ -275,20 +291,30 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None and index >= 0:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
 
+    def onBrainMaskChanged(self, index: int) -> None:
+        if self._parameterNode is not None and index >= 0:
+            self._parameterNode.brainMask = self.ui.brainMaskComboBox.itemData(index)
+
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         if not self._parameterNode:
             return
         self.logic.rememberDecidedInputs(self._parameterNode)
         self._showChoice(self.ui.modelComboBox, self._parameterNode.model)
         self._showChoice(self.ui.deviceComboBox, self._parameterNode.device)
+        self._showChoice(self.ui.brainMaskComboBox, self._parameterNode.brainMask)
+        self.ui.brainMaskComboBox.enabled = self._parameterNode.maskVolume is None  # a picked volume wins
+        self.ui.maskOutputSelector.enabled = self._parameterNode.saveBrainMask
         self.ui.modelInfoLabel.text = self._modelSummaries.get(self._parameterNode.model, "")
         if self._running:
             return
         state = self.logic.panelState(self._parameterNode)
         self.ui.modelFilePathLineEdit.enabled = self._parameterNode.model == MODEL_FILE
         self.ui.applyButton.enabled = state.canApply
-        self.ui.applyButton.toolTip = state.message
-        self.ui.statusLabel.text = state.message
+        message = state.message
+        if state.canApply:
+            message += " " + brainMaskSummary(self._parameterNode.brainMask, self._parameterNode.maskVolume)
+        self.ui.applyButton.toolTip = message
+        self.ui.statusLabel.text = message
 
     # -- Apply / Cancel
 
@@ -351,10 +377,13 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         self._setRunning(False)
         if run.output is not None:
-            slicer.util.setSliceViewerLayers(background=run.output, fit=True)
+            maskOutput = run.result.maskOutput if run.result is not None else None
+            slicer.util.setSliceViewerLayers(background=run.output, label=maskOutput or "keep-current", fit=True)
         self._report(run.message, run.failed)
         if run.failed:
             logging.error("MRISynthesis: %s", run.message)
+        else:
+            logging.info("MRISynthesis: %s", run.message)  # the brain-mask decision stays in the log
 
     def _report(self, message: str, error: bool = False) -> None:
         self.ui.statusLabel.text = message
@@ -482,11 +511,14 @@ class MRISynthesisLogic(ScriptedLoadableModuleLogic):
         if not state.canApply:
             raise MRISynthesisError(state.message)
         inputs = {m: getattr(p, f"{m}Volume") for m in state.sources}
-        return self.sceneLogic.prepare(**inputs, mask=p.maskVolume, model=state.model, device=p.device,
-                                       precision=p.precision, outputNode=p.outputVolume)
+        return self.sceneLogic.prepare(**inputs, mask=p.maskVolume, brainMask=p.brainMask, model=state.model,
+                                       device=p.device, precision=p.precision, outputNode=p.outputVolume,
+                                       saveMask=p.saveBrainMask,
+                                       maskOutputNode=p.maskOutputVolume if p.saveBrainMask else None)
 
     def synthesize(self, t1=None, t2=None, t1c=None, mask=None, model=None, device="auto",
-                   precision=DEFAULT_PRECISION, outputNode=None, progressCallback=None, cancel=None):
+                   precision=DEFAULT_PRECISION, outputNode=None, progressCallback=None, cancel=None,
+                   brainMask=DEFAULT_BRAIN_MASK):
         """Synthesise FLAIR on T1's grid; blocks and returns the output vtkMRMLScalarVolumeNode.
 
         Examples (Python console):
@@ -502,13 +534,21 @@ class MRISynthesisLogic(ScriptedLoadableModuleLogic):
         "cuda" or "cuda:N" (without a GPU: the CPU, with a warning). Each call creates a new
         output volume unless ``outputNode`` is given. On error or cancellation the scene is
         unchanged. Installs PyTorch on first use after asking. The network is built once and
-        reused while model and device stay the same.
+        reused while model and device stay the same. Brain mask: ``mask`` (a volume node) is
+        used as given, else ``brainMask`` "auto" (extract unless skull-stripped) or "none".
         """
+        return self.synthesizeWithDetails(t1=t1, t2=t2, t1c=t1c, mask=mask, model=model, device=device,
+                                          precision=precision, outputNode=outputNode,
+                                          progressCallback=progressCallback, cancel=cancel,
+                                          brainMask=brainMask).output
+
+    def synthesizeWithDetails(self, progressCallback=None, cancel=None, **kwargs):
+        """``synthesize`` returning the SceneResult: ``output`` (FLAIR node), ``maskOutput``
+        (label map of the brain mask used, with ``saveMask=True`` or ``maskOutputNode=``) and
+        ``maskDecision`` (``.description``: how the mask was chosen, one line)."""
         if not self.ensureDependencies():
             raise MRISynthesisError("PyTorch and the other required Python packages are not installed")
-        return self.sceneLogic.synthesize(t1=t1, t2=t2, t1c=t1c, mask=mask, model=model, device=device,
-                                          precision=precision, outputNode=outputNode,
-                                          progressCallback=progressCallback, cancel=cancel)
+        return self.sceneLogic.synthesizeWithDetails(progressCallback=progressCallback, cancel=cancel, **kwargs)
 
 
 #
@@ -538,8 +578,10 @@ class MRISynthesisTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         rng = np.random.default_rng(seed)
-        array = np.zeros(shape, dtype=np.float32)
-        array[2:-2, 2:-2, 1:-1] = 50 + 100 * rng.random((shape[0] - 4, shape[1] - 4, shape[2] - 2))
+        # A round skull-stripped "brain" (a box would be refused as not a brain by brainMask="auto").
+        grid = np.stack(np.meshgrid(*[np.linspace(-1.3, 1.3, n) for n in shape], indexing="ij"))
+        inside = (grid ** 2).sum(0) <= 1.0
+        array = np.where(inside, 50 + 100 * rng.random(shape), 0).astype(np.float32)
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         updateNodeFromArray(node, array, ijkToRAS)
         return node
@@ -569,7 +611,10 @@ class MRISynthesisTest(ScriptedLoadableModuleTest):
         t1 = self._volume("case t1n", (24, 20, 6), ijkToRAS, 0)
         t2 = self._volume("case t2w", (24, 20, 6), ijkToRAS, 1)
         self.delayDisplay("Synthesising")
-        output = logic.synthesize(t1=t1, t2=t2, model=self._bundle(2), device="cpu")
+        result = logic.synthesizeWithDetails(t1=t1, t2=t2, model=self._bundle(2), device="cpu", saveMask=True)
+        output = result.output
+        self.assertEqual(result.maskDecision.source, "input already skull-stripped")
+        self.assertTrue(result.maskOutput.IsA("vtkMRMLLabelMapVolumeNode"))
         matrix = vtk.vtkMatrix4x4()
         output.GetIJKToRASMatrix(matrix)
         got = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])

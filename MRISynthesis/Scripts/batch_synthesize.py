@@ -1,20 +1,33 @@
-"""Synthesise FLAIR for every subject folder of a directory, headless.
+"""Synthesise FLAIR for every subject folder of a directory, or every subject of a BIDS dataset, headless.
 
 In 3D Slicer:
     Slicer --no-main-window --python-script batch_synthesize.py --input-dir DIR --output-dir OUT
 Under plain Python with the PyPI ``slicer-core`` package (what CI runs):
     python MRISynthesis/Scripts/batch_synthesize.py --input-dir DIR --output-dir OUT
 
-Each subfolder of DIR is one subject; its volumes are recognised by file name (t1, t1n;
-t2, t2w; t1c, t1ce, t1gd, post; a "mask" file is used as brain mask). Every subject is read
-into a fresh MRML scene through storage nodes and synthesised by the same
-SynthesisSceneLogic the module uses; the result is written to OUT/<subject>_flair.nii.gz
-(or --format nrrd) on the T1 grid. One line per subject is printed; subjects with missing
-modalities are skipped and reported. Arguments (--inputs, --model, --device, the folders)
-are checked before any subject is read. Every path ends the process with a printed reason
-(``Slicer --python-script`` would otherwise keep running): exit status 0 when all subjects
-were synthesised, 1 when a subject failed or was skipped or an unexpected error (e.g. an
-import error) occurred, 2 for bad arguments or missing Python packages, 130 for Ctrl-C.
+Plain folders: each subfolder of DIR is one subject; its volumes are recognised by file name
+(t1, t1n; t2, t2w; t1c, t1ce, t1gd, post; BIDS names; MRISynthesisLib.subjects) and the result
+is written to OUT/<subject>_flair.nii.gz (or --format nrrd) on the T1 grid.
+BIDS datasets (DIR has dataset_description.json or sub-* folders): every sub-X[/ses-Y]/anat
+is one subject and the result is a BIDS derivative,
+ROOT/derivatives/mrisynthesis/sub-X[/ses-Y]/anat/sub-X[_ses-Y]_desc-synthetic_FLAIR.nii.gz
+with ROOT/derivatives/mrisynthesis/dataset_description.json, where ROOT is --output-dir when
+given, else the dataset itself.
+
+Brain mask (MRISynthesisLib.brainmask): a mask file in the subject's folder (mask, brainmask)
+is used as given (unless --no-mask); otherwise --brain-mask auto (default: the T1's non-zero
+voxels when it is already skull-stripped, else the brain is extracted with deepbet) or none.
+The line of each subject says which way it went. --save-mask also writes the mask used
+(1 = brain) beside the output: <subject>_brainmask.<ext>, in BIDS sub-X[_ses-Y]_desc-brain_mask.nii.gz.
+
+Every subject is read into a fresh MRML scene through storage nodes and synthesised by the
+same SynthesisSceneLogic the module uses. One line per subject is printed; subjects with
+missing modalities are skipped and reported. Arguments (--inputs, --model, --device,
+--brain-mask, the folders, the subjects) are checked before any subject is read. Every path
+ends the process with a printed reason (``Slicer --python-script`` would otherwise keep
+running): exit status 0 when all subjects were synthesised, 1 when a subject failed or was
+skipped or an unexpected error (e.g. an import error) occurred, 2 for bad arguments or
+missing Python packages, 130 for Ctrl-C.
 """
 
 import argparse
@@ -34,11 +47,14 @@ def _importModuleSide():
 
 
 def parseArguments(argv=None):
-    from SlicerMRISynthesisLib.scene import DEFAULT_PRECISION, PRECISIONS, SHIPPED_MODEL_NAMES
+    from SlicerMRISynthesisLib.scene import (BRAIN_MASK_MODES, DEFAULT_BRAIN_MASK, DEFAULT_PRECISION, PRECISIONS,
+                                             SHIPPED_MODEL_NAMES)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input-dir", required=True, help="folder with one subfolder per subject")
-    parser.add_argument("--output-dir", required=True, help="where <subject>_flair.<ext> files are written")
+    parser.add_argument("--input-dir", required=True, help="folder with one subfolder per subject, or a BIDS dataset")
+    parser.add_argument("--output-dir", default=None,
+                        help="where <subject>_flair.<ext> files are written (required for plain folders); for a "
+                             "BIDS dataset the root of derivatives/mrisynthesis (default: the dataset itself)")
     parser.add_argument("--model", default=None,
                         help=f"shipped model ({', '.join(SHIPPED_MODEL_NAMES)}) or bundle file; "
                              "default: per subject, the shipped model taking exactly its inputs")
@@ -48,13 +64,32 @@ def parseArguments(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION)
     parser.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz")
+    parser.add_argument("--brain-mask", choices=BRAIN_MASK_MODES, default=DEFAULT_BRAIN_MASK,
+                        help="for subjects without a mask file: auto (default) extracts the brain from the T1 "
+                             "unless it is already skull-stripped; none uses the non-zero voxels")
     parser.add_argument("--no-mask", action="store_true", help="ignore mask files in subject folders")
-    parser.add_argument("--subjects", default=None, help="comma-separated subject folder names (default: all)")
+    parser.add_argument("--save-mask", action="store_true", help="also write the brain mask used beside each output")
+    parser.add_argument("--subjects", default=None,
+                        help="comma-separated subject folder names, or BIDS sub-X / sub-X_ses-Y (default: all)")
     return parser.parse_args(argv)
 
 
 class ArgumentError(Exception):
     """An argument that cannot work; found before any subject is read."""
+
+
+class SubjectPlan:
+    """One subject to synthesise: its name (folder name, or BIDS sub-X[_ses-Y]), where its
+    files are (a folder, or the files BIDS discovery found) and where its results go."""
+
+    def __init__(self, name, outputPath, maskPath, folder=None, files=None):
+        self.name, self.outputPath, self.maskPath = name, outputPath, maskPath
+        self.folder, self.files = folder, files
+
+    def inputFiles(self):
+        from SlicerMRISynthesisLib.scene import inputsFromFolder
+
+        return dict(self.files) if self.files is not None else inputsFromFolder(self.folder)
 
 
 def validateArguments(args):
@@ -86,22 +121,69 @@ def validateArguments(args):
             raise ArgumentError(f"--inputs {args.inputs!r} but the model takes {', '.join(sources)}")
     if not os.path.isdir(args.input_dir):
         raise ArgumentError(f"input folder not found: {args.input_dir}")
+    from MRISynthesisLib.subjects import is_bids_dataset
+
+    plans = _bidsPlans(args) if is_bids_dataset(args.input_dir) else _folderPlans(args)
+    outputRoot = args.output_dir if args.output_dir is not None else args.input_dir
+    try:
+        os.makedirs(outputRoot, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError(f"cannot create the output folder {outputRoot}: {exc.strerror or exc}") from None
+    if not os.access(outputRoot, os.W_OK):
+        raise ArgumentError(f"the output folder {outputRoot} is not writable")
+    return plans
+
+
+def _chosen(args, names, what):
+    """The --subjects names in the order given (all when not given); unknown ones are an error."""
+    if not args.subjects:
+        return list(names)
+    chosen = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in names]
+    if unknown:
+        raise ArgumentError(f"no {what} {', '.join(unknown)} in {args.input_dir}")
+    return chosen
+
+
+def _folderPlans(args):
+    if args.output_dir is None:
+        raise ArgumentError("--output-dir is required (the input folder is not a BIDS dataset)")
     subjects = sorted(d for d in os.listdir(args.input_dir) if os.path.isdir(os.path.join(args.input_dir, d)))
-    if args.subjects:
-        chosen = [s.strip() for s in args.subjects.split(",") if s.strip()]
-        unknown = [s for s in chosen if s not in subjects]
-        if unknown:
-            raise ArgumentError(f"no subject folder {', '.join(unknown)} in {args.input_dir}")
-        subjects = chosen
     if not subjects:
         raise ArgumentError(f"no subject folders in {args.input_dir}")
+    return [SubjectPlan(s, os.path.join(args.output_dir, f"{s}_flair.{args.format}"),
+                        os.path.join(args.output_dir, f"{s}_brainmask.{args.format}"),
+                        folder=os.path.join(args.input_dir, s))
+            for s in _chosen(args, subjects, "subject folder")]
+
+
+def _bidsPlans(args):
+    from MRISynthesisLib.errors import MRISynthesisError
+    from MRISynthesisLib.subjects import bids_derivative_path, bids_subjects
+
+    if args.format != "nii.gz":
+        raise ArgumentError(f"--format {args.format}: a BIDS derivative is written as .nii.gz")
     try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as exc:
-        raise ArgumentError(f"cannot create the output folder {args.output_dir}: {exc.strerror or exc}") from None
-    if not os.access(args.output_dir, os.W_OK):
-        raise ArgumentError(f"the output folder {args.output_dir} is not writable")
-    return subjects
+        found = list(bids_subjects(args.input_dir))
+    except MRISynthesisError as exc:
+        raise ArgumentError(f"BIDS dataset {args.input_dir}: {exc}") from None
+    if not found:
+        raise ArgumentError(f"BIDS dataset {args.input_dir}: no sub-*/[ses-*/]anat folder with images")
+    # --subjects takes sub-X_ses-Y (one session) or sub-X (all its sessions).
+    byName = {}
+    for subject in found:
+        for name in {subject.name, f"sub-{subject.subject}"}:
+            byName.setdefault(name, []).append(subject)
+    selected = []
+    for name in _chosen(args, byName, "BIDS subject") if args.subjects else ():
+        selected += [s for s in byName[name] if s not in selected]
+    root = args.output_dir if args.output_dir is not None else args.input_dir
+    plans = []
+    for subject in selected or found:
+        flair = bids_derivative_path(root, subject.subject, subject.session)
+        mask = os.path.join(os.path.dirname(flair), f"{subject.name}_desc-brain_mask.nii.gz")
+        plans.append(SubjectPlan(subject.name, flair, mask, files=subject.files))
+    return plans
 
 
 def wantedInputs(args, found):
@@ -115,12 +197,12 @@ def wantedInputs(args, found):
     return [m for m in ("t1", "t2", "t1c") if m in found]
 
 
-def runSubject(args, logic, subjectDir, outputPath):
+def runSubject(args, logic, plan):
     import slicer  # 3D Slicer's, or slicer-core's under plain Python
 
-    from SlicerMRISynthesisLib.scene import MODALITY_LABELS, inputsFromFolder, loadVolumeNode, saveVolumeNode
+    from SlicerMRISynthesisLib.scene import MODALITY_LABELS, loadVolumeNode, saveVolumeNode
 
-    found = inputsFromFolder(subjectDir)
+    found = plan.inputFiles()
     wanted = wantedInputs(args, found)
     missing = [m for m in wanted if m not in found] or ([] if "t1" in found else ["t1"])
     if missing:
@@ -131,9 +213,18 @@ def runSubject(args, logic, subjectDir, outputPath):
     mask = None
     if "mask" in found and not args.no_mask:
         mask = loadVolumeNode(scene, found["mask"], "mask")
-    output = logic.synthesize(**nodes, mask=mask, model=args.model, device=args.device, precision=args.precision)
-    saveVolumeNode(output, outputPath)
-    return "OK", f"{'+'.join(wanted)} -> {outputPath}"
+    result = logic.synthesizeWithDetails(**nodes, mask=mask, brainMask=args.brain_mask, saveMask=args.save_mask,
+                                         model=args.model, device=args.device, precision=args.precision)
+    os.makedirs(os.path.dirname(plan.outputPath) or ".", exist_ok=True)
+    saveVolumeNode(result.output, plan.outputPath)
+    written = plan.outputPath
+    if result.maskOutput is not None:
+        saveVolumeNode(result.maskOutput, plan.maskPath)
+        written += f" and {plan.maskPath}"
+    decision = result.maskDecision.description
+    if mask is not None:
+        decision += f" (the subject's file {os.path.basename(found['mask'])})"
+    return "OK", f"{'+'.join(wanted)} -> {written}; {decision}"
 
 
 def main(argv=None):
@@ -141,7 +232,7 @@ def main(argv=None):
     _importModuleSide()
     args = parseArguments(argv)
     try:
-        subjects = validateArguments(args)
+        plans = validateArguments(args)
     except ArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -152,23 +243,28 @@ def main(argv=None):
         print("error: " + "; ".join(p.message for p in problems) + ". In Slicer, open the MRISynthesis module and "
               "press Apply once (it offers to install them), or install the PyTorch extension.", file=sys.stderr)
         return 2
+    import MRISynthesisLib
     from MRISynthesisLib.errors import MRISynthesisError
+    from MRISynthesisLib.subjects import is_bids_dataset, write_derivative_description
     from SlicerMRISynthesisLib.scene import SynthesisSceneLogic
 
+    if is_bids_dataset(args.input_dir):
+        root = args.output_dir if args.output_dir is not None else args.input_dir
+        print(f"BIDS dataset: writing the derivative {write_derivative_description(root, MRISynthesisLib.__version__)}",
+              flush=True)
     logic = SynthesisSceneLogic()  # one logic for all subjects: the network is built once
     failures = 0
-    for subject in subjects:
+    for plan in plans:
         start = time.time()
-        outputPath = os.path.join(args.output_dir, f"{subject}_flair.{args.format}")
         try:
-            status, detail = runSubject(args, logic, os.path.join(args.input_dir, subject), outputPath)
+            status, detail = runSubject(args, logic, plan)
         except MRISynthesisError as exc:
             status, detail = "FAILED", str(exc)
         except Exception as exc:  # report and continue with the next subject
             status, detail = "FAILED", f"{type(exc).__name__}: {exc}"
         failures += status != "OK"
-        print(f"{subject}: {status} ({time.time() - start:.1f} s) {detail}", flush=True)
-    print(f"{len(subjects) - failures} of {len(subjects)} subjects synthesised", flush=True)
+        print(f"{plan.name}: {status} ({time.time() - start:.1f} s) {detail}", flush=True)
+    print(f"{len(plans) - failures} of {len(plans)} subjects synthesised", flush=True)
     return 1 if failures else 0
 
 

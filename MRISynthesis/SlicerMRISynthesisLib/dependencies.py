@@ -41,14 +41,19 @@ class Requirement:
         return f"{self.distribution}>={self.minimum}"
 
 
-# Exactly what MRISynthesisLib imports for synthesis (inference, preprocessing, bundle, volumes).
+# Exactly what MRISynthesisLib imports for synthesis (inference, preprocessing, bundle, volumes)
+# and for the default brain mask "auto" (brainmask: deepbet; its customtkinter GUI requirement
+# is installed by pip but never imported, so no display is needed). deepbet needs
+# torch>=1.11, so pip keeps the torch installed first (by PyTorchUtils when present).
 REQUIREMENTS = (
     Requirement("torch", "torch", "2.1"),
     Requirement("nibabel", "nibabel", "5.0"),
     Requirement("safetensors", "safetensors", "0.4"),
+    Requirement("deepbet", "deepbet", "1.0.2"),
 )
-# Ship with Slicer and must not be replaced by pip (Slicer's SimpleITK has Slicer-specific IO).
-BUNDLED_WITH_SLICER = ("numpy", "SimpleITK")
+# Ship with Slicer and must not be replaced by pip (Slicer's SimpleITK has Slicer-specific IO;
+# scipy is used by brainmask.grow_mask and the resampling).
+BUNDLED_WITH_SLICER = ("numpy", "SimpleITK", "scipy")
 
 PYTORCHUTILS = "pytorchutils"
 PIP_ENSURE = "pip_ensure"

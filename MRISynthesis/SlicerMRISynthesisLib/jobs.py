@@ -9,6 +9,7 @@ Qt-free, so tested on real MRML with slicer-core. MRML is touched only by ``prep
     job.start()
     ...  # from a QTimer: job.poll() -> True while running, progress in job.progress
     node = job.finish()                       # joins; the output node, or None if cancelled
+    job.result                                # SceneResult: + mask label map, mask decision
     watcher.stop()
 
 ``ApplyRun`` is what the panel's Apply starts: the dependency installation (an
@@ -35,6 +36,7 @@ class SynthesisJob:
         self.cancelReason: Optional[str] = None
         self._cancel = threading.Event()
         self._result = None
+        self.result = None  # the SceneResult once applied
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
@@ -88,10 +90,10 @@ class SynthesisJob:
         if self._result is None:
             self.state = CANCELLED
             return None
-        node = self.sceneLogic.store(self.request, self._result)
+        self.result = self.sceneLogic.store(self.request, self._result)
         self._result = None
         self.state = DONE
-        return node
+        return self.result.output
 
     def _inputsGone(self) -> bool:
         scene = self.sceneLogic.scene or self.request.referenceNode.GetScene()
@@ -131,7 +133,8 @@ class ApplyRun:
     """One Apply: install the missing Python packages (``installJob``, may be None), then
     synthesise in the background; advanced by ``poll()`` from the panel's timer, stopped by
     ``cancel(reason)``. Qt-free. When finished: ``output`` (the new or chosen node, or None),
-    ``message`` for the status line and ``failed``.
+    ``message`` for the status line (with the brain-mask decision), ``failed`` and ``result``
+(the SceneResult: FLAIR node, brain-mask label map or None, mask decision).
     """
 
     def __init__(self, sceneLogic, request, scene, installJob=None, onInstalled=None):
@@ -143,6 +146,7 @@ class ApplyRun:
         self.job: Optional[SynthesisJob] = None
         self.watcher: Optional[SceneWatcher] = None
         self.output = None
+        self.result = None
         self.message = ""
         self.failed = False
         self.phase = INSTALLING
@@ -160,7 +164,8 @@ class ApplyRun:
             return f"Installing {self.installJob.description()}..."
         if self.phase == SYNTHESIZING:
             done, total = self.job.progress
-            return f"Synthesising slice {done} of {total}..." if total else "Loading the model..."
+            # Before the first slice: the model loads and the brain mask is decided (extraction: seconds).
+            return f"Synthesising slice {done} of {total}..." if total else "Loading the model, finding the brain..."
         return self.message
 
     def _startSynthesis(self) -> None:
@@ -200,7 +205,10 @@ class ApplyRun:
                                 else f"Synthesis failed: {type(exc).__name__}: {exc}", failed=True)
         if output is None:
             return self._finish(None, f"Cancelled ({self.job.cancelReason}); the scene is unchanged.")
-        return self._finish(output, f"Done: {output.GetName()}")
+        self.result = self.job.result
+        saved = f" Brain mask saved as '{self.result.maskOutput.GetName()}'." if self.result.maskOutput else ""
+        return self._finish(output, f"Done: {output.GetName()}. {_sentence(self.result.maskDecision.description)}"
+                                    f"{saved}")
 
     def cancel(self, reason: str) -> None:
         """Stop now: a pip process is terminated, the worker stops at the next batch of
@@ -216,3 +224,9 @@ class ApplyRun:
         self.phase = FINISHED
         self.output, self.message, self.failed = output, message, failed
         return False
+
+
+def _sentence(text: str) -> str:
+    """'brain mask: given, 1200 ml' -> 'Brain mask: given, 1200 ml.' (for the status line)."""
+    text = text.strip()
+    return (text[:1].upper() + text[1:]).rstrip(".") + "."

@@ -14,6 +14,13 @@ first synthesis, after the module has made sure PyTorch is installed.
     >>> from SlicerMRISynthesisLib.scene import SynthesisSceneLogic
     >>> logic = SynthesisSceneLogic(slicer.mrmlScene)
     >>> flair = logic.synthesize(t1=t1Node, t2=t2Node, precision="bf16")
+    >>> result = logic.synthesizeWithDetails(t1=t1Node, brainMask="auto", saveMask=True)
+    >>> result.output, result.maskOutput, result.maskDecision.description
+
+The brain mask follows MRISynthesisLib.brainmask (the one home of that policy): "auto"
+(extract with deepbet unless the T1 is already skull-stripped), "none" (the inputs' non-zero
+voxels) or a mask volume node ("given"). The extraction runs inside ``compute``, i.e. in the
+worker thread, never on the GUI thread.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
+from MRISynthesisLib.brainmask import BRAIN_MASK_MODES, BrainMaskDecision
 from MRISynthesisLib.errors import BundleError, InputError
 from MRISynthesisLib.subjects import subject_files
 from MRISynthesisLib.volumes import Volume
@@ -41,6 +49,10 @@ DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N" for the N-th GPU
 # Mirrors MRISynthesisLib.inference.PRECISIONS (not imported: that module imports torch).
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_PRECISION = "auto"
+
+# The brain-mask choices besides a mask volume node ("given"); the policy itself is
+# MRISynthesisLib.brainmask's. "auto" (extract unless skull-stripped) is the default.
+DEFAULT_BRAIN_MASK = "auto"
 
 MODEL_AUTOMATIC = "automatic"
 MODEL_FILE = "bundle file"
@@ -102,6 +114,10 @@ def prefillInputs(nodes: Iterable, current: Dict[str, object], decided: Iterable
 
 def outputName(referenceNode) -> str:
     return f"{referenceNode.GetName()} synthetic FLAIR"
+
+
+def maskOutputName(referenceNode) -> str:
+    return f"{referenceNode.GetName()} brain mask"
 
 
 # ----------------------------------------------------------------------------- models
@@ -171,6 +187,15 @@ def panelState(modelChoice: str, modelFile: Optional[str], given: Iterable[str],
     return PanelState(True, f"Ready: {label(sources)} -> FLAIR.{note}", tuple(sources), model, unused)
 
 
+def brainMaskSummary(brainMask: str, maskNode=None) -> str:
+    """One sentence for the status line: which brain mask the next Apply will use."""
+    if maskNode is not None:
+        return f"Brain mask: '{maskNode.GetName()}' as given."
+    if brainMask == "none":
+        return "Brain mask: none (the non-zero voxels of the inputs)."
+    return "Brain mask: automatic (T1's non-zero voxels if skull-stripped, else extracted with deepbet)."
+
+
 # ----------------------------------------------------------------------------- geometry
 
 
@@ -234,15 +259,20 @@ def volumeFromNode(node, name: str = "volume") -> Volume:
     return Volume(array, worldIJKToRAS(node, name))
 
 
-def updateNodeFromArray(node, array: np.ndarray, affine: np.ndarray) -> None:
-    """Set a scalar volume node's voxels from an (I, J, K) array and its IJK-to-RAS matrix."""
-    array = np.asarray(array, dtype=np.float32)
+VTK_TYPES = {np.dtype(np.float32): vtk.VTK_FLOAT, np.dtype(np.uint8): vtk.VTK_UNSIGNED_CHAR}
+
+
+def updateNodeFromArray(node, array: np.ndarray, affine: np.ndarray, dtype=np.float32) -> None:
+    """Set a scalar volume node's voxels from an (I, J, K) array and its IJK-to-RAS matrix;
+    voxels stored as ``dtype`` (float32, or uint8 for label maps)."""
+    dtype = np.dtype(dtype)
+    array = np.asarray(array, dtype=dtype)
     if array.ndim != 3:
         raise ValueError(f"expected a 3D array, got shape {array.shape}")
     image = vtk.vtkImageData()
     image.SetDimensions(*array.shape)
     scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(array.transpose(2, 1, 0)).ravel(), deep=True,
-                                         array_type=vtk.VTK_FLOAT)
+                                         array_type=VTK_TYPES[dtype])
     scalars.SetName("ImageScalars")
     image.GetPointData().SetScalars(scalars)
     wasModifying = node.StartModify()
@@ -358,7 +388,7 @@ class SynthesisRequest:
     copies, so ``SynthesisSceneLogic.compute`` can run in a worker thread without MRML."""
 
     volumes: Dict[str, Volume]
-    mask: Optional[Volume]
+    mask: object  # the brain-mask spec for MRISynthesisLib: "auto", "none" or a given mask Volume
     bundlePath: str
     device: str
     precision: str
@@ -366,11 +396,23 @@ class SynthesisRequest:
     referenceNode: object  # T1: the output takes its grid and parent transform
     outputNode: object = None  # None: a new node "<T1 name> synthetic FLAIR"
     inputNodes: Tuple = ()  # every node the result depends on
+    saveMask: bool = False  # also put the brain mask used into a label map
+    maskOutputNode: object = None  # None (with saveMask): a new label map "<T1 name> brain mask"
 
     @property
     def sceneNodes(self) -> Tuple:
-        """Nodes whose removal makes the result obsolete (inputs, mask, chosen output)."""
-        return tuple(n for n in (*self.inputNodes, self.outputNode) if n is not None)
+        """Nodes whose removal makes the result obsolete (inputs, mask, chosen outputs)."""
+        return tuple(n for n in (*self.inputNodes, self.outputNode, self.maskOutputNode) if n is not None)
+
+
+@dataclass
+class SceneResult:
+    """What one synthesis put into the scene: the FLAIR node, the brain-mask label map (None
+    unless asked for) and how the mask was chosen (``maskDecision.description``: one line)."""
+
+    output: object
+    maskOutput: object
+    maskDecision: BrainMaskDecision
 
 
 class SynthesisSceneLogic:
@@ -406,7 +448,8 @@ class SynthesisSceneLogic:
     def synthesize(self, t1=None, t2=None, t1c=None, mask=None, model: Optional[str] = None,
                    device: str = "auto", precision: str = DEFAULT_PRECISION, outputNode=None,
                    progressCallback: Optional[Callable[[int, int], None]] = None,
-                   cancel: Optional[Callable[[], bool]] = None, batchSize: int = 4):
+                   cancel: Optional[Callable[[], bool]] = None, batchSize: int = 4,
+                   brainMask: str = DEFAULT_BRAIN_MASK, saveMask: bool = False, maskOutputNode=None):
         """Synthesise FLAIR on the T1 volume's grid; blocks until done and returns the output node.
 
         t1, t2, t1c, mask: vtkMRMLScalarVolumeNode (or None). model: a shipped model name
@@ -417,14 +460,27 @@ class SynthesisSceneLogic:
         or under other parent transforms are resampled onto T1 in physical space (logged). On
         any error or cancellation (``cancel()`` returning True) the scene is left as it was
         and no input node is modified. ``progressCallback(done, total)`` counts slices.
+        Brain mask: a ``mask`` node is used as given; otherwise ``brainMask`` "auto" (extract
+        unless the T1 is skull-stripped) or "none" (the non-zero voxels). ``saveMask`` or a
+        ``maskOutputNode`` (vtkMRMLLabelMapVolumeNode) also stores the mask used; see
+        ``synthesizeWithDetails`` to get that node and the decision.
         """
-        request = self.prepare(t1=t1, t2=t2, t1c=t1c, mask=mask, model=model, device=device, precision=precision,
-                               outputNode=outputNode, batchSize=batchSize)
+        return self.synthesizeWithDetails(t1=t1, t2=t2, t1c=t1c, mask=mask, model=model, device=device,
+                                          precision=precision, outputNode=outputNode,
+                                          progressCallback=progressCallback, cancel=cancel, batchSize=batchSize,
+                                          brainMask=brainMask, saveMask=saveMask,
+                                          maskOutputNode=maskOutputNode).output
+
+    def synthesizeWithDetails(self, progressCallback=None, cancel=None, **kwargs) -> SceneResult:
+        """``synthesize`` returning the SceneResult (FLAIR node, mask label map, mask decision)."""
+        request = self.prepare(**kwargs)
         result = self.compute(request, progressCallback, cancel)
         return self.store(request, result)
 
     def prepare(self, t1=None, t2=None, t1c=None, mask=None, model: Optional[str] = None, device: str = "auto",
-                precision: str = DEFAULT_PRECISION, outputNode=None, batchSize: int = 4) -> SynthesisRequest:
+                precision: str = DEFAULT_PRECISION, outputNode=None, batchSize: int = 4,
+                brainMask: str = DEFAULT_BRAIN_MASK, saveMask: bool = False,
+                maskOutputNode=None) -> SynthesisRequest:
         """Check the nodes and copy their voxels (main thread). Raises InputError/BundleError."""
         nodes = {"t1": t1, "t2": t2, "t1c": t1c}
         given = {m: n for m, n in nodes.items() if n is not None}
@@ -432,13 +488,24 @@ class SynthesisSceneLogic:
             raise InputError("t1: a T1 volume is required (the output is made on its grid)")
         if precision not in PRECISIONS:
             raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-        if outputNode is not None and any(outputNode is n for n in (*given.values(), mask)):
+        if mask is None and brainMask not in BRAIN_MASK_MODES:
+            raise InputError(f"unknown brain mask choice {brainMask!r}; expected {' or '.join(BRAIN_MASK_MODES)} "
+                             "or a mask volume")
+        inputs = (*given.values(), mask)
+        if outputNode is not None and any(outputNode is n for n in inputs):
             raise InputError("the output volume must not be one of the inputs (inputs are never overwritten)")
         if outputNode is not None and not outputNode.IsA("vtkMRMLScalarVolumeNode"):
             raise InputError(f"output: '{outputNode.GetName()}' is a {outputNode.GetClassName()}, not a scalar volume")
+        if maskOutputNode is not None:
+            if any(maskOutputNode is n for n in (*inputs, outputNode)):
+                raise InputError("the brain-mask output must not be an input or the FLAIR output "
+                                 "(nothing is overwritten by accident)")
+            if not maskOutputNode.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise InputError(f"brain-mask output: '{maskOutputNode.GetName()}' is a "
+                                 f"{maskOutputNode.GetClassName()}, not a label map volume")
 
         volumes = {m: volumeFromNode(n, m) for m, n in given.items()}
-        maskVolume = volumeFromNode(mask, "mask") if mask is not None else None
+        maskSpec = volumeFromNode(mask, "mask") if mask is not None else brainMask
         reference = volumes["t1"]
         for m, vol in volumes.items():
             if m != "t1" and not vol.same_grid(reference):
@@ -447,13 +514,17 @@ class SynthesisSceneLogic:
                               MODALITY_LABELS[m], given[m].GetName(), t1.GetName(), vol.shape, reference.shape)
         bundlePath = self._resolveModel(model, list(given))
         device = self.resolveDevice(device)
-        self.log.info("Synthesising FLAIR from %s with %s on %s (%s)",
-                      " + ".join(MODALITY_LABELS[m] for m in given), bundlePath, device, precision)
-        return SynthesisRequest(volumes, maskVolume, str(bundlePath), device, precision, batchSize, t1, outputNode,
-                                tuple(n for n in (*given.values(), mask) if n is not None))
+        self.log.info("Synthesising FLAIR from %s with %s on %s (%s); brain mask: %s",
+                      " + ".join(MODALITY_LABELS[m] for m in given), bundlePath, device, precision,
+                      f"given ('{mask.GetName()}')" if mask is not None else brainMask)
+        return SynthesisRequest(volumes, maskSpec, str(bundlePath), device, precision, batchSize, t1, outputNode,
+                                tuple(n for n in inputs if n is not None),
+                                saveMask=bool(saveMask or maskOutputNode is not None), maskOutputNode=maskOutputNode)
 
-    def compute(self, request: SynthesisRequest, progressCallback=None, cancel=None) -> Volume:
-        """Run the network (any thread; touches no MRML node). Raises Cancelled when ``cancel()``."""
+    def compute(self, request: SynthesisRequest, progressCallback=None, cancel=None):
+        """Decide the brain mask (extraction included) and run the network (any thread;
+        touches no MRML node). Returns MRISynthesisLib.inference.SynthesisResult. Raises
+        Cancelled when ``cancel()``, InputError (one line) for an empty or non-brain mask."""
         reference = request.volumes["t1"]
         kwargs = dict(mask=request.mask, reference="t1", precision=request.precision, batch_size=request.batchSize,
                       progress=progressCallback, cancel=cancel)
@@ -461,15 +532,16 @@ class SynthesisSceneLogic:
             result = self._synthesize(request.volumes, request.bundlePath, device=request.device, **kwargs)
         else:
             result = self._computeWithCachedGenerator(request, kwargs)
-        if tuple(result.shape) != tuple(reference.shape):
-            raise RuntimeError(f"synthesis returned shape {result.shape}, expected T1's {reference.shape}")
+        if tuple(result.volume.shape) != tuple(reference.shape):
+            raise RuntimeError(f"synthesis returned shape {result.volume.shape}, expected T1's {reference.shape}")
+        self.log.info("%s", result.mask_decision.description)
         return result
 
-    def _computeWithCachedGenerator(self, request: SynthesisRequest, kwargs) -> Volume:
+    def _computeWithCachedGenerator(self, request: SynthesisRequest, kwargs):
         import contextlib
 
         import torch
-        from MRISynthesisLib.inference import synthesize
+        from MRISynthesisLib.inference import synthesize_with_details
 
         device = request.device
         if device == "auto":
@@ -484,23 +556,39 @@ class SynthesisSceneLogic:
             deviceContext = contextlib.nullcontext()
         bundle, generator = self.generatorCache.get(request.bundlePath, torchDevice, request.precision)
         with deviceContext:
-            return synthesize(request.volumes, bundle, device=coreDevice, generator=generator, **kwargs)
+            return synthesize_with_details(request.volumes, bundle, device=coreDevice, generator=generator, **kwargs)
 
-    def store(self, request: SynthesisRequest, result: Volume):
-        """Put the result into the scene (main thread), only now that synthesis succeeded."""
-        return self._storeOutput(result.array, request.referenceNode, request.outputNode)
+    def store(self, request: SynthesisRequest, result) -> SceneResult:
+        """Put the result into the scene (main thread), only now that synthesis succeeded:
+        the FLAIR and, when asked for, the brain mask used as a label map (1 = brain). If
+        storing the mask fails, a FLAIR node created here is removed again."""
+        scene = self.scene or request.referenceNode.GetScene()
+        created = request.outputNode is None
+        output = self._storeVolume(scene, result.volume.array, request.referenceNode, request.outputNode,
+                                   "vtkMRMLScalarVolumeNode", outputName(request.referenceNode), np.float32)
+        maskOutput = None
+        if request.saveMask:
+            try:
+                maskOutput = self._storeVolume(scene, result.brain_mask.array > 0, request.referenceNode,
+                                               request.maskOutputNode, "vtkMRMLLabelMapVolumeNode",
+                                               maskOutputName(request.referenceNode), np.uint8)
+            except Exception:
+                if created:
+                    scene.RemoveNode(output)
+                raise
+        return SceneResult(output, maskOutput, result.mask_decision)
 
-    def _storeOutput(self, array: np.ndarray, referenceNode, outputNode):
-        scene = self.scene or referenceNode.GetScene()
-        created = outputNode is None
-        node = outputNode
+    @staticmethod
+    def _storeVolume(scene, array: np.ndarray, referenceNode, node, className: str, name: str, dtype):
+        """Write ``array`` on the reference grid into ``node``, or a new node of ``className``."""
+        created = node is None
         try:
             if created:
-                node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", outputName(referenceNode))
+                node = scene.AddNewNodeByClass(className, name)
             elif node.GetImageData() is None:
-                node.SetName(outputName(referenceNode))
+                node.SetName(name)
             # Exactly the reference's own matrix and parent transform: the output overlays T1.
-            updateNodeFromArray(node, array, ijkToRAS(referenceNode))
+            updateNodeFromArray(node, array, ijkToRAS(referenceNode), dtype)
             node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
             if node.GetDisplayNode() is None:
                 node.CreateDefaultDisplayNodes()

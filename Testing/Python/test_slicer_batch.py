@@ -20,6 +20,7 @@ pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pi
 from MRISynthesisLib.bundle import bundle_from_generator, save_bundle  # noqa: E402
 from MRISynthesisLib.networks import ModelConfig, build_generator, init_weights  # noqa: E402
 from MRISynthesisLib.volumes import Volume, load_volume, save_volume  # noqa: E402
+from slicer_testdata import brain_like  # noqa: E402
 
 AFFINE = np.array([[0.0, -1.1, 0.0, 30.0], [0.9, 0.0, 0.0, -12.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
 SHAPE = (22, 18, 6)
@@ -32,11 +33,9 @@ def make_bundle(path, sources):
     return path
 
 
-def brain(seed):
-    rng = np.random.default_rng(seed)
-    array = np.zeros(SHAPE, dtype=np.float32)
-    array[3:-3, 3:-3, 1:-1] = 100 + 400 * rng.random((SHAPE[0] - 6, SHAPE[1] - 6, SHAPE[2] - 2))
-    return array
+def brain(seed, shape=SHAPE):
+    """Skull-stripped (round, zero outside): --brain-mask auto leaves it as it is."""
+    return brain_like(shape, seed, low=100, high=500)
 
 
 def installed_layout(root, with_helpers=True):
@@ -210,3 +209,123 @@ def test_batch_ctrl_c_exits_130(tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, out + err
     assert "interrupted (Ctrl-C)" in err and "12 of 12" not in out
+
+
+# ----------------------------------------------------------------------------- brain mask, BIDS
+
+
+@pytest.fixture(scope="module")
+def bids(tmp_path_factory):
+    """A small BIDS dataset: sub-01 (no session), sub-02 with sessions a and b; ses-b has its own
+    brain mask (desc-brain_mask), so that one is "given"; all T1s are skull-stripped."""
+    root = tmp_path_factory.mktemp("bids")
+    (root / "dataset_description.json").write_text('{"Name": "test", "BIDSVersion": "1.9.0"}')
+    for i, (folder, prefix) in enumerate([("sub-01", "sub-01"), ("sub-02/ses-a", "sub-02_ses-a"),
+                                          ("sub-02/ses-b", "sub-02_ses-b")]):
+        anat = root / folder / "anat"
+        anat.mkdir(parents=True)
+        save_volume(Volume(brain(2 * i), AFFINE), anat / f"{prefix}_T1w.nii.gz")
+        save_volume(Volume(brain(2 * i + 1), AFFINE), anat / f"{prefix}_T2w.nii.gz")
+    given = np.zeros(SHAPE, np.float32)
+    given[6:16, 5:13, 2:4] = 1
+    save_volume(Volume(given, AFFINE), root / "sub-02" / "ses-b" / "anat" / "sub-02_ses-b_desc-brain_mask.nii.gz")
+    return root
+
+
+def derivative(root, folder, prefix, what="desc-synthetic_FLAIR"):
+    return Path(root) / "derivatives" / "mrisynthesis" / folder / "anat" / f"{prefix}_{what}.nii.gz"
+
+
+def test_batch_bids_dataset_is_written_as_a_bids_derivative(bids, tmp_path):
+    import json
+
+    bundle = make_bundle(tmp_path / "m.safetensors", ("t1", "t2"))
+    out = tmp_path / "out"
+    result = run("--input-dir", bids, "--output-dir", out, "--model", bundle, "--device", "cpu", "--save-mask")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("BIDS dataset: writing the derivative")
+    assert [line.split(":")[0] for line in lines[1:4]] == ["sub-01", "sub-02_ses-a", "sub-02_ses-b"]
+    assert "already skull-stripped" in lines[1] and "already skull-stripped" in lines[2]
+    assert "brain mask: given" in lines[3] and "sub-02_ses-b_desc-brain_mask.nii.gz" in lines[3]
+    assert lines[4] == "3 of 3 subjects synthesised"
+    description = json.loads((out / "derivatives" / "mrisynthesis" / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "MRISynthesis"
+    for i, (folder, prefix) in enumerate([("sub-01", "sub-01"), ("sub-02/ses-a", "sub-02_ses-a"),
+                                          ("sub-02/ses-b", "sub-02_ses-b")]):
+        flair = load_volume(derivative(out, folder, prefix))
+        assert flair.shape == SHAPE and 0 < flair.array.max() <= 1000
+        np.testing.assert_allclose(flair.affine, AFFINE, atol=1e-5)
+        mask = load_volume(derivative(out, folder, prefix, "desc-brain_mask")).array
+        if prefix == "sub-02_ses-b":
+            expected = load_volume(bids / folder / "anat" / f"{prefix}_desc-brain_mask.nii.gz").array > 0
+        else:
+            expected = (brain(2 * i) != 0) | (brain(2 * i + 1) != 0)  # stripped: the non-zero voxels
+        np.testing.assert_array_equal(mask > 0, expected)
+        assert np.all(flair.array[~expected] == 0)  # background outside the mask used
+    assert not (bids / "derivatives").exists()  # --output-dir given: the dataset is left alone
+
+
+def test_batch_bids_default_output_is_the_dataset_and_subjects_select_sessions(bids, tmp_path):
+    import shutil as sh
+
+    dataset = tmp_path / "ds"
+    sh.copytree(bids, dataset)
+    bundle = make_bundle(tmp_path / "m.safetensors", ("t1",))
+    result = run("--input-dir", dataset, "--model", bundle, "--device", "cpu", "--subjects", "sub-02",
+                 "--brain-mask", "none", "--no-mask")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[1:3]] == ["sub-02_ses-a", "sub-02_ses-b"]
+    assert all("brain mask: none" in line for line in lines[1:3])
+    assert derivative(dataset, "sub-02/ses-b", "sub-02_ses-b").is_file()
+    assert not derivative(dataset, "sub-01", "sub-01").exists()
+    assert not derivative(dataset, "sub-02/ses-b", "sub-02_ses-b", "desc-brain_mask").exists()  # not asked
+    # The derivative inside the dataset is not a subject the next run would find.
+    result = run("--input-dir", dataset, "--model", bundle, "--device", "cpu", "--subjects", "sub-01_ses-a")
+    assert result.returncode == 2 and "no BIDS subject sub-01_ses-a" in result.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--format", "nrrd"], "a BIDS derivative is written as .nii.gz"),
+    (["--brain-mask", "deepbet"], "invalid choice: 'deepbet'"),
+])
+def test_batch_bids_bad_arguments_before_any_work(bids, tmp_path, extra, message):
+    result = run("--input-dir", bids, "--output-dir", tmp_path / "out", *extra)
+    assert result.returncode == 2 and message in result.stderr and result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_plain_folders_need_an_output_dir(subjects):
+    result = run("--input-dir", subjects)
+    assert result.returncode == 2 and "--output-dir is required" in result.stderr
+
+
+def test_batch_save_mask_beside_the_output(subjects, tmp_path):
+    bundle = make_bundle(tmp_path / "m.safetensors", ("t1",))
+    result = run("--input-dir", subjects, "--output-dir", tmp_path / "out", "--model", bundle, "--device", "cpu",
+                 "--subjects", "a", "--save-mask", "--brain-mask", "none")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "brain mask: none" in result.stdout and "a_brainmask.nii.gz" in result.stdout
+    mask = load_volume(tmp_path / "out" / "a_brainmask.nii.gz")
+    np.testing.assert_array_equal(mask.array > 0, brain(0) != 0)
+    np.testing.assert_allclose(mask.affine, AFFINE, atol=1e-5)
+
+
+def test_batch_auto_extracts_the_brain_of_a_real_raw_head(tmp_path):
+    """The one real un-stripped case: ms-long-04a (whole head, 50 slices of 3 mm), its own
+    mask ignored (--no-mask) so auto must extract; the extracted mask overlaps the dataset's."""
+    data = os.environ.get("MRISYNTHESIS_DATA")
+    if not data or not (Path(data) / "ms-long-04a" / "mask.nii.gz").is_file():
+        pytest.skip("real data not available: set MRISYNTHESIS_DATA to the shared data folder (ms-long-04a)")
+    bundle = make_bundle(tmp_path / "m.safetensors", ("t1", "t2"))
+    result = run("--input-dir", data, "--output-dir", tmp_path / "out", "--model", bundle, "--device", "cpu",
+                 "--subjects", "ms-long-04a", "--no-mask", "--save-mask", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "brain mask: extracted from t1 with deepbet" in result.stdout and "not skull-stripped" in result.stdout
+    extracted = load_volume(tmp_path / "out" / "ms-long-04a_brainmask.nii.gz").array > 0
+    reference = load_volume(Path(data) / "ms-long-04a" / "mask.nii.gz").array > 0
+    dice = 2 * np.count_nonzero(extracted & reference) / (np.count_nonzero(extracted) + np.count_nonzero(reference))
+    assert dice >= 0.9, dice
+    flair = load_volume(tmp_path / "out" / "ms-long-04a_flair.nii.gz").array
+    assert np.all(flair[~extracted] == 0) and flair[extracted].max() > 0

@@ -17,7 +17,8 @@ if str(MODULE_DIR) not in sys.path:
 from MRISynthesisLib.errors import Cancelled  # noqa: E402
 from SlicerMRISynthesisLib import dependencies as deps  # noqa: E402
 
-PRESENT = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "nibabel": "5.2.1", "safetensors": "0.4.5", "torch": "2.5.1"}
+PRESENT = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "scipy": "1.13.0", "nibabel": "5.2.1", "safetensors": "0.4.5",
+           "torch": "2.5.1", "deepbet": "1.0.2"}
 
 
 class FakeEnvironment:
@@ -33,7 +34,7 @@ class FakeEnvironment:
         return self.versions.get(distribution)
 
     def find_spec(self, name):
-        return object() if name in self.versions or name in ("numpy", "SimpleITK") else None
+        return object() if name in self.versions or name in ("numpy", "SimpleITK", "scipy") else None
 
     def install(self, method):
         def run(requirements):
@@ -64,8 +65,9 @@ def test_version_parsing():
 
 
 def test_requirements_are_what_the_core_imports():
-    assert {r.distribution for r in deps.REQUIREMENTS} == {"torch", "nibabel", "safetensors"}  # not scikit-image
-    assert set(deps.BUNDLED_WITH_SLICER) == {"numpy", "SimpleITK"}
+    # Not scikit-image; deepbet for the default brain mask "auto" (MRISynthesisLib.brainmask).
+    assert {r.distribution for r in deps.REQUIREMENTS} == {"torch", "nibabel", "safetensors", "deepbet"}
+    assert set(deps.BUNDLED_WITH_SLICER) == {"numpy", "SimpleITK", "scipy"}
 
 
 def test_missing_and_old_packages_are_reported_with_versions():

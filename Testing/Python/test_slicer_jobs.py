@@ -18,7 +18,8 @@ if str(MODULE_DIR) not in sys.path:
 slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
 
 from conftest import make_bundle  # noqa: E402
-from MRISynthesisLib.inference import synthesize as core_synthesize  # noqa: E402
+from slicer_testdata import brain_like  # noqa: E402
+from MRISynthesisLib.inference import synthesize as core_synthesize, synthesize_with_details  # noqa: E402
 from SlicerMRISynthesisLib import dependencies as deps  # noqa: E402
 from SlicerMRISynthesisLib.jobs import CANCELLED, DONE, FAILED, ApplyRun, SceneWatcher, SynthesisJob  # noqa: E402
 from test_slicer_dependencies import FakeEnvironment, _slow_pip  # noqa: E402
@@ -29,10 +30,7 @@ SHAPE = (24, 20, 10)
 
 
 def brain(seed):
-    rng = np.random.default_rng(seed)
-    array = np.zeros(SHAPE, dtype=np.float32)
-    array[3:-3, 3:-3, 1:-1] = 100 + 400 * rng.random((SHAPE[0] - 6, SHAPE[1] - 6, SHAPE[2] - 2))
-    return array
+    return brain_like(SHAPE, seed, low=100, high=500)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +68,7 @@ class Gate:
                 assert self.release.wait(30)
 
         kwargs["batch_size"] = 1
-        return core_synthesize(volumes, bundle, progress=hold, **kwargs)
+        return synthesize_with_details(volumes, bundle, progress=hold, **kwargs)
 
 
 def node_state(scene):
@@ -314,3 +312,51 @@ def test_apply_run_reports_a_failed_install_and_does_not_synthesise(scene, bundl
                    deps.InstallJob(installer, installer.askToInstall()))
     poll_until_done(run)
     assert run.failed and "no network" in run.message and run.job is None and run.output is None
+
+
+@pytest.fixture
+def head(monkeypatch):
+    """A raw "head" T1 (> 2200 ml non-zero: auto extracts) and deepbet replaced by a fake that
+    records its thread and returns ``masks[0]`` (the real one runs in test_slicer_batch)."""
+    from MRISynthesisLib import brainmask
+
+    threads, masks = [], []
+
+    def extract(volume, device="cpu", name="t1", **kwargs):
+        threads.append(threading.current_thread())
+        return masks[0]
+
+    monkeypatch.setattr(brainmask, "extract_brain", extract)
+    scene = slicer.vtkMRMLScene()
+    t1 = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "head t1")
+    shape = (40, 40, 24)
+    updateNodeFromArray(t1, 100 + 400 * np.random.default_rng(0).random(shape).astype(np.float32),
+                        np.diag([4.0, 4.0, 4.0, 1.0]))
+    masks.append(brain_like(shape, 0, margin=(6, 6, 4)) > 0)
+    return scene, t1, threads, masks
+
+
+def test_apply_run_extracts_in_the_worker_and_reports_the_mask_decision(head, one_thread, tmp_path):
+    scene, t1, threads, masks = head
+    bundle = str(make_bundle(tmp_path / "t1.safetensors", ("t1",)))
+    logic = SynthesisSceneLogic(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, model=bundle, device="cpu", saveMask=True), scene)
+    poll_until_done(run)
+    assert not run.failed, run.message
+    assert threads and threads[0] is not threading.main_thread()  # extraction off the GUI thread
+    assert "Brain mask: extracted from t1 with deepbet" in run.message and "\n" not in run.message
+    assert f"Brain mask saved as '{run.result.maskOutput.GetName()}'" in run.message
+    assert run.result.maskDecision.source == "extracted (deepbet)" and run.result.output is run.output
+
+
+def test_apply_run_empty_extracted_mask_is_one_line_and_scene_unchanged(head, tmp_path):
+    scene, t1, threads, masks = head
+    masks[0] = np.zeros_like(masks[0])
+    bundle = str(make_bundle(tmp_path / "t1.safetensors", ("t1",)))
+    logic = SynthesisSceneLogic(scene)
+    before = node_state(scene)
+    run = ApplyRun(logic, logic.prepare(t1=t1, model=bundle, device="cpu", saveMask=True), scene)
+    poll_until_done(run)
+    assert run.failed and run.output is None and "is empty: no brain found" in run.message
+    assert "\n" not in run.message and not run.message.startswith("Synthesis failed")  # the core's own line
+    assert node_state(scene) == before

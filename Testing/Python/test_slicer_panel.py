@@ -114,3 +114,31 @@ def test_widget_scene_rules():
     prepare = _method("MRISynthesisLogic", "prepareFromParameterNode")
     assert "outputNode=p.outputVolume" in prepare
     assert "p.outputVolume =" not in ast.unparse(ast.parse((MODULE_DIR / "MRISynthesis.py").read_text()))
+
+
+def test_brain_mask_choice_reaches_the_scene_logic():
+    """The panel's brain-mask combo offers exactly the core's modes, the parameter node holds
+    the mode (default "auto"), Apply passes mode, mask node and mask output; outputs are new
+    unless picked (the widget never assigns the output selectors)."""
+    from MRISynthesisLib.brainmask import BRAIN_MASK_MODES
+
+    fill = _method("MRISynthesisWidget", "_fillBrainMaskComboBox")
+    assert [m for m in BRAIN_MASK_MODES if f"'{m}')" in fill] == list(BRAIN_MASK_MODES)  # ast.unparse quotes
+    assert "automatic (extract unless skull-stripped)" in fill and "none (non-zero voxels)" in fill
+    prepare = _method("MRISynthesisLogic", "prepareFromParameterNode")
+    for argument in ("mask=p.maskVolume", "brainMask=p.brainMask", "saveMask=p.saveBrainMask",
+                     "maskOutputNode=p.maskOutputVolume if p.saveBrainMask else None"):
+        assert argument in prepare, argument
+    source = ast.unparse(ast.parse((MODULE_DIR / "MRISynthesis.py").read_text()))
+    assert "p.maskOutputVolume =" not in source and "brainMask: Annotated[str, Choice(list(BRAIN_MASK_MODES))] = " \
+        "DEFAULT_BRAIN_MASK" in source
+    from SlicerMRISynthesisLib.scene import DEFAULT_BRAIN_MASK, brainMaskSummary
+
+    assert DEFAULT_BRAIN_MASK == "auto"
+    assert "deepbet" in brainMaskSummary("auto") and "non-zero" in brainMaskSummary("none")
+
+    class Node:
+        def GetName(self):
+            return "my mask"
+
+    assert brainMaskSummary("none", Node()) == "Brain mask: 'my mask' as given."

@@ -17,9 +17,11 @@ if str(MODULE_DIR) not in sys.path:
 
 slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
 
+from slicer_testdata import brain_like  # noqa: E402
+
 from MRISynthesisLib.bundle import bundle_from_generator, save_bundle  # noqa: E402
 from MRISynthesisLib.errors import BundleError, Cancelled, InputError  # noqa: E402
-from MRISynthesisLib.inference import synthesize as core_synthesize  # noqa: E402
+from MRISynthesisLib.inference import synthesize as core_synthesize, synthesize_with_details  # noqa: E402
 from MRISynthesisLib.networks import ModelConfig, build_generator, init_weights  # noqa: E402
 from MRISynthesisLib.volumes import Volume  # noqa: E402
 from SlicerMRISynthesisLib.scene import (  # noqa: E402
@@ -57,10 +59,9 @@ def bundles(tmp_path_factory):
 
 
 def brain(shape, seed):
-    rng = np.random.default_rng(seed)
-    array = np.zeros(shape, dtype=np.float32)
-    array[3:-3, 3:-3, 1:-1] = 200 + 300 * rng.random((shape[0] - 6, shape[1] - 6, shape[2] - 2))
-    return array
+    """A small skull-stripped "brain": noisy tissue in an ellipsoid (round, with contrast), zero
+    outside, so the default brain mask "auto" finds it already stripped (= mode "none")."""
+    return brain_like(shape, seed)
 
 
 def add_volume(scene, name, array, affine):
@@ -142,7 +143,7 @@ def test_output_has_exactly_t1_geometry_and_matches_core(scene, pair, bundles):
     assert scene_snapshot(scene)[: len(before)] == before
     result = volumeFromNode(out).array
     expected = core_synthesize({"t1": Volume(brain(SHAPE, 0), OBLIQUE), "t2": Volume(brain(SHAPE, 1), OBLIQUE)},
-                               bundles["t1t2"], mask="none", device="cpu").array  # the logic's mask=None
+                               bundles["t1t2"], mask="none", device="cpu").array  # "auto" on a stripped T1 = "none"
     np.testing.assert_allclose(result, expected, atol=1e-4)
     assert 0.0 <= result.min() and result.max() <= 1000.0
     assert np.all(result[0] == 0) and result[5:-5, 5:-5, 2:-2].min() > 0  # background 0, brain filled
@@ -341,7 +342,7 @@ def test_cuda_without_gpu_falls_back_to_cpu_with_warning(scene, pair, bundles, c
 
     def recording(*args, device, **kwargs):
         seen["device"] = device
-        return core_synthesize(*args, device=device, **kwargs)
+        return synthesize_with_details(*args, device=device, **kwargs)
 
     logic = SynthesisSceneLogic(scene, synthesizeFunction=recording, cudaAvailable=lambda: False)
     with caplog.at_level(logging.WARNING, logger="MRISynthesis"):
@@ -433,3 +434,112 @@ def test_inputs_from_folder(tmp_path):
 
 
 # ----------------------------------------------------------------------------- torch and packages
+
+
+# ----------------------------------------------------------------------------- brain mask
+
+
+def raw_head(seed=0):
+    """A whole "head" (> 2200 ml of non-zero voxels at 4 mm) that auto must extract from."""
+    rng = np.random.default_rng(seed)
+    return (100 + 400 * rng.random((40, 40, 24))).astype(np.float32)
+
+
+HEAD_AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
+
+
+@pytest.fixture
+def fake_deepbet(monkeypatch):
+    """deepbet replaced by an ellipsoid "brain" (the real one takes seconds on a real head and
+    is tested on one in test_slicer_batch); records the thread it ran in."""
+    from MRISynthesisLib import brainmask
+
+    calls = []
+
+    def extract(volume, device="cpu", name="t1", **kwargs):
+        import threading
+
+        calls.append(threading.current_thread())
+        return brain_like(volume.shape, 0, margin=(6, 6, 4)) > 0
+
+    monkeypatch.setattr(brainmask, "extract_brain", extract)
+    return calls
+
+
+def test_default_auto_on_a_stripped_t1_is_mode_none_and_the_mask_can_be_saved(scene, pair, bundles):
+    t1, t2 = pair
+    logic = SynthesisSceneLogic(scene)
+    before = scene.GetNumberOfNodes()
+    result = logic.synthesizeWithDetails(t1=t1, t2=t2, model=bundles["t1t2"], device="cpu", saveMask=True)
+    assert result.maskDecision.source == "input already skull-stripped"
+    assert "already skull-stripped" in result.maskDecision.description
+    mask = result.maskOutput
+    assert mask.IsA("vtkMRMLLabelMapVolumeNode") and mask.GetName() == "case t1n brain mask"
+    assert mask.GetImageData().GetScalarTypeAsString() == "unsigned char"
+    assert np.array_equal(ijkToRAS(mask), ijkToRAS(t1))
+    np.testing.assert_array_equal(volumeFromNode(mask).array, (brain(SHAPE, 0) != 0) | (brain(SHAPE, 1) != 0))
+    assert scene.GetNumberOfNodes() > before + 2  # FLAIR + mask (+ display nodes)
+    # Each Apply a new label map unless one is picked; a picked one is reused, not added to.
+    again = logic.synthesizeWithDetails(t1=t1, t2=t2, model=bundles["t1t2"], device="cpu", saveMask=True)
+    assert again.maskOutput is not mask and again.output is not result.output
+    picked = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "my mask")
+    third = logic.synthesizeWithDetails(t1=t1, t2=t2, model=bundles["t1t2"], device="cpu", maskOutputNode=picked)
+    assert third.maskOutput is picked and picked.GetName() == "case t1n brain mask"  # empty node: named
+    # No mask asked for: none stored.
+    assert logic.synthesizeWithDetails(t1=t1, t2=t2, model=bundles["t1t2"], device="cpu").maskOutput is None
+
+
+def test_brain_mask_none_and_given_node(scene, pair, bundles):
+    t1, t2 = pair
+    logic = SynthesisSceneLogic(scene)
+    none = logic.synthesizeWithDetails(t1=t1, t2=t2, model=bundles["t1t2"], device="cpu", brainMask="none")
+    assert none.maskDecision.source == "none"
+    mask_array = np.zeros(SHAPE, np.float32)
+    mask_array[6:14, 6:12, 2:5] = 1
+    mask = add_volume(scene, "my brain", mask_array, OBLIQUE)
+    given = logic.synthesizeWithDetails(t1=t1, t2=t2, mask=mask, brainMask="none", model=bundles["t1t2"],
+                                        device="cpu", saveMask=True)  # a mask node wins over the mode
+    assert given.maskDecision.source == "given" and "given" in given.maskDecision.description
+    np.testing.assert_array_equal(volumeFromNode(given.maskOutput).array, mask_array)
+
+
+def test_auto_extracts_a_raw_head_in_compute_and_refuses_a_box(scene, bundles, fake_deepbet):
+    t1 = add_volume(scene, "head t1", raw_head(), HEAD_AFFINE)
+    logic = SynthesisSceneLogic(scene)
+    request = logic.prepare(t1=t1, model=bundles["t1"], device="cpu", saveMask=True)
+    assert not fake_deepbet  # prepare (main thread) does not extract
+    result = logic.compute(request)
+    assert len(fake_deepbet) == 1 and result.mask_decision.source == "extracted (deepbet)"
+    stored = logic.store(request, result)
+    expected = brain_like((40, 40, 24), 0, margin=(6, 6, 4)) > 0
+    np.testing.assert_array_equal(volumeFromNode(stored.maskOutput).array, expected)
+    flair = volumeFromNode(stored.output).array
+    assert np.all(flair[~expected] == 0) and flair[expected].max() > 0  # background outside the brain
+    # A box (a phantom cube) is not a brain: one line, nothing added.
+    cube = np.zeros(SHAPE, np.float32)
+    cube[3:-3, 3:-3, 1:-1] = 300 + 200 * np.random.default_rng(0).random((SHAPE[0] - 6, SHAPE[1] - 6, SHAPE[2] - 2))
+    box = add_volume(scene, "phantom", cube, OBLIQUE)
+    before = scene_snapshot(scene)
+    with pytest.raises(InputError, match="a box, not a brain") as error:
+        logic.synthesize(t1=box, model=bundles["t1"], device="cpu", saveMask=True)
+    assert "\n" not in str(error.value)
+    assert scene_snapshot(scene) == before
+
+
+def test_bad_brain_mask_arguments(scene, pair, bundles):
+    t1, t2 = pair
+    logic = SynthesisSceneLogic(scene)
+    other = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "other")
+    before = scene_snapshot(scene)
+    cases = [
+        (dict(brainMask="deepbet"), "unknown brain mask choice 'deepbet'"),
+        (dict(maskOutputNode=t2), "must not be an input"),
+        (dict(maskOutputNode=other, outputNode=other), "or the FLAIR output"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            logic.synthesize(t1=t1, t2=t2, model=bundles["t1t2"], device="cpu", **kwargs)
+    scalar = add_volume(scene, "scalar", np.ones((4, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(InputError, match="not a label map"):
+        logic.synthesize(t1=t1, t2=t2, model=bundles["t1t2"], device="cpu", maskOutputNode=scalar)
+    assert scene_snapshot(scene)[: len(before)] == before

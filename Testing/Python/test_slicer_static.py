@@ -21,7 +21,7 @@ MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 HELPER_PACKAGE = "SlicerMRISynthesisLib"
 HELPER_DIR = MODULE_DIR / HELPER_PACKAGE
 # Parameter-node fields the widget binds itself (shown with human labels / internal state).
-WIDGET_BOUND_FIELDS = {"model", "device", "decidedInputs"}
+WIDGET_BOUND_FIELDS = {"model", "device", "brainMask", "decidedInputs"}
 
 
 def module_tree(path=MODULE_PY):
@@ -58,7 +58,8 @@ def test_ui_parses_and_is_a_qmrmlwidget():
     selectors = {n for n, w in ui_widgets().items() if w.get("class") == "qMRMLNodeComboBox"}
     receivers = {c.find("receiver").text for c in root.iter("connection")
                  if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
-    assert selectors == receivers == {"t1Selector", "t2Selector", "t1cSelector", "maskSelector", "outputSelector"}
+    assert selectors == receivers == {"t1Selector", "t2Selector", "t1cSelector", "maskSelector", "outputSelector",
+                                       "maskOutputSelector"}
 
 
 def test_every_widget_the_code_uses_exists_in_the_ui():
@@ -82,6 +83,7 @@ def test_ui_bindings_and_parameter_node_fields_agree():
     assert not (WIDGET_BOUND_FIELDS & set(bindings.values())), "the widget binds model/device itself"
     source = MODULE_PY.read_text()
     assert "parameterNode.model = " in source and "parameterNode.device = " in source
+    assert "parameterNode.brainMask = " in source
 
 
 def _imports(path):

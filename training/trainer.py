@@ -142,6 +142,44 @@ def l1_loss(prediction: torch.Tensor, target: torch.Tensor, reduction: str) -> t
     return diff.flatten(1).sum(1).mean()  # ||Y - Y'||_1 per image, batch-averaged
 
 
+def train_step(G, D, D_plain, opt_G, opt_D, x, y, autocast, l1_reduction: str, lambda1: float,
+               lambda2: float):
+    """One training iteration, D then G (the objective in the module docstring): the one
+    step that the training loop and ``python -m training bench`` run. ``D`` may be wrapped
+    in DDP; ``D_plain`` is the bare D, called in the G update so that D's weights get no
+    gradient there. ``autocast()`` returns the precision context. Returns the losses as
+    tensors, in LOSS_KEYS order."""
+    bce = torch.nn.BCEWithLogitsLoss()
+    with autocast():
+        out = G(x)
+    fake = out.synthetic
+    # D: real pairs -> 1, synthetic pairs -> 0 (pix2pix's 0.5 factor).
+    for p in D_plain.parameters():
+        p.requires_grad_(True)
+    opt_D.zero_grad(set_to_none=True)
+    with autocast():
+        pred_fake = D(x, fake.detach())
+        pred_real = D(x, y)
+        loss_D = 0.5 * (bce(pred_fake.float(), torch.zeros_like(pred_fake, dtype=torch.float32))
+                        + bce(pred_real.float(), torch.ones_like(pred_real, dtype=torch.float32)))
+    loss_D.backward()
+    opt_D.step()
+    # G: fool D, plus L1 on the synthetic image and on the LAF pseudo-target.
+    for p in D_plain.parameters():
+        p.requires_grad_(False)
+    opt_G.zero_grad(set_to_none=True)
+    with autocast():
+        pred = D_plain(x, fake)
+        loss_gan = bce(pred.float(), torch.ones_like(pred, dtype=torch.float32))
+    loss_l1 = l1_loss(fake, y, l1_reduction)
+    loss_pseudo = (l1_loss(out.pseudo_target, y, l1_reduction)
+                   if out.pseudo_target is not None else torch.zeros((), device=x.device))
+    loss_G = loss_gan + lambda1 * loss_l1 + lambda2 * loss_pseudo
+    loss_G.backward()
+    opt_G.step()
+    return loss_D, loss_G, loss_gan, loss_l1, loss_pseudo
+
+
 def git_commit() -> Optional[str]:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -391,7 +429,6 @@ class Run:
         sampler = torch.utils.data.DistributedSampler(self.train_data, num_replicas=dist_.world, rank=dist_.rank,
                                                       shuffle=True, seed=cfg["seed"], drop_last=False)
         autocast = lambda: autocast_context(device, cfg["precision"])  # noqa: E731
-        bce = torch.nn.BCEWithLogitsLoss()
         M = len(self.sources)
         stop = {"flag": False}
 
@@ -431,35 +468,10 @@ class Run:
                 for step in range(first, len(batches)):
                     batch = self.train_data.gather(batches[step]).to(device)
                     x, y = batch[:, :M], batch[:, M:M + 1]
-                    with autocast():
-                        out = G(x)
-                    fake = out.synthetic
-                    # D: real pairs -> 1, synthetic pairs -> 0 (pix2pix's 0.5 factor).
-                    for p in self.D.parameters():
-                        p.requires_grad_(True)
-                    self.opt_D.zero_grad(set_to_none=True)
-                    with autocast():
-                        pred_fake = D(x, fake.detach())
-                        pred_real = D(x, y)
-                        loss_D = 0.5 * (bce(pred_fake.float(), torch.zeros_like(pred_fake, dtype=torch.float32))
-                                        + bce(pred_real.float(), torch.ones_like(pred_real, dtype=torch.float32)))
-                    loss_D.backward()
-                    self.opt_D.step()
-                    # G: fool D, plus L1 on the synthetic image and on the LAF pseudo-target.
-                    for p in self.D.parameters():
-                        p.requires_grad_(False)
-                    self.opt_G.zero_grad(set_to_none=True)
-                    with autocast():
-                        pred = D_plain(x, fake)
-                        loss_gan = bce(pred.float(), torch.ones_like(pred, dtype=torch.float32))
-                    loss_l1 = l1_loss(fake, y, cfg["l1_reduction"])
-                    loss_pseudo = (l1_loss(out.pseudo_target, y, cfg["l1_reduction"])
-                                   if out.pseudo_target is not None else torch.zeros((), device=device))
-                    loss_G = loss_gan + cfg["lambda1"] * loss_l1 + cfg["lambda2"] * loss_pseudo
-                    loss_G.backward()
-                    self.opt_G.step()
+                    values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, autocast,
+                                        cfg["l1_reduction"], cfg["lambda1"], cfg["lambda2"])
+                    loss_D, loss_G = values[0], values[1]
                     n = len(batches[step])
-                    values = [loss_D, loss_G, loss_gan, loss_l1, loss_pseudo]
                     for i, v in enumerate(values):
                         sums[i] += float(v.detach()) * n
                     sums[-1] += n

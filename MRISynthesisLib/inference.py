@@ -11,15 +11,21 @@ Used as it is by the command line, the Slicer module and evaluation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
-from typing import Callable, Mapping, Optional, Union
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 
 from .bundle import ModelBundle, load_bundle
 from .errors import Cancelled, InputError
 from .preprocessing import SliceStack
+from .threads import CpuSample, choose_threads
 from .volumes import Volume, align_to_reference, load_volume, resample_to_reference, validate_volume
 
 log = logging.getLogger(__name__)
@@ -29,6 +35,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 # Batches of 1-4 slices ran equally fast here, 8 was 5-10% slower (docs/performance.md).
 DEFAULT_BATCH_SIZE = 4
+# CPU threads run as independent workers of one PyTorch thread each (see threads.py);
+# True gives the old single worker with that many OpenMP threads (kept for the benchmark).
+INTRA_OP_PARALLEL = False
+# The stages synthesize() reports in ``timings`` (wall seconds), in order.
+STAGES = ("model load", "read", "resample", "brain mask", "normalise", "network", "inverse")
 
 VolumeLike = Union[Volume, str, os.PathLike]
 ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
@@ -72,6 +83,73 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def runs_native_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 on the CPU runs with bf16 weights and activations instead of autocast: the same
+    numbers (autocast computes the convolutions in bf16 already; what it adds are casts
+    around every padding layer and of every weight on every call, 30% of the time at
+    width 16) and ~1.3x faster (docs/performance.md). CUDA keeps autocast."""
+    return torch.device(device).type == "cpu" and resolve_precision(device, precision) == "bf16"
+
+
+def prepare_generator(net: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """``net`` ready to run at ``precision`` on ``device``: eval mode, and for native bf16 a
+    bf16 copy (the caller's network is never changed)."""
+    net = net.to(device).eval()
+    if runs_native_bf16(device, precision):
+        if any(p.dtype != torch.bfloat16 for p in net.parameters()):
+            net = copy.deepcopy(net).to(torch.bfloat16)
+    return net
+
+
+# A few prepared generators, keyed by bundle digest + device + precision: the Slicer module
+# and other long-lived callers build a model once and reuse it while those stay the same.
+_GENERATORS: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
+_GENERATORS_KEPT = 2
+_GENERATORS_LOCK = threading.Lock()
+
+
+def cached_generator(bundle: ModelBundle, device: Union[str, torch.device] = "cpu",
+                     precision: str = "auto") -> torch.nn.Module:
+    """The bundle's generator prepared for ``device``/``precision``, built once per
+    (bundle SHA-256, device, precision) and kept for the next call (the last two kept).
+    Bundles without a digest (built in memory, not loaded) are built every time."""
+    device = torch.device(device)
+    precision = resolve_precision(device, precision)
+    if not bundle.sha256:
+        return prepare_generator(bundle.build_generator(device), device, precision)
+    key = (bundle.sha256, str(device), precision)
+    with _GENERATORS_LOCK:
+        net = _GENERATORS.get(key)
+        if net is not None:
+            _GENERATORS.move_to_end(key)
+            return net
+    net = prepare_generator(bundle.build_generator(device), device, precision)
+    with _GENERATORS_LOCK:
+        _GENERATORS[key] = net
+        while len(_GENERATORS) > _GENERATORS_KEPT:
+            _GENERATORS.popitem(last=False)
+    return net
+
+
+class _StageClock:
+    """Adds the wall seconds of each ``with clock(stage):`` block to ``timings`` (if given)."""
+
+    def __init__(self, timings: Optional[Dict[str, float]]):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
+
+    def add(self, stage: str, seconds: float) -> None:
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+
 def _as_volume(value: VolumeLike, name: str) -> Volume:
     if isinstance(value, Volume):
         return validate_volume(value, name)
@@ -103,6 +181,8 @@ def synthesize(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[Callable[[], bool]] = None,
     generator: Optional[torch.nn.Module] = None,
+    threads: Optional[int] = None,
+    timings: Optional[Dict[str, float]] = None,
 ) -> Volume:
     """Synthesise the bundle's target contrast on the reference volume's grid.
 
@@ -111,50 +191,139 @@ def synthesize(
         (T1). Inputs on other grids are resampled onto it in physical space, with a warning.
     mask: optional brain mask (non-zero = brain); default: the non-zero voxels.
     progress(done, total) is called after each batch; cancel() returning True raises
-    ``Cancelled`` between batches. ``generator`` reuses an already built network.
+    ``Cancelled`` between batches. ``generator`` reuses an already built network
+    (``cached_generator`` builds and keeps one). ``threads``: CPU threads for the network;
+    default $MRISYNTHESIS_THREADS, $OMP_NUM_THREADS, else the cores free (threads.py).
+    ``timings``: a dict that receives the wall seconds of each stage (STAGES).
     Returns a float32 Volume in [0, output_max] (see preprocessing).
     """
-    if not isinstance(bundle, ModelBundle):
-        bundle = load_bundle(bundle)
+    cpu_sample = CpuSample.now()  # the free cores are measured from here to the network
+    clock = _StageClock(timings)
+    with clock("model load"):
+        if not isinstance(bundle, ModelBundle):
+            bundle = load_bundle(bundle)
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
     given = check_inputs(inputs, bundle)
     reference = reference or bundle.sources[0]
     if reference not in given:
         raise InputError(f"reference modality {reference!r} is not among the inputs {sorted(given)}")
     torch_device = resolve_device(device)
-    autocast = autocast_context(torch_device, precision)
+    precision = resolve_precision(torch_device, precision)
 
-    volumes = {name: _as_volume(given[name], name) for name in bundle.sources}
-    volumes = align_to_reference(volumes, reference)
+    with clock("read"):
+        volumes = {name: _as_volume(given[name], name) for name in bundle.sources}
+    with clock("resample"):
+        volumes = align_to_reference(volumes, reference)
     ref = volumes[reference]
     mask_array = None
-    if mask is not None:
-        mask_vol = _as_volume(mask, "mask")
-        if not mask_vol.same_grid(ref):
-            log.warning("mask is on a different grid than %s; resampling it (nearest neighbour)", reference)
-            mask_vol = resample_to_reference(mask_vol, ref, "mask", interpolation="nearest")
-        mask_array = mask_vol.array > 0
-        if not mask_array.any():
-            raise InputError("mask: no voxel is inside the mask")
+    with clock("brain mask"):
+        if mask is not None:
+            mask_vol = _as_volume(mask, "mask")
+            if not mask_vol.same_grid(ref):
+                log.warning("mask is on a different grid than %s; resampling it (nearest neighbour)", reference)
+                mask_vol = resample_to_reference(mask_vol, ref, "mask", interpolation="nearest")
+            mask_array = mask_vol.array > 0
+            if not mask_array.any():
+                raise InputError("mask: no voxel is inside the mask")
 
-    stack = SliceStack([volumes[s].array for s in bundle.sources], ref.affine, bundle.preprocessing,
-                       mask=mask_array, names=bundle.sources)
+    with clock("normalise"):
+        stack = SliceStack([volumes[s].array for s in bundle.sources], ref.affine, bundle.preprocessing,
+                           mask=mask_array, names=bundle.sources)
     del volumes
-    net = generator if generator is not None else bundle.build_generator(torch_device)
+    with clock("model load"):
+        net = (prepare_generator(generator, torch_device, precision) if generator is not None
+               else cached_generator(bundle, torch_device, precision))
     output = stack.empty_output()
+    if torch_device.type == "cpu":
+        count = choose_threads(threads, cpu_sample).count
+    else:
+        count = 1
+    _run_network(stack, output, net, torch_device, precision, batch_size, count, progress, cancel, clock)
+    with clock("inverse"):
+        result = stack.finish(output)
+    return Volume(result, ref.affine.copy())
+
+
+def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.device, precision: str,
+                 batch_size: int, threads: int, progress, cancel, clock: _StageClock) -> None:
+    """Every brain slice through ``net`` into ``output``. On the CPU ``threads`` workers of
+    one PyTorch thread each take batches in turn (no OpenMP barrier between them, so a
+    core taken by another process slows the run by its share, not many times); progress
+    and cancel are served from the calling thread."""
     indices = stack.brain_slices
     total = len(indices)
-    if progress:
-        progress(0, total)
-    with torch.inference_mode(), autocast:
-        for start in range(0, total, batch_size):
-            if cancel is not None and cancel():
-                raise Cancelled("synthesis cancelled")
-            chunk = indices[start : start + batch_size]
-            x = stack.batch(chunk).to(torch_device, non_blocking=True)
-            y = net(x).synthetic
-            stack.put(output, chunk, y.float().cpu())
-            if progress:
-                progress(min(start + batch_size, total), total)
-    return Volume(stack.finish(output), ref.affine.copy())
+    chunks = [indices[start:start + batch_size] for start in range(0, total, batch_size)]
+    native_bf16 = runs_native_bf16(device, precision)
+    autocast = contextlib.nullcontext if native_bf16 else (lambda: autocast_context(device, precision))
+    workers = 1 if device.type != "cpu" or INTRA_OP_PARALLEL else max(1, min(threads, len(chunks)))
+    nets = [net] + [copy.deepcopy(net) for _ in range(workers - 1)]  # AdaIN keeps per-call state in modules
+    stop = threading.Event()
+    lock = threading.Lock()
+    state = {"done": 0, "seconds": [0.0, 0.0, 0.0]}  # resize in, network, resize back (thread time)
+
+    def work(worker: int, check_cancel: bool) -> None:
+        seconds = [0.0, 0.0, 0.0]
+        with torch.inference_mode(), autocast():
+            for chunk in chunks[worker::workers]:
+                if check_cancel and cancel is not None and cancel():
+                    stop.set()
+                if stop.is_set():
+                    break
+                t0 = time.perf_counter()
+                x = stack.batch(chunk).to(device, non_blocking=True)
+                if native_bf16:
+                    x = x.to(torch.bfloat16)
+                t1 = time.perf_counter()
+                y = nets[worker](x).synthetic
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t2 = time.perf_counter()
+                stack.put(output, chunk, y.float().cpu())
+                t3 = time.perf_counter()
+                seconds = [seconds[0] + t1 - t0, seconds[1] + t2 - t1, seconds[2] + t3 - t2]
+                with lock:
+                    state["done"] += len(chunk)
+                if check_cancel and progress:
+                    progress(state["done"], total)
+        with lock:
+            state["seconds"] = [a + b for a, b in zip(state["seconds"], seconds)]
+
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads if workers == 1 else 1)
+    start = time.perf_counter()
+    try:
+        if progress:
+            progress(0, total)
+        if workers == 1:
+            work(0, check_cancel=True)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="mrisynthesis") as pool:
+                futures = [pool.submit(work, w, False) for w in range(workers)]
+                reported = 0
+                pending = futures
+                while pending:
+                    _, pending = wait(pending, timeout=0.05, return_when=FIRST_EXCEPTION)
+                    if any(f.done() and f.exception() for f in futures):
+                        stop.set()
+                        break
+                    if cancel is not None and cancel():
+                        stop.set()
+                    if progress and state["done"] != reported:
+                        reported = state["done"]
+                        progress(reported, total)
+                for f in futures:
+                    f.result()  # re-raises a worker's error here
+    finally:
+        if device.type == "cpu":
+            torch.set_num_threads(previous)
+    if stop.is_set():
+        raise Cancelled("synthesis cancelled")
+    # Wall time of the loop, split between the stages by their share of the thread time.
+    wall = time.perf_counter() - start
+    spent = sum(state["seconds"]) or 1.0
+    for stage, seconds in zip(("resample", "network", "inverse"), state["seconds"]):
+        clock.add(stage, wall * seconds / spent)

@@ -38,12 +38,16 @@ DEFAULT_CASE = "brats18-cbica-abm"  # BraTS 2018, 240x240x155 at 1 mm, T1/T2/T1c
 SCHEMA = "mrisynthesis-e2e-benchmark/1"
 STAGES = ("start-up", "model load", "read", "resample", "brain mask", "normalise", "network", "inverse",
           "write")
-POLICIES = {  # name -> (threads, one worker with OpenMP threads)
-    "adaptive": (None, False),
-    "1": (1, False),
-    "2": (2, False),
-    "openmp-2": (2, True),
+POLICIES = {  # name -> (threads, one worker with OpenMP threads, bf16 by autocast as before)
+    "adaptive": (None, False, False),
+    "1": (1, False, False),
+    "2": (2, False, False),
+    "openmp-2": (2, True, False),
+    # For the before/after table only (--policies ...): the network path as it was.
+    "openmp-2-autocast": (2, True, True),
+    "adaptive-autocast": (None, False, True),
 }
+DEFAULT_POLICIES = ("adaptive", "1", "2", "openmp-2")
 
 # The child: the same imports as the mrisynthesis command, then predict's calls, timed.
 _CHILD = r"""
@@ -56,6 +60,8 @@ from MRISynthesisLib.volumes import save_volume
 _imported = time.monotonic()
 spec = json.loads(sys.argv[1])
 inference.INTRA_OP_PARALLEL = spec["openmp"]
+if spec["autocast"]:
+    inference.runs_native_bf16 = lambda device, precision: False
 timings, slices = {}, []
 result = inference.synthesize(spec["inputs"], spec["model"], device=spec["device"], precision=spec["precision"],
                               threads=spec["threads"], timings=timings, progress=lambda d, t: slices.append(t))
@@ -182,7 +188,7 @@ def quick_case(folder: str) -> tuple:
 
 def run(case_dir: Optional[str], repeats: int = 3, models: Optional[Sequence[str]] = None,
         devices: Optional[Sequence[str]] = None, precision: str = "auto", contention: bool = True,
-        policies: Sequence[str] = tuple(POLICIES), quick: bool = False,
+        policies: Sequence[str] = DEFAULT_POLICIES, quick: bool = False, stage_policy: str = "adaptive",
         log: Callable[[str], None] = lambda s: None) -> dict:
     from .models import shipped_bundles
 
@@ -209,17 +215,17 @@ def run(case_dir: Optional[str], repeats: int = 3, models: Optional[Sequence[str
             import torch
 
             devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        result = {"schema": SCHEMA, "case": case, "inputs": sorted(inputs), "repeats": repeats,
+        result = {"schema": SCHEMA, "case": case, "stage_policy": stage_policy, "inputs": sorted(inputs), "repeats": repeats,
                   "statistic": "median", "cpu_count": os.cpu_count(), "load_average_start": load_average(),
                   "busy_cores_start": busy_cores(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "devices": {}}
         output = os.path.join(tmp, "out.nii.gz")
 
         def spec(model: str, device: str, policy: str) -> dict:
-            threads, openmp = POLICIES[policy]
+            threads, openmp, autocast = POLICIES[policy]
             sources = model.split("_to_")[0].split("_")
             return {"inputs": {s: inputs[s] for s in sources}, "model": usable[model], "device": device,
-                    "precision": precision, "threads": threads, "openmp": openmp, "output": output}
+                    "precision": precision, "threads": threads, "openmp": openmp, "autocast": autocast, "output": output}
 
         for device in devices:
             log(f"[{device}] peak throughput")
@@ -229,7 +235,7 @@ def run(case_dir: Optional[str], repeats: int = 3, models: Optional[Sequence[str
                 runs = []
                 for r in range(repeats):
                     log(f"[{device}] {model} run {r + 1}/{repeats}")
-                    runs.append(run_child(spec(model, device, "adaptive")))
+                    runs.append(run_child(spec(model, device, stage_policy)))
                 entry = {"runs": runs, "stages_s": median_stages(runs),
                          "total_s": statistics.median(r["total_s"] for r in runs), "slices": runs[0]["slices"],
                          "shape": runs[0]["shape"]}
@@ -260,7 +266,7 @@ def run(case_dir: Optional[str], repeats: int = 3, models: Optional[Sequence[str
 
 def format_table(result: dict) -> str:
     lines = [f"end to end: {result['case']} ({', '.join(result['inputs'])}), median of {result['repeats']} fresh "
-             f"processes; {result['cpu_count']} CPUs; load average {result['load_average_start']} -> "
+             f"processes, policy {result['stage_policy']}; {result['cpu_count']} CPUs; load average {result['load_average_start']} -> "
              f"{result['load_average_end']}, busy cores before {result['busy_cores_start']} after "
              f"{result['busy_cores_end']}"]
     for device, dev in result["devices"].items():
@@ -298,8 +304,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="repeatable; default cpu, and cuda when PyTorch sees a GPU")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per figure (default 3)")
-    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES),
-                        help="thread policies in the contention comparison")
+    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(DEFAULT_POLICIES),
+                        help="thread policies in the contention comparison (default: %(default)s; "
+                             "*-autocast: bf16 by autocast as before, for the before/after table)")
+    parser.add_argument("--stage-policy", choices=list(POLICIES), default="adaptive",
+                        help="policy of the stage table (default adaptive, what users get)")
     parser.add_argument("--no-contention", action="store_true", help="skip the idle-vs-busy comparison")
     parser.add_argument("--quick", action="store_true",
                         help="synthetic 6-slice case and a tiny random model (tests; figures meaningless)")
@@ -321,6 +330,7 @@ def bench_main(args) -> int:
             return 0
     result = run(case_dir, repeats=args.repeats, models=args.models, devices=args.devices,
                  precision=args.precision, contention=not args.no_contention, policies=args.policies,
+                 stage_policy=args.stage_policy,
                  quick=args.quick, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(result))
     if args.output:

@@ -679,14 +679,18 @@ def bench_main(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = add_bench_arguments(argparse.ArgumentParser(prog="python -m MRISynthesisLib.benchmark",
-                                                         description=__doc__.split("\n\n")[0]))
+def command_main(add_arguments, handler, prog: str, doc: str, argv=None) -> int:
+    """A benchmark's own command line: its arguments, its handler, ValueError as one line."""
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0]))
     args = parser.parse_args(argv)
     try:
-        return bench_main(args)
+        return handler(args)
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
+def main(argv=None) -> int:
+    return command_main(add_bench_arguments, bench_main, "python -m MRISynthesisLib.benchmark", __doc__, argv)
 
 
 if __name__ == "__main__":

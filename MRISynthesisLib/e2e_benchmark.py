@@ -341,12 +341,9 @@ def bench_main(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="mrisynthesis bench", description=__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    try:
-        return bench_main(args)
-    except ValueError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    from .benchmark import command_main
+
+    return command_main(add_arguments, bench_main, "mrisynthesis bench", __doc__, argv)
 
 
 if __name__ == "__main__":

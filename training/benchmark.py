@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from MRISynthesisLib.benchmark import (MODELS, count_flops, load_average, machine_info, measure_peak,
+from MRISynthesisLib.benchmark import (MODELS, command_main, count_flops, load_average, machine_info, measure_peak,
                                        time_call, write_json)
 from MRISynthesisLib.inference import autocast_context
 from MRISynthesisLib.networks import ModelConfig, build_discriminator, build_generator, init_weights
@@ -139,12 +139,7 @@ def bench_cli(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m training bench", description=__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    try:
-        return bench_cli(args)
-    except ValueError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return command_main(add_arguments, bench_cli, "python -m training bench", __doc__, argv)
 
 
 if __name__ == "__main__":

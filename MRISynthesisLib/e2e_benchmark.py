@@ -128,7 +128,9 @@ class BusyCore:
     """Another process keeping one core busy (a Python busy loop), for as long as the block runs."""
 
     def __enter__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        # Spins until this process ends, even if it is killed before __exit__ runs.
+        self.proc = subprocess.Popen([sys.executable, "-c",
+                                      f"import os\nwhile os.getppid() == {os.getpid()}: pass"])
         time.sleep(0.3)
         return self
 

@@ -1,7 +1,7 @@
 """Speed and memory benchmark: how fast the generators run against what the machine can do.
 
     python -m MRISynthesisLib.benchmark [--width 64] [--quick] [-o benchmark.json]
-    (to become ``mrisynthesis bench``)
+    (also ``mrisynthesis bench-network``; ``mrisynthesis bench`` is the end-to-end benchmark)
 
 What it measures, on the CPU always and on CUDA when PyTorch sees a GPU:
 

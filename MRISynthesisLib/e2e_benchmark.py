@@ -13,7 +13,7 @@ peak in that precision (``benchmark.measure_peak``).
 Contention (``--contention``, on by default): the T1+T2 model again, each thread policy run
 idle and then with one core kept busy by a process this benchmark starts (a Python busy
 loop), interleaved so that drifting load affects both alike; busy/idle is the issue's
-figure. Policies: ``adaptive`` (the default: workers = cores free, threads.py), ``1`` and
+figure. Policies: ``adaptive`` (the default: workers = cores free, inference.choose_threads), ``1`` and
 ``2`` workers, and ``openmp-2`` (one worker with 2 OpenMP threads: the behaviour before).
 
 The load average and /proc/stat's busy cores are recorded with every run. Without the data
@@ -80,7 +80,7 @@ os._exit(0)  # as mrisynthesis predict ends (cli.entry)
 
 def busy_cores() -> Optional[float]:
     """Cores busy on the whole machine over the last 0.5 s (None without /proc/stat)."""
-    from .threads import _read_proc_stat
+    from .inference import _read_proc_stat
 
     a = _read_proc_stat()
     time.sleep(0.5)

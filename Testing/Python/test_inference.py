@@ -201,7 +201,7 @@ def test_cached_generator_is_reused_per_bundle_device_precision(tiny_bundle, tmp
 
 
 def test_thread_choice_order(monkeypatch):
-    from MRISynthesisLib import threads
+    from MRISynthesisLib import inference as threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv(threads.THREADS_ENV, raising=False)
@@ -233,7 +233,7 @@ def test_busy_cores_are_measured_from_proc_stat():
     import os
     import time
 
-    from MRISynthesisLib import threads
+    from MRISynthesisLib import inference as threads
 
     if not os.path.exists("/proc/stat"):
         pytest.skip("no /proc/stat on this system")

@@ -1,7 +1,7 @@
 """Speed and memory benchmark: how fast the generators run against what the machine can do.
 
     python -m MRISynthesisLib.benchmark [--width 64] [--quick] [-o benchmark.json]
-    (to become ``mrisynthesis bench``)
+    (also ``mrisynthesis bench-network``; ``mrisynthesis bench`` is the end-to-end benchmark)
 
 What it measures, on the CPU always and on CUDA when PyTorch sees a GPU:
 
@@ -10,8 +10,8 @@ What it measures, on the CPU always and on CUDA when PyTorch sees a GPU:
   channels-last memory layouts;
 - per model (paper generator with M = 1, 2, 3 sources and the pix2pix U-Net with
   M = 2), fp32 and bf16: per-slice time, slices/s, time for a 155-slice volume, the
-  generator's FLOPs per slice, achieved GFLOP/s and its fraction of the measured peaks,
-  training samples per second (a G+D step with the paper objective);
+  generator's FLOPs per slice, achieved GFLOP/s and its fraction of the measured peaks
+  (training throughput is measured by the training package: ``python -m training bench``);
 - an inference-variant sweep on one model (precision, inference mode, channels-last,
   batch size, threads): the before/after of each optimisation in one run;
 - end-to-end ``synthesize`` on synthetic volumes of 155 and 310 slices, each in a fresh
@@ -44,7 +44,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .networks import ModelConfig, build_discriminator, build_generator, init_weights
+from .networks import ModelConfig, build_generator, init_weights
 
 SCHEMA = "mrisynthesis-benchmark/1"
 VOLUME_SLICES = 155  # a BraTS-sized axial stack, the "whole volume" of the issue
@@ -253,82 +253,6 @@ def derived_figures(per_slice_s: float, flops_per_slice: int) -> dict:
             "gflops_per_s": flops_per_slice / per_slice_s / 1e9}
 
 
-# --------------------------------------------------------------------------- training step
-
-
-def _training_step_from_package():
-    """The training package's step, when it exposes one (``training.step.make_train_step``)."""
-    try:
-        from training import step as training_step  # type: ignore
-    except Exception:
-        return None
-    return getattr(training_step, "make_train_step", None)
-
-
-def make_local_train_step(config: ModelConfig, device: torch.device, precision: str, batch: int,
-                          lambda_l1: float = 0.1, lambda_laf: float = 0.1) -> Callable[[], None]:
-    """One alternating D-then-G update with the paper objective (METHOD.md), built from the
-    library's networks the way training/trainer.py does it (D frozen during the G update):
-    BCE-with-logits GAN loss, lambda1 |Y - G(X)|_1 + lambda2 |Y - F(X)|_1
-    (per-pixel means; the reduction does not change the cost), Adam(2e-4, (0.5, 0.999))."""
-    torch.manual_seed(0)
-    g = init_weights(build_generator(config)).to(device).train()
-    d = init_weights(build_discriminator(config.num_sources, config.base_width)).to(device).train()
-    opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    bce, l1 = nn.BCEWithLogitsLoss(), nn.L1Loss()
-    x = (torch.rand(batch, config.num_sources, 256, 256) * 2 - 1).to(device)
-    y = (torch.rand(batch, 1, 256, 256) * 2 - 1).to(device)
-
-    def amp():
-        if precision == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def step():
-        with amp():
-            out = g(x)
-            real, fake = d(x, y), d(x, out.synthetic.detach())
-            loss_d = 0.5 * (bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake)))
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        for p in d.parameters():  # as training/trainer.py: no D weight gradients in the G update
-            p.requires_grad_(False)
-        with amp():
-            fake = d(x, out.synthetic)
-            loss_g = bce(fake, torch.ones_like(fake)) + lambda_l1 * l1(out.synthetic.float(), y)
-            if out.pseudo_target is not None:
-                loss_g = loss_g + lambda_laf * l1(out.pseudo_target.float(), y)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        for p in d.parameters():
-            p.requires_grad_(True)
-
-    return step
-
-
-def measure_training(config: ModelConfig, device: torch.device, precision: str, batch: int,
-                     warmup: int, repeats: int) -> dict:
-    factory = _training_step_from_package()
-    source = "training.step.make_train_step"
-    step = None
-    if factory is not None:
-        try:
-            step = factory(config, device=device, precision=precision, batch_size=batch)
-        except Exception as exc:  # an API we do not know yet: fall back, and say so
-            source = f"local (training package step unusable: {exc})"
-    if step is None:
-        step = make_local_train_step(config, device, precision, batch)
-        if factory is None:
-            source = "local: MRISynthesisLib networks + paper objective (training package has no step function)"
-    times = time_call(step, device, warmup, repeats)
-    per_step = statistics.median(times)
-    return {"precision": precision, "batch_size": batch, "step_s": per_step, "samples_per_s": batch / per_step,
-            "times_s": times, "step_source": source}
-
-
 # --------------------------------------------------------------------------- end-to-end volume
 
 
@@ -507,7 +431,7 @@ def sweep_variants(batch_size: int, cpu_threads: int, quick: bool = False) -> Li
 
 def run_benchmark(width: int = PAPER_WIDTH, models: Sequence[str] = tuple(MODELS), devices: Optional[Sequence[str]] = None,
                   batch_size: int = 4, warmup: int = 1, repeats: int = 3, quick: bool = False,
-                  train: bool = True, train_batch: int = 3, sweep_model: Optional[str] = "fdgan-m2",
+                  sweep_model: Optional[str] = "fdgan-m2",
                   volume_slices: Sequence[int] = (155, 310), volume_precision: str = "bf16",
                   volume_batch_size: int = 8, data_dir: Optional[str] = None, psnr_slices: int = 24,
                   psnr_subjects: Sequence[str] = ("brats-gli-00001", "ms-mni-07"),
@@ -526,7 +450,7 @@ def run_benchmark(width: int = PAPER_WIDTH, models: Sequence[str] = tuple(MODELS
     result = {"schema": SCHEMA, "flop_convention": FLOP_CONVENTION, "machine": machine_info(),
               "load_average_start": load_average(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "settings": {"width": width, "models": list(models), "batch_size": batch_size, "warmup": warmup,
-                           "repeats": repeats, "quick": quick, "train_batch": train_batch,
+                           "repeats": repeats, "quick": quick,
                            "volume_slices": list(volume_slices), "volume_precision": volume_precision,
                            "volume_batch_size": volume_batch_size, "statistic": "median"},
               "devices": {}}
@@ -553,12 +477,6 @@ def run_benchmark(width: int = PAPER_WIDTH, models: Sequence[str] = tuple(MODELS
                 peak = dev["peak"][precision]
                 row["fraction_of_conv3x3_peak"] = row["gflops_per_s"] / peak["conv3x3"]["gflops_per_s"]
                 row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak["matmul"]["gflops_per_s"]
-                if train:
-                    log(f"[{dev_name}] {model} {precision} training step")
-                    # Quick mode: one untimed-warm-up-free step (tests only check the plumbing).
-                    row["training"] = measure_training(config, device, precision, train_batch,
-                                                       0 if quick else warmup, max(1, min(repeats, 3)))
-                    row["train_samples_per_s"] = row["training"]["samples_per_s"]
                 row["process_peak_rss_bytes"] = peak_rss_bytes()
                 rows.append(row)
             del net
@@ -656,17 +574,15 @@ def format_table(result: dict) -> str:
             lines.append(f"peak {p}: matmul {peak['matmul']['gflops_per_s']:.0f} GFLOP/s, 3x3 conv "
                          f"{peak['conv3x3']['gflops_per_s']:.0f} GFLOP/s ({peak['conv3x3']['best_layout']})")
         header = (f"{'model':<11} {'prec':<5} {'ms/slice':>9} {'slices/s':>9} {'155 sl. s':>9} {'GFLOP/sl':>9} "
-                  f"{'GFLOP/s':>8} {'%conv':>6} {'%mm':>5} {'train/s':>8} {'peakRSS MB':>10}")
+                  f"{'GFLOP/s':>8} {'%conv':>6} {'%mm':>5} {'peakRSS MB':>10}")
         lines.append(header)
         lines.append("-" * len(header))
         for r in dev["models"]:
             lines.append(f"{r['model']:<11} {r['precision']:<5} {1000 * r['per_slice_s']:9.1f} {r['slices_per_s']:9.2f} "
                          f"{r['volume_155_s']:9.1f} {r['flops_per_slice'] / 1e9:9.2f} {r['gflops_per_s']:8.1f} "
                          f"{100 * r['fraction_of_conv3x3_peak']:5.0f}% {100 * r['fraction_of_matmul_peak']:4.0f}% "
-                         f"{_fmt(r.get('train_samples_per_s'), '8.2f')} {r['process_peak_rss_bytes'] / 2**20:10.0f}")
-        if dev["models"] and "training" in dev["models"][0]:
-            lines.append(f"training step: batch {dev['models'][0]['training']['batch_size']}, "
-                         f"{dev['models'][0]['training']['step_source']}")
+                         f"{r['process_peak_rss_bytes'] / 2**20:10.0f}")
+        lines.append("training throughput: python -m training bench")
         if dev.get("sweep"):
             s = dev["sweep"]
             lines.append("")
@@ -726,7 +642,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and single repeats (for tests; numbers are not meaningful)")
-    parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     parser.add_argument("--no-sweep", action="store_true", help="skip the inference-variant sweep")
     parser.add_argument("--volume-slices", type=int, nargs="*", default=None,
                         help="slice counts for the end-to-end runs (default 155 310; quick 4 8; none to skip)")
@@ -755,9 +670,8 @@ def bench_main(args) -> int:
     if not os.path.isdir(out_dir):
         raise ValueError(f"output folder does not exist: {out_dir}")
     result = run_benchmark(width=args.width, models=args.models, devices=args.devices, batch_size=args.batch_size,
-                           warmup=args.warmup, repeats=repeats, quick=args.quick, train=not args.no_train,
+                           warmup=args.warmup, repeats=repeats, quick=args.quick,
                            sweep_model=None if args.no_sweep else "fdgan-m2", volume_slices=slices,
-                           train_batch=2 if args.quick else 3,
                            data_dir=data, psnr_slices=4 if args.quick else 24,
                            log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(result))
@@ -766,14 +680,18 @@ def bench_main(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = add_bench_arguments(argparse.ArgumentParser(prog="python -m MRISynthesisLib.benchmark",
-                                                         description=__doc__.split("\n\n")[0]))
+def command_main(add_arguments, handler, prog: str, doc: str, argv=None) -> int:
+    """A benchmark's own command line: its arguments, its handler, ValueError as one line."""
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0]))
     args = parser.parse_args(argv)
     try:
-        return bench_main(args)
+        return handler(args)
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
+def main(argv=None) -> int:
+    return command_main(add_bench_arguments, bench_main, "python -m MRISynthesisLib.benchmark", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -402,10 +402,14 @@ def demo_main(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m MRISynthesisLib.demo ...`` == ``mrisynthesis demo ...``."""
-    from .cli import main as cli_main
+    """``python -m MRISynthesisLib.demo ...`` == ``mrisynthesis demo ...`` (the command line
+    imports this module, never the other way round)."""
+    from .errors import run_command
 
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+    parser = add_demo_arguments(argparse.ArgumentParser(prog="python -m MRISynthesisLib.demo",
+                                                        description=__doc__.split("\n\n")[0]))
+    return run_command(demo_main, parser.parse_args(sys.argv[1:] if argv is None else argv),
+                       prog="mrisynthesis")
 
 
 if __name__ == "__main__":

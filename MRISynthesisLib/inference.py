@@ -11,10 +11,15 @@ Used as it is by the command line, the Slicer module and evaluation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Union
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -32,9 +37,135 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 # Batches of 1-4 slices ran equally fast here, 8 was 5-10% slower (docs/performance.md).
 DEFAULT_BATCH_SIZE = 4
+# CPU threads run as independent workers of one PyTorch thread each (see the thread policy below);
+# True gives the old single worker with that many OpenMP threads (kept for the benchmark).
+INTRA_OP_PARALLEL = False
+# The stages synthesize() reports in ``timings`` (wall seconds), in order.
+STAGES = ("model load", "read", "resample", "brain mask", "normalise", "network", "inverse")
 
 VolumeLike = Union[Volume, str, os.PathLike]
 ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
+
+
+# ------------------------------------------------------------------ thread policy
+# How many CPU threads the network runs on: the cores actually free, unless the user says.
+#
+# On a shared machine OpenMP threads that wait for each other at every layer are many times
+# slower as soon as one core is taken by another process (docs/performance.md: 6-26 s instead
+# of 9.7 s on 2 cores). So the network runs as independent workers, each one PyTorch thread
+# on its own batches of slices (no barrier between them), and the number of workers is the
+# number of cores free when the network starts:
+#
+# 1. an explicit count (``synthesize(threads=N)``, ``mrisynthesis predict --threads N``, the
+#    Slicer module's setting);
+# 2. else the environment: ``MRISYNTHESIS_THREADS``, then ``OMP_NUM_THREADS``;
+# 3. else the cores this process may run on (``sched_getaffinity``) minus the cores other
+#    processes kept busy since the synthesis started, measured from ``/proc/stat`` less this
+#    process's own CPU time (``os.getloadavg`` where there is no ``/proc/stat``).
+THREADS_ENV = "MRISYNTHESIS_THREADS"
+# Below this window the /proc/stat counters (1/100 s ticks) say too little; wait for it.
+MIN_SAMPLE_S = 0.1
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _read_proc_stat():
+    """(busy, total) ticks summed over all CPUs, or None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = ticks[3] + ticks[4]
+    return sum(ticks) - idle, sum(ticks)
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """A point from which the busy cores of other processes are measured."""
+
+    wall: float
+    own_cpu: float
+    stat: Optional[tuple]
+
+    @classmethod
+    def now(cls) -> "CpuSample":
+        return cls(time.monotonic(), _own_cpu_seconds(), _read_proc_stat())
+
+
+def cores_busy_elsewhere(since: CpuSample, wait: bool = True) -> Optional[float]:
+    """Cores kept busy by other processes since ``since`` (None when not measurable).
+    ``wait``: sleep until the window is at least MIN_SAMPLE_S long."""
+    if since.stat is None:
+        try:
+            return max(0.0, os.getloadavg()[0] - 1.0)  # 1-minute average, includes us: a rough guess
+        except (AttributeError, OSError):
+            return None
+    if wait:
+        remaining = MIN_SAMPLE_S - (time.monotonic() - since.wall)
+        if remaining > 0:
+            time.sleep(remaining)
+    now = CpuSample.now()
+    if now.stat is None:
+        return None
+    busy, total = now.stat[0] - since.stat[0], now.stat[1] - since.stat[1]
+    elapsed = now.wall - since.wall
+    if total <= 0 or elapsed <= 0:
+        return None
+    online = os.cpu_count() or 1
+    all_busy = online * busy / total  # cores busy on the whole machine, us included
+    ours = (now.own_cpu - since.own_cpu) / elapsed
+    return max(0.0, all_busy - ours)
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    count: int
+    reason: str
+
+
+def _positive_int(text: str, name: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a whole number of threads") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def choose_threads(requested: Optional[int] = None, since: Optional[CpuSample] = None) -> ThreadChoice:
+    """The number of CPU threads for the network (see the module docstring for the order)."""
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"threads must be >= 1, got {requested}")
+        return ThreadChoice(int(requested), "requested")
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        text = os.environ.get(name, "").strip()
+        if text:
+            return ThreadChoice(_positive_int(text, name), f"${name}")
+    cpus = usable_cpus()
+    if cpus == 1:
+        return ThreadChoice(1, "one usable CPU")
+    busy = cores_busy_elsewhere(since or CpuSample.now())
+    if busy is None:
+        return ThreadChoice(cpus, f"{cpus} usable CPUs (load not measurable)")
+    free = max(1, min(cpus, int(cpus - busy + 0.5)))
+    return ThreadChoice(free, f"{cpus} usable CPUs, {busy:.1f} busy with other processes")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -73,6 +204,86 @@ def autocast_context(device: torch.device, precision: str):
     if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def runs_native_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 on the CPU runs with bf16 weights and activations instead of autocast: the same
+    numbers (autocast computes the convolutions in bf16 already; what it adds are casts
+    around every padding layer and of every weight on every call, 30% of the time at
+    width 16) and ~1.3x faster (docs/performance.md). CUDA keeps autocast."""
+    return torch.device(device).type == "cpu" and resolve_precision(device, precision) == "bf16"
+
+
+def prepare_generator(net: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """``net`` ready to run at ``precision`` on ``device``: eval mode, and for native bf16 a
+    bf16 copy (the caller's network is never changed)."""
+    net = net.to(device).eval()
+    if runs_native_bf16(device, precision):
+        if any(p.dtype != torch.bfloat16 for p in net.parameters()):
+            net = copy.deepcopy(net).to(torch.bfloat16)
+    return net
+
+
+# A few prepared generators, keyed by bundle digest + device + precision: the Slicer module
+# and other long-lived callers build a model once and reuse it while those stay the same.
+_GENERATORS: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
+_GENERATORS_KEPT = 2
+_GENERATORS_LOCK = threading.Lock()
+
+
+def cached_generator(bundle: ModelBundle, device: Union[str, torch.device] = "cpu",
+                     precision: str = "auto") -> torch.nn.Module:
+    """The bundle's generator prepared for ``device``/``precision``, built once per
+    (bundle SHA-256, device, precision) and kept for the next call (the last two kept).
+    Bundles without a digest (built in memory, not loaded) are built every time."""
+    device = torch.device(device)
+    precision = resolve_precision(device, precision)
+    if not bundle.sha256:
+        return prepare_generator(bundle.build_generator(device), device, precision)
+    key = (bundle.sha256, str(device), precision)
+    with _GENERATORS_LOCK:
+        net = _GENERATORS.get(key)
+        if net is not None:
+            _GENERATORS.move_to_end(key)
+            return net
+    net = prepare_generator(bundle.build_generator(device), device, precision)
+    with _GENERATORS_LOCK:
+        _GENERATORS[key] = net
+        while len(_GENERATORS) > _GENERATORS_KEPT:
+            _GENERATORS.popitem(last=False)
+    return net
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Small tensor work (building a model, converting weights) on one thread: with OpenMP
+    each of its ~200 tiny operations waits at a barrier, which costs seconds when another
+    process holds a core (1.4 s instead of 0.05 s for the model load here)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _StageClock:
+    """Adds the wall seconds of each ``with clock(stage):`` block to ``timings`` (if given)."""
+
+    def __init__(self, timings: Optional[Dict[str, float]]):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
+
+    def add(self, stage: str, seconds: float) -> None:
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + seconds
 
 
 def _as_volume(value: VolumeLike, name: str) -> Volume:
@@ -124,6 +335,8 @@ def synthesize_with_details(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[Callable[[], bool]] = None,
     generator: Optional[torch.nn.Module] = None,
+    threads: Optional[int] = None,
+    timings: Optional[Dict[str, float]] = None,
 ) -> SynthesisResult:
     """Synthesise the bundle's target contrast on the reference volume's grid.
 
@@ -135,46 +348,134 @@ def synthesize_with_details(
         non-zero voxels), or a mask Volume / file (non-zero = brain). Outside the brain the
         output is background (0).
     progress(done, total) is called after each batch; cancel() returning True raises
-    ``Cancelled`` between batches. ``generator`` reuses an already built network.
+    ``Cancelled`` between batches. ``generator`` reuses an already built network
+    (``cached_generator`` builds and keeps one). ``threads``: CPU threads for the network;
+    default $MRISYNTHESIS_THREADS, $OMP_NUM_THREADS, else the cores free (choose_threads).
+    ``timings``: a dict that receives the wall seconds of each stage (STAGES).
     Returns the float32 volume in [0, output_max] (see preprocessing), the brain mask used
     and the mask decision.
     """
-    if not isinstance(bundle, ModelBundle):
-        bundle = load_bundle(bundle)
+    cpu_sample = CpuSample.now()  # the free cores are measured from here to the network
+    clock = _StageClock(timings)
+    with clock("model load"):
+        if not isinstance(bundle, ModelBundle):
+            bundle = load_bundle(bundle)
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
     given = check_inputs(inputs, bundle)
     reference = reference or bundle.sources[0]
     if reference not in given:
         raise InputError(f"reference modality {reference!r} is not among the inputs {sorted(given)}")
     torch_device = resolve_device(device)
-    autocast = autocast_context(torch_device, precision)
+    precision = resolve_precision(torch_device, precision)
 
-    volumes = {name: _as_volume(given[name], name) for name in bundle.sources}
-    volumes = align_to_reference(volumes, reference)
+    with clock("read"):
+        volumes = {name: _as_volume(given[name], name) for name in bundle.sources}
+    with clock("resample"):
+        volumes = align_to_reference(volumes, reference)
     ref = volumes[reference]
-    decision = resolve_brain_mask(mask, ref, torch_device, reference)
+    with clock("brain mask"):
+        decision = resolve_brain_mask(mask, ref, torch_device, reference)
     log.info(decision.description)
 
-    stack = SliceStack([volumes[s].array for s in bundle.sources], ref.affine, bundle.preprocessing,
-                       mask=decision.array, names=bundle.sources)
+    with clock("normalise"):
+        stack = SliceStack([volumes[s].array for s in bundle.sources], ref.affine, bundle.preprocessing,
+                           mask=decision.array, names=bundle.sources)
     del volumes
-    net = generator if generator is not None else bundle.build_generator(torch_device)
+    with clock("model load"), _one_torch_thread():
+        net = (prepare_generator(generator, torch_device, precision) if generator is not None
+               else cached_generator(bundle, torch_device, precision))
     output = stack.empty_output()
+    if torch_device.type == "cpu":
+        count = choose_threads(threads, cpu_sample).count
+    else:
+        count = 1
+    _run_network(stack, output, net, torch_device, precision, batch_size, count, progress, cancel, clock)
+    with clock("inverse"):
+        result = stack.finish(output)
+        used = np.asfortranarray(stack.orientation.inverse(stack.mask).astype(np.float32))
+    return SynthesisResult(Volume(result, ref.affine.copy()), Volume(used, ref.affine.copy()), decision)
+
+
+def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.device, precision: str,
+                 batch_size: int, threads: int, progress, cancel, clock: _StageClock) -> None:
+    """Every brain slice through ``net`` into ``output``. On the CPU ``threads`` workers of
+    one PyTorch thread each take batches in turn (no OpenMP barrier between them, so a
+    core taken by another process slows the run by its share, not many times); progress
+    and cancel are served from the calling thread."""
     indices = stack.brain_slices
     total = len(indices)
-    if progress:
-        progress(0, total)
-    with torch.inference_mode(), autocast:
-        for start in range(0, total, batch_size):
-            if cancel is not None and cancel():
-                raise Cancelled("synthesis cancelled")
-            chunk = indices[start : start + batch_size]
-            x = stack.batch(chunk).to(torch_device, non_blocking=True)
-            y = net(x).synthetic
-            stack.put(output, chunk, y.float().cpu())
-            if progress:
-                progress(min(start + batch_size, total), total)
-    used = stack.orientation.inverse(stack.mask).astype(np.float32)
-    return SynthesisResult(Volume(stack.finish(output), ref.affine.copy()),
-                           Volume(np.ascontiguousarray(used), ref.affine.copy()), decision)
+    chunks = [indices[start:start + batch_size] for start in range(0, total, batch_size)]
+    native_bf16 = runs_native_bf16(device, precision)
+    autocast = contextlib.nullcontext if native_bf16 else (lambda: autocast_context(device, precision))
+    workers = 1 if device.type != "cpu" or INTRA_OP_PARALLEL else max(1, min(threads, len(chunks)))
+    nets = [net] + [copy.deepcopy(net) for _ in range(workers - 1)]  # AdaIN keeps per-call state in modules
+    stop = threading.Event()
+    lock = threading.Lock()
+    state = {"done": 0, "seconds": [0.0, 0.0, 0.0]}  # resize in, network, resize back (thread time)
+
+    def work(worker: int, check_cancel: bool) -> None:
+        seconds = [0.0, 0.0, 0.0]
+        with torch.inference_mode(), autocast():
+            for chunk in chunks[worker::workers]:
+                if check_cancel and cancel is not None and cancel():
+                    stop.set()
+                if stop.is_set():
+                    break
+                t0 = time.perf_counter()
+                x = stack.batch(chunk).to(device, non_blocking=True)
+                if native_bf16:
+                    x = x.to(torch.bfloat16)
+                t1 = time.perf_counter()
+                y = nets[worker](x).synthetic
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t2 = time.perf_counter()
+                stack.put(output, chunk, y.float().cpu())
+                t3 = time.perf_counter()
+                seconds = [seconds[0] + t1 - t0, seconds[1] + t2 - t1, seconds[2] + t3 - t2]
+                with lock:
+                    state["done"] += len(chunk)
+                if check_cancel and progress:
+                    progress(state["done"], total)
+        with lock:
+            state["seconds"] = [a + b for a, b in zip(state["seconds"], seconds)]
+
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads if workers == 1 else 1)
+    start = time.perf_counter()
+    try:
+        if progress:
+            progress(0, total)
+        if workers == 1:
+            work(0, check_cancel=True)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="mrisynthesis") as pool:
+                futures = [pool.submit(work, w, False) for w in range(workers)]
+                reported = 0
+                pending = futures
+                while pending:
+                    _, pending = wait(pending, timeout=0.05, return_when=FIRST_EXCEPTION)
+                    if any(f.done() and f.exception() for f in futures):
+                        stop.set()
+                        break
+                    if cancel is not None and cancel():
+                        stop.set()
+                    if progress and state["done"] != reported:
+                        reported = state["done"]
+                        progress(reported, total)
+                for f in futures:
+                    f.result()  # re-raises a worker's error here
+    finally:
+        if device.type == "cpu":
+            torch.set_num_threads(previous)
+    if stop.is_set():
+        raise Cancelled("synthesis cancelled")
+    # Wall time of the loop, split between the stages by their share of the thread time.
+    wall = time.perf_counter() - start
+    spent = sum(state["seconds"]) or 1.0
+    for stage, seconds in zip(("resample", "network", "inverse"), state["seconds"]):
+        clock.add(stage, wall * seconds / spent)

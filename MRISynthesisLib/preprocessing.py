@@ -88,8 +88,12 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
 
 
 def intensity_window(array: np.ndarray, mask: Optional[np.ndarray], config: PreprocessingConfig,
-                     name: str = "volume") -> IntensityWindow:
-    region = foreground_mask(array) if mask is None else mask
+                     name: str = "volume", foreground: Optional[np.ndarray] = None) -> IntensityWindow:
+    """``foreground``: ``foreground_mask(array)`` when the caller already has it."""
+    if mask is not None:
+        region = mask
+    else:
+        region = foreground if foreground is not None else foreground_mask(array)
     values = array[region]
     if values.size == 0:
         raise InputError(f"{name}: no voxels inside the {'brain mask' if mask is not None else 'non-zero region'}")
@@ -104,13 +108,21 @@ def intensity_window(array: np.ndarray, mask: Optional[np.ndarray], config: Prep
 
 
 def normalize_intensity(array: np.ndarray, mask: Optional[np.ndarray], config: PreprocessingConfig,
-                        name: str = "volume") -> np.ndarray:
-    """Map a volume to [-1, 1] robustly (see module docstring); float32 output."""
-    window = intensity_window(array, mask, config, name)
-    out = (array.astype(np.float32) - window.low) * np.float32(2.0 / (window.high - window.low)) - 1.0
+                        name: str = "volume", foreground: Optional[np.ndarray] = None,
+                        out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Map a volume to [-1, 1] robustly (see module docstring); float32 output, written
+    into ``out`` when given (same shape; any memory layout). ``foreground``:
+    ``foreground_mask(array)`` when the caller already has it (computed once, not twice)."""
+    if mask is None and foreground is None:
+        foreground = foreground_mask(array)
+    window = intensity_window(array, mask, config, name, foreground)
+    # In place, one volume-sized buffer: the same float32 arithmetic as
+    # (array.astype(float32) - low) * float32(2 / (high - low)) - 1.
+    out = np.subtract(array, np.float32(window.low), out=out, dtype=np.float32)
+    out *= np.float32(2.0 / (window.high - window.low))
+    out -= np.float32(1.0)
     np.clip(out, -1.0, 1.0, out=out)
-    region = foreground_mask(array) if mask is None else mask
-    out[~region] = -1.0
+    out[~(foreground if mask is None else mask)] = -1.0
     return out
 
 
@@ -201,20 +213,24 @@ class SliceStack:
         self.orientation = AxialReorientation(affine)
         self.input_shape = tuple(arrays[0].shape)
         ras_mask = None if mask is None else self.orientation.forward(np.asarray(mask) > 0)
-        # Normalise in RAS order: (C, X, Y, Z) float32; one home for the intensity rule.
-        self.channels = np.stack([
-            normalize_intensity(self.orientation.forward(a), ras_mask, config, name)
-            for a, name in zip(arrays, names)
-        ])
+        ras = [self.orientation.forward(a) for a in arrays]  # views, no copies
+        shape = ras[0].shape
+        # Normalise in RAS order into (C, X, Y, Z) float32, one home for the intensity rule.
+        # Stored slice-major (each axial slice one contiguous block) so that batches of
+        # slices are read, and results written, without striding through the volume.
+        self.channels = _slice_major((len(ras),) + shape)
+        foregrounds = [foreground_mask(a) for a in ras] if ras_mask is None else [None] * len(ras)
+        for i, (a, name) in enumerate(zip(ras, names)):
+            normalize_intensity(a, ras_mask, config, name, foreground=foregrounds[i], out=self.channels[i])
         if ras_mask is None:
-            ras_mask = np.zeros(self.channels.shape[1:], dtype=bool)
-            for a in arrays:
-                ras_mask |= foreground_mask(self.orientation.forward(a))
+            ras_mask = foregrounds[0]
+            for fg in foregrounds[1:]:
+                ras_mask |= fg
         self.mask = ras_mask
         self.brain_slices = np.flatnonzero(ras_mask.any(axis=(0, 1)))
         if self.brain_slices.size == 0:
             raise InputError("no axial slice contains brain (the mask or the volumes are empty)")
-        self.resizer = SliceResizer(self.channels.shape[1:3], self.orientation.ras_spacing[:2], config)
+        self.resizer = SliceResizer(shape[:2], self.orientation.ras_spacing[:2], config)
 
     @property
     def num_slices(self) -> int:
@@ -223,22 +239,39 @@ class SliceStack:
     def batch(self, indices: Sequence[int], channels: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Network-ready slices (N, C, size, size) for axial indices, channels selectable."""
         data = self.channels if channels is None else self.channels[list(channels)]
-        x = torch.from_numpy(np.ascontiguousarray(data[..., list(indices)].transpose(3, 0, 1, 2)))
+        x = torch.from_numpy(np.stack([data[..., k] for k in indices]))  # (N, C, X, Y), C-contiguous
         return self.resizer.forward(x)
 
     def empty_output(self) -> np.ndarray:
         """A background-filled RAS-ordered output volume (X, Y, Z) in network units."""
-        return np.full(self.channels.shape[1:], -1.0, dtype=np.float32)
+        output = _slice_major(self.channels.shape[1:])
+        output.fill(-1.0)
+        return output
 
     def put(self, output: np.ndarray, indices: Sequence[int], slices: torch.Tensor) -> None:
         """Write network outputs (N, 1, size, size) for ``indices`` into ``output`` (RAS order)."""
         back = self.resizer.inverse(slices.float()).numpy()[:, 0]  # (N, X, Y)
-        output[..., list(indices)] = back.transpose(1, 2, 0)
+        for plane, k in zip(back, indices):
+            output[..., k] = plane
 
     def finish(self, output: np.ndarray) -> np.ndarray:
-        """Background outside the brain, map to the output scale, original voxel order."""
-        output = np.where(self.mask, np.clip(output, -1.0, 1.0), -1.0).astype(np.float32)
-        return np.ascontiguousarray(self.orientation.inverse(to_output_scale(output, self.config)))
+        """Background outside the brain, map to the output scale, original voxel order.
+        Works in place on ``output`` (which it consumes). The result is Fortran-ordered
+        (i fastest), the order NIfTI stores and Slicer's (k, j, i) arrays view without a copy."""
+        output = np.asarray(output, dtype=np.float32)
+        np.clip(output, -1.0, 1.0, out=output)
+        output[~self.mask] = -1.0
+        # to_output_scale, in place: the same float32 arithmetic.
+        output += np.float32(1.0)
+        output *= np.float32(self.config.output_max / 2.0)
+        return np.asfortranarray(self.orientation.inverse(output))
+
+
+def _slice_major(shape: Sequence[int]) -> np.ndarray:
+    """A float32 array of ``shape`` (..., X, Y, Z) whose axial slices [..., k] are contiguous."""
+    n = len(shape)
+    order = list(range(n - 3)) + [n - 1, n - 2, n - 3]  # memory: (..., Z, Y, X)
+    return np.empty([shape[i] for i in order], dtype=np.float32).transpose(np.argsort(order))
 
 
 def select_middle_slices(brain_slices: Sequence[int], count: Optional[int]) -> np.ndarray:

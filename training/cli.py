@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,evaluate,export,subjects,model-card} ...``."""
+"""Command line: ``python -m training {train,evaluate,export,subjects,model-card,bench} ...``."""
 
 from __future__ import annotations
 
@@ -125,6 +125,13 @@ def add_model_card(sub) -> None:
     p.add_argument("--out", required=True, help="markdown file to write")
 
 
+def add_bench(sub) -> None:
+    from .benchmark import __doc__ as doc, add_arguments
+
+    add_arguments(sub.add_parser("bench", help="training-step throughput (samples/s) per model and precision",
+                                 description=doc.split("\n\n")[0]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +140,7 @@ def main(argv=None) -> int:
     add_export(sub)
     add_subjects(sub)
     add_model_card(sub)
+    add_bench(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -164,6 +172,13 @@ def main(argv=None) -> int:
             from .evaluate import evaluate_cli
 
             return evaluate_cli(args)
+        if args.command == "bench":
+            from .benchmark import bench_cli
+
+            try:
+                return bench_cli(args)
+            except ValueError as exc:
+                parser.error(str(exc))
         if args.command == "subjects":
             from .data import availability_report, discover
 

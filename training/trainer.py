@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -142,6 +143,65 @@ def lr_factor(epoch: int, epochs_constant: int, epochs_decay: int) -> float:
     if epoch < epochs_constant:
         return 1.0
     return max(0.0, 1.0 - (epoch - epochs_constant + 1) / (epochs_decay + 1))
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The weights of G's objective (module docstring), from a run's options: the paper's
+    L1 terms, plus the recipe options of ``training/recipe.py`` (all neutral by default)."""
+
+    l1_reduction: str = "mean"
+    lambda1: float = DEFAULT_LAMBDA["mean"]
+    lambda2: float = DEFAULT_LAMBDA["mean"]
+    background_weight: float = 1.0
+    gdl_weight: float = 0.0
+    gan_weight: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Objective":
+        return cls(cfg["l1_reduction"], cfg["lambda1"], cfg["lambda2"], cfg["background_weight"],
+                   cfg["gdl_weight"], cfg["gan_weight"])
+
+
+def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Objective):
+    """One training iteration, D then G (the objective in the module docstring): the one
+    step that the training loop and ``python -m training bench`` run. ``brain`` (B, 1, H, W)
+    marks brain pixels for the background-weighted L1. ``D`` may be wrapped in DDP;
+    ``D_plain`` is the bare D, called in the G update so that D's weights get no gradient
+    there. ``autocast()`` returns the precision context. Returns the losses as tensors, in
+    LOSS_KEYS order."""
+    bce = torch.nn.BCEWithLogitsLoss()
+    with autocast():
+        out = G(x)
+    fake = out.synthetic
+    # D: real pairs -> 1, synthetic pairs -> 0 (pix2pix's 0.5 factor).
+    for p in D_plain.parameters():
+        p.requires_grad_(True)
+    opt_D.zero_grad(set_to_none=True)
+    with autocast():
+        pred_fake = D(x, fake.detach())
+        pred_real = D(x, y)
+        loss_D = 0.5 * (bce(pred_fake.float(), torch.zeros_like(pred_fake, dtype=torch.float32))
+                        + bce(pred_real.float(), torch.ones_like(pred_real, dtype=torch.float32)))
+    loss_D.backward()
+    opt_D.step()
+    # G: fool D, plus L1 on the synthetic image and on the LAF pseudo-target.
+    for p in D_plain.parameters():
+        p.requires_grad_(False)
+    opt_G.zero_grad(set_to_none=True)
+    with autocast():
+        pred = D_plain(x, fake)
+        loss_gan = bce(pred.float(), torch.ones_like(pred, dtype=torch.float32))
+    o = objective
+    loss_l1 = recipe.weighted_l1(fake, y, brain, o.background_weight, o.l1_reduction)
+    loss_pseudo = (recipe.weighted_l1(out.pseudo_target, y, brain, o.background_weight, o.l1_reduction)
+                   if out.pseudo_target is not None else torch.zeros((), device=x.device))
+    loss_G = o.gan_weight * loss_gan + o.lambda1 * loss_l1 + o.lambda2 * loss_pseudo
+    if o.gdl_weight:
+        loss_G = loss_G + o.gdl_weight * recipe.gradient_difference(fake, y)
+    loss_G.backward()
+    opt_G.step()
+    return loss_D, loss_G, loss_gan, loss_l1, loss_pseudo
 
 
 def git_commit() -> Optional[str]:
@@ -393,7 +453,7 @@ class Run:
         sampler = torch.utils.data.DistributedSampler(self.train_data, num_replicas=dist_.world, rank=dist_.rank,
                                                       shuffle=True, seed=cfg["seed"], drop_last=False)
         autocast = lambda: autocast_context(device, cfg["precision"])  # noqa: E731
-        bce = torch.nn.BCEWithLogitsLoss()
+        objective = Objective.from_config(cfg)
         M = len(self.sources)
         stop = {"flag": False}
 
@@ -436,38 +496,9 @@ class Run:
                     brain = torch.from_numpy(self.train_data.masks(batches[step]))[:, None].to(device)
                     if cfg["augment"]:
                         x, y, brain = recipe.augment(x, y, brain, recipe.augment_generator(cfg["seed"], epoch, step))
-                    with autocast():
-                        out = G(x)
-                    fake = out.synthetic
-                    # D: real pairs -> 1, synthetic pairs -> 0 (pix2pix's 0.5 factor).
-                    for p in self.D.parameters():
-                        p.requires_grad_(True)
-                    self.opt_D.zero_grad(set_to_none=True)
-                    with autocast():
-                        pred_fake = D(x, fake.detach())
-                        pred_real = D(x, y)
-                        loss_D = 0.5 * (bce(pred_fake.float(), torch.zeros_like(pred_fake, dtype=torch.float32))
-                                        + bce(pred_real.float(), torch.ones_like(pred_real, dtype=torch.float32)))
-                    loss_D.backward()
-                    self.opt_D.step()
-                    # G: fool D, plus L1 on the synthetic image and on the LAF pseudo-target.
-                    for p in self.D.parameters():
-                        p.requires_grad_(False)
-                    self.opt_G.zero_grad(set_to_none=True)
-                    with autocast():
-                        pred = D_plain(x, fake)
-                        loss_gan = bce(pred.float(), torch.ones_like(pred, dtype=torch.float32))
-                    reduction, bg = cfg["l1_reduction"], cfg["background_weight"]
-                    loss_l1 = recipe.weighted_l1(fake, y, brain, bg, reduction)
-                    loss_pseudo = (recipe.weighted_l1(out.pseudo_target, y, brain, bg, reduction)
-                                   if out.pseudo_target is not None else torch.zeros((), device=device))
-                    loss_G = cfg["gan_weight"] * loss_gan + cfg["lambda1"] * loss_l1 + cfg["lambda2"] * loss_pseudo
-                    if cfg["gdl_weight"]:
-                        loss_G = loss_G + cfg["gdl_weight"] * recipe.gradient_difference(fake, y)
-                    loss_G.backward()
-                    self.opt_G.step()
+                    values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, brain, autocast, objective)
+                    loss_D, loss_G = values[0], values[1]
                     n = len(batches[step])
-                    values = [loss_D, loss_G, loss_gan, loss_l1, loss_pseudo]
                     for i, v in enumerate(values):
                         sums[i] += float(v.detach()) * n
                     sums[-1] += n

@@ -77,8 +77,8 @@ def test_quick_benchmark_writes_well_formed_json(tmp_path, capsys):
         ("fdgan-m1", "fp32"), ("fdgan-m1", "bf16"), ("pix2pix-m2", "fp32"), ("pix2pix-m2", "bf16")]
     for r in rows:
         _check_row(r, cpu["peak"][r["precision"]])
-        assert r["width"] == 4 and r["train_samples_per_s"] > 0 and r["process_peak_rss_bytes"] > 0
-        assert r["train_samples_per_s"] == pytest.approx(r["training"]["batch_size"] / r["training"]["step_s"])
+        assert r["width"] == 4 and r["process_peak_rss_bytes"] > 0
+        assert "training" not in r  # training throughput: python -m training bench
     # Same network, same FLOPs whatever the precision.
     assert rows[0]["flops_per_slice"] == rows[1]["flops_per_slice"]
     sweep = cpu["sweep"]["rows"]
@@ -139,3 +139,104 @@ def test_preferred_precision_follows_the_hardware():
         assert preferred_precision("cpu") == "bf16"
     elif "avx512" not in flags:
         assert preferred_precision("cpu") == "fp32"
+
+
+# ----------------------------------------------------------------- end to end (mrisynthesis bench)
+
+
+def test_end_to_end_quick_reports_every_stage_and_contention(tmp_path, capsys):
+    """mrisynthesis bench --quick: fresh processes on a synthetic case, every stage as seconds
+    and share, the network against its floor, and idle vs one busy core (plumbing only)."""
+    from MRISynthesisLib import e2e_benchmark
+    from MRISynthesisLib.cli import main as cli_main
+
+    out = tmp_path / "e2e.json"
+    assert cli_main(["bench", "--quick", "--repeats", "1", "--policies", "adaptive", "--device", "cpu",
+                     "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for stage in e2e_benchmark.STAGES:
+        assert f"  {stage}" in printed, stage
+    assert "floor" in printed and "busy/idle" in printed
+    result = json.loads(out.read_text())
+    entry = result["devices"]["cpu"]["models"]["t1_t2_to_flair"]
+    assert entry["slices"] == 6 and entry["shape"] == [240, 240, 6]
+    stages = entry["stages_s"]
+    assert all(stages[s] >= 0 for s in e2e_benchmark.STAGES) and stages["start-up"] > 0 and stages["network"] > 0
+    assert sum(stages.values()) == pytest.approx(entry["total_s"], rel=1e-6)  # "other" closes the sum
+    floor = entry["floor"]
+    assert floor["flops"] == floor["flops_per_slice"] * 6 and set(floor["floor_s"]) == {"fp32", "bf16"}
+    row = result["contention"]["policies"]["adaptive"]
+    assert row["busy_over_idle"] == pytest.approx(row["busy_s"] / row["idle_s"])
+    assert len(result["load_average_start"]) == 3
+
+
+def test_end_to_end_skips_clearly_without_data(tmp_path, capsys, monkeypatch):
+    from MRISynthesisLib.cli import main as cli_main
+
+    monkeypatch.delenv("MRISYNTHESIS_DATA", raising=False)
+    assert cli_main(["bench"]) == 0
+    assert "end-to-end benchmark skipped" in capsys.readouterr().out
+    assert cli_main(["bench", "--data", str(tmp_path)]) == 0
+    assert "has no t1.nii.gz" in capsys.readouterr().out
+    assert cli_main(["bench", "--repeats", "0", "--quick"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- structure
+
+
+def test_core_library_never_imports_training_and_cli_demo_do_not_cycle():
+    """Arrows point inward: MRISynthesisLib imports neither the training package nor (the
+    command line aside) its own command line; cli imports demo, never the reverse."""
+    import ast
+    import pathlib
+
+    import MRISynthesisLib
+
+    root = pathlib.Path(MRISynthesisLib.__file__).parent
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+                names += [("." * node.level) + a.name for a in node.names if not node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] != "training", f"{path.name} imports {name}"
+                if path.name not in ("cli.py", "__main__.py"):
+                    assert name not in (".cli", "MRISynthesisLib.cli"), f"{path.name} imports the command line"
+    # And at run time: importing every core module loads no training module.
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, MRISynthesisLib; "
+            "[importlib.import_module('MRISynthesisLib.' + m.name) for m in pkgutil.iter_modules(MRISynthesisLib.__path__) "
+            "if m.name != '__main__']; print(sorted(k for k in sys.modules if k.split('.')[0] == 'training'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_training_step_exists_once():
+    """The training benchmark times the trainer's own step; the core library has no copy."""
+    import inspect
+
+    from MRISynthesisLib import benchmark as core_benchmark
+    from training import benchmark as training_benchmark
+    from training import trainer
+
+    assert "train_step(" in inspect.getsource(trainer.Run.train)
+    assert "train_step(" in inspect.getsource(training_benchmark.make_step)
+    source = inspect.getsource(core_benchmark)
+    assert ".backward(" not in source and "torch.optim" not in source
+
+
+def test_training_bench_quick(capsys):
+    from training.cli import main as training_main
+
+    assert training_main(["bench", "--quick", "--width", "4", "--models", "fdgan-m1", "--precision", "fp32",
+                          "--repeats", "1", "--warmup", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "training.trainer.train_step" in printed and "fdgan-m1" in printed

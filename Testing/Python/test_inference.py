@@ -123,3 +123,123 @@ def test_precision_auto_follows_the_hardware(tiny_bundle):
     auto = synthesize(_inputs(), tiny_bundle, precision="auto")
     same = synthesize(_inputs(), tiny_bundle, precision=preferred_precision(cpu))
     assert np.array_equal(auto.array, same.array)
+
+
+# ----------------------------------------------------------------- speed-path internals
+
+
+def test_workers_give_the_result_of_one_worker(tiny_bundle):
+    """Two workers of one thread each (the default on a free 2-core machine) compute what
+    one worker does, slice for slice; and the caller's torch thread count is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    inputs = _inputs()
+    for precision in ("fp32", "bf16"):
+        one = synthesize(inputs, tiny_bundle, device="cpu", precision=precision, threads=1, batch_size=3)
+        two = synthesize(inputs, tiny_bundle, device="cpu", precision=precision, threads=2, batch_size=3)
+        assert np.array_equal(one.array, two.array), precision
+    assert torch.get_num_threads() == before
+
+
+def test_progress_and_cancel_with_workers(tiny_bundle):
+    calls = []
+    synthesize(_inputs(), tiny_bundle, batch_size=2, threads=2, progress=lambda d, t: calls.append((d, t)))
+    total = calls[-1][1]
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    with pytest.raises(Cancelled):
+        synthesize(_inputs(), tiny_bundle, batch_size=2, threads=2, cancel=lambda: True)
+
+
+def test_timings_report_every_stage(tiny_bundle):
+    from MRISynthesisLib.inference import STAGES
+
+    timings = {}
+    out = synthesize(_inputs(), tiny_bundle, device="cpu", timings=timings)
+    assert set(timings) == set(STAGES)
+    assert all(v >= 0 for v in timings.values()) and timings["network"] > 0
+    assert out.array.flags["F_CONTIGUOUS"]  # NIfTI's order; Slicer's (k, j, i) view needs no copy
+
+
+def test_native_bf16_matches_autocast(tiny_bundle):
+    """bf16 on the CPU runs bf16 weights instead of autocast: the same numbers within bf16
+    rounding (autocast computes the convolutions in bf16 too)."""
+    import torch
+
+    from MRISynthesisLib import inference
+
+    inputs = _inputs()
+    native = synthesize(inputs, tiny_bundle, device="cpu", precision="bf16")
+    # autocast, as before: run_native_bf16 off
+    orig = inference.runs_native_bf16
+    inference.runs_native_bf16 = lambda device, precision: False
+    try:
+        autocast = synthesize(inputs, tiny_bundle, device="cpu", precision="bf16")
+    finally:
+        inference.runs_native_bf16 = orig
+    fp32 = synthesize(inputs, tiny_bundle, device="cpu", precision="fp32")
+    brain = inputs["t1"].array != 0
+    err_native = np.abs(native.array - fp32.array)[brain].mean()
+    err_autocast = np.abs(autocast.array - fp32.array)[brain].mean()
+    assert err_native < 10 and err_autocast < 10
+    assert np.abs(native.array - autocast.array)[brain].mean() < 10
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_cached_generator_is_reused_per_bundle_device_precision(tiny_bundle, tmp_path):
+    from MRISynthesisLib.bundle import load_bundle
+    from MRISynthesisLib.inference import cached_generator
+
+    bundle = load_bundle(tiny_bundle)
+    a = cached_generator(bundle, "cpu", "fp32")
+    assert cached_generator(load_bundle(tiny_bundle), "cpu", "fp32") is a  # same digest
+    assert cached_generator(bundle, "cpu", "bf16") is not a
+    other = load_bundle(make_bundle(tmp_path / "other.safetensors", seed=1))
+    assert cached_generator(other, "cpu", "fp32") is not a
+    assert next(cached_generator(bundle, "cpu", "bf16").parameters()).dtype.is_floating_point
+
+
+def test_thread_choice_order(monkeypatch):
+    from MRISynthesisLib import inference as threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
+    assert threads.choose_threads(3).count == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.choose_threads().reason == "$OMP_NUM_THREADS"
+    monkeypatch.setenv(threads.THREADS_ENV, "1")
+    assert threads.choose_threads() == threads.ThreadChoice(1, f"${threads.THREADS_ENV}")
+    assert threads.choose_threads(2).count == 2  # explicit beats the environment
+    monkeypatch.setenv(threads.THREADS_ENV, "zero")
+    with pytest.raises(ValueError, match="MRISYNTHESIS_THREADS"):
+        threads.choose_threads()
+    monkeypatch.delenv(threads.THREADS_ENV)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    # Adaptive: the usable CPUs less those busy elsewhere, at least 1.
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "cores_busy_elsewhere", lambda since: 0.05)
+    assert threads.choose_threads().count == 2
+    monkeypatch.setattr(threads, "cores_busy_elsewhere", lambda since: 1.0)
+    assert threads.choose_threads().count == 1
+    monkeypatch.setattr(threads, "cores_busy_elsewhere", lambda since: 5.0)
+    assert threads.choose_threads().count == 1
+    monkeypatch.setattr(threads, "cores_busy_elsewhere", lambda since: None)
+    assert threads.choose_threads().count == 2
+
+
+def test_busy_cores_are_measured_from_proc_stat():
+    """A busy loop in this process is not counted as another process's load."""
+    import os
+    import time
+
+    from MRISynthesisLib import inference as threads
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat on this system")
+    since = threads.CpuSample.now()
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass
+    busy = threads.cores_busy_elsewhere(since)
+    assert busy is not None and 0.0 <= busy <= os.cpu_count()

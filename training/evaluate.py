@@ -404,23 +404,18 @@ def render_report(results: dict, labels) -> str:
         x = v.get(key)
         return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
-    lines += ["", "## Per subject: brain PSNR dB / brain SSIM / lesion conspicuity / lesion PSNR dB", "",
-              "| Subject | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for s in results["subjects"]:
-        cells = []
-        for l in labels:
-            v = results["per_subject"][s][l]
-            cells.append(f"{cell(v, 'psnr_masked', 2)} / {cell(v, 'ssim_masked', 3)} / "
-                         f"{cell(v, 'lesion_conspicuity', 2)} / {cell(v, 'psnr_lesion', 2)}")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per subject, whole slice: PSNR dB / SSIM / NRMSE", "",
-              "| Subject | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for s in results["subjects"]:
-        cells = []
-        for l in labels:
-            v = results["per_subject"][s][l]
-            cells.append(f"{v['psnr']:.2f} / {v['ssim']:.3f} / {v['nrmse']:.3f}")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    per_subject_tables = (
+        ("brain PSNR dB / brain SSIM / lesion conspicuity / lesion PSNR dB",
+         (("psnr_masked", 2), ("ssim_masked", 3), ("lesion_conspicuity", 2), ("psnr_lesion", 2))),
+        ("whole slice: PSNR dB / SSIM / NRMSE", (("psnr", 2), ("ssim", 3), ("nrmse", 3))),
+    )
+    for title, columns in per_subject_tables:
+        lines += ["", f"## Per subject, {title}", "",
+                  "| Subject | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for s in results["subjects"]:
+            cells = [" / ".join(cell(results["per_subject"][s][l], key, digits) for key, digits in columns)
+                     for l in labels]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines += ["", f"Notes: {results['notes']}.", "", "![figure](figure.png)", ""]
     return "\n".join(lines)
 

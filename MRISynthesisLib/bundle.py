@@ -76,6 +76,13 @@ class ModelBundle:
         net.load_state_dict({k: v.to(expected[k].dtype) for k, v in self.state_dict.items()})
         return net.to(device).eval()
 
+    def _normalisation_text(self) -> str:
+        pre = self.preprocessing
+        if pre.intensity_reference == "median":
+            return (f"brain {pre.lower_percentile} percentile -> -1, that + {pre.median_span:g} x (median - it) "
+                    "-> 1")
+        return f"brain percentiles {pre.lower_percentile}-{pre.upper_percentile} -> [-1, 1]"
+
     def describe(self) -> str:
         """Human-readable summary for ``mrisynthesis info``."""
         m, p = self.model, self.provenance
@@ -88,14 +95,15 @@ class ModelBundle:
             + (f", LAF grid {m.laf_grid}x{m.laf_grid}, specific encoder {'on' if m.specific_encoder else 'off'}"
                if m.architecture == "fdgan" else ""),
             f"parameters:    {sum(t.numel() for t in self.state_dict.values()):,}",
-            f"normalisation: brain percentiles {self.preprocessing.lower_percentile}-"
-            f"{self.preprocessing.upper_percentile} -> [-1, 1]; output scale 0-{self.preprocessing.output_max:g}",
+            f"normalisation: {self._normalisation_text()}; output scale 0-{self.preprocessing.output_max:g}",
         ]
-        # The held-out results as one line per method; the model card in full at the end.
+        # The held-out results as one line per method, brain figures first (whole-slice ones
+        # mostly measure the background); the model card in full at the end.
+        names = {"psnr_masked": "brain PSNR", "ssim_masked": "brain SSIM", "lesion_conspicuity": "lesion conspicuity",
+                 "psnr": "PSNR", "ssim": "SSIM"}
         for method, stats in (p.get("held_out_evaluation") or {}).get("summary", {}).items():
             lines.append(f"held-out:      {method}: " + ", ".join(
-                f"{k.upper()} {stats[k]['mean']:.3f} ± {stats[k]['std']:.3f}" for k in ("psnr", "ssim", "nrmse")
-                if k in stats))
+                f"{names[k]} {stats[k]['mean']:.3f} ± {stats[k]['std']:.3f}" for k in names if k in stats))
         for key in sorted(set(p) - {"model_card", "held_out_evaluation"}):
             value = p[key]
             text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)

@@ -107,6 +107,8 @@ def add_export(sub) -> None:
     p.add_argument("--model-card", help="markdown model card stored in the bundle's provenance (model_card)")
     p.add_argument("--evaluation", help="an evaluate metrics.json whose results are stored in the provenance "
                                         "(held_out_evaluation)")
+    p.add_argument("--evaluation-label", help="this model's method label in --evaluation (default: its "
+                                              "architecture's label, e.g. fdgan)")
 
 
 def add_subjects(sub) -> None:
@@ -162,6 +164,10 @@ def main(argv=None) -> int:
                 extra["model_card"] = Path(args.model_card).read_text(encoding="utf-8")
             if args.evaluation:
                 extra["held_out_evaluation"] = json.loads(Path(args.evaluation).read_text())
+                if args.evaluation_label:
+                    if args.evaluation_label not in extra["held_out_evaluation"].get("summary", {}):
+                        parser.error(f"--evaluation-label {args.evaluation_label!r} is not a method of {args.evaluation}")
+                    extra["evaluation_label"] = args.evaluation_label
             print(export_run(args.run, args.out, args.half, args.checkpoint, extra_provenance=extra))
             return 0
         if args.command == "model-card":

@@ -8,13 +8,14 @@ evaluation, committed under docs/model_cards/ and stored in the bundle's provena
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
 from MRISynthesisLib.preprocessing import PreprocessingConfig
 
 KNOWN_LIMITS = """\
-- Trained on a 2-core CPU in {hours:.1f} h: base width {width} (the paper uses 64) and
+- Trained briefly ({hours:.1f} h, device above): base width {width} (the paper uses 64) and
   {epochs} epochs (the paper 200) on {n_train} subjects. It is a small model trained briefly; the
   paper-sized model needs a GPU (`python -m training train` with the defaults).
 - Training data: adult glioma/metastasis cases (BraTS 2018-2023, TCGA via BraTS-Toolkit)
@@ -35,6 +36,41 @@ def _fmt(stats: Optional[dict], digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+def _devices(run_dir: Path, history) -> list:
+    """The devices the epochs ran on: recorded per epoch since the device record existed,
+    else the trainer's start lines in train.log ("... on cpu x1 (bf16)")."""
+    devices = sorted({h["device"] for h in history if h.get("device")})
+    log = run_dir / "train.log"
+    if not devices and log.exists():
+        devices = sorted(set(re.findall(r"^training .* on (\S+ x\d+) \(", log.read_text(), re.M)))
+    return devices or ["not recorded"]
+
+
+def _recipe(config: dict) -> str:
+    """The recipe options that differ between runs (docs/recipe_study.md), as CLI options."""
+    options = [f"--background-weight {config.get('background_weight', 1.0):g}",
+               f"--gdl-weight {config.get('gdl_weight', 0.0):g}", f"--gan-weight {config.get('gan_weight', 1.0):g}",
+               f"--intensity-reference {config.get('intensity_reference', 'percentile')}"]
+    if config.get("augment"):
+        options.append("--augment")
+    if config["architecture"] == "fdgan":
+        options += [f"--adain-scale {config.get('adain_scale', 'direct')}",
+                    f"--style-init {config.get('style_init', 'normal')}"]
+    return " ".join(f"`{o}`" for o in options)
+
+
+def _normalisation(pre: PreprocessingConfig) -> str:
+    if pre.intensity_reference == "median":
+        upper = (f"the {pre.lower_percentile}th percentile + {pre.median_span:g} x (median - that percentile) "
+                 "inside the brain (lesion-robust: a large bright lesion moves the upper percentiles, "
+                 "hardly the median)")
+    else:
+        upper = f"the {pre.upper_percentile}th percentile inside the brain"
+    return (f"per volume, the {pre.lower_percentile}th brain percentile maps to -1 and {upper} to 1 "
+            f"(clipped), background -1. The output is on 0-{pre.output_max:g}: 0 = background, "
+            f"{pre.output_max:g} = that upper reference of a real FLAIR normalised the same way.")
+
+
 def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -42,7 +78,7 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
     history = json.loads((run_dir / "log.json").read_text())
     history = history.get("history", history) if isinstance(history, dict) else history
     evaluation = json.loads(Path(evaluation_json).read_text())
-    pre = PreprocessingConfig()
+    pre = PreprocessingConfig(intensity_reference=config.get("intensity_reference", "percentile"))
     sources = config["sources"].split(",")
     train_subjects = split.get("train_usable", split.get("train", []))
     val_subjects = split.get("val_usable", split.get("val", []))
@@ -58,52 +94,65 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
         "(fp16 weights; the same text is in the bundle's provenance, `mrisynthesis info` prints it).",
         "",
         "## Training",
-        f"- Data: `{config['data']}` (the project's shared real MRI); split by subject, seed {config['seed']}, "
-        f"same-patient sessions kept together (`{config.get('split') or 'seeded split'}`).",
+        f"- Data: `{config['data']}` (real MRI: the project's shared subjects and the BraTS subjects "
+        "`../shared/more-data/stage.py` writes); split by patient, same-patient sessions kept together "
+        f"(`{config.get('split') or 'seeded split, seed ' + str(config['seed'])}`).",
         f"- Training subjects ({len(train_subjects)}): {', '.join(train_subjects)}.",
         f"- Validation subjects ({len(val_subjects)}): {', '.join(val_subjects) or 'none with these modalities'}.",
         f"- Held-out test subjects ({len(test_subjects)}): {', '.join(test_subjects)}.",
         f"- Slices: the middle {config['slices_per_subject']} axial brain slices per subject, 256x256.",
-        f"- Model: base width {config['width']}, LAF grid {config['laf_grid']}x{config['laf_grid']}, "
-        f"specific encoder {'off' if config.get('no_specific_encoder') else 'on'}; discriminator width "
-        f"{config.get('d_width') or config['width']}.",
+        (f"- Model: base width {config['width']}, LAF grid {config['laf_grid']}x{config['laf_grid']}, "
+         f"specific encoder {'off' if config.get('no_specific_encoder') else 'on'}; "
+         if config["architecture"] == "fdgan" else f"- Model: U-Net, base width {config['width']}; ")
+        + f"discriminator width {config.get('d_width') or config['width']}.",
+        f"- Recipe: {_recipe(config)} (what each does and why it was adopted: docs/recipe_study.md).",
         f"- Schedule: {len(history)} epochs ({config['epochs_constant']} at lr {config['lr']:g}, "
         f"{config['epochs_decay']} linear decay), batch {config['batch_size']}, Adam betas "
         f"({config['beta1']}, {config['beta2']}), {config['precision']} autocast, seed {config['seed']}; "
-        f"{hours:.1f} h on 2 CPU cores (one thread per run).",
-        f"- Loss: GAN (BCE) + {config['lambda1']:g} L1(G) + {config['lambda2']:g} L1(LAF pseudo-target), "
-        f"L1 reduction `{config['l1_reduction']}`: the paper's 0.1 on a sum makes the adversarial term about "
+        f"{hours:.1f} h of training.",
+        f"- Device: {'; '.join(_devices(run_dir, history))}.",
+        f"- Loss: GAN (BCE, weight {config.get('gan_weight', 1.0):g}) + {config['lambda1']:g} L1(G)"
+        + (f" + {config['lambda2']:g} L1(LAF pseudo-target)" if config["architecture"] == "fdgan" else "")
+        + f", L1 reduction `{config['l1_reduction']}`: the paper's 0.1 on a sum makes the adversarial term about "
         "1e-4 of the objective, i.e. plain L1 regression; per-pixel mean with pix2pix's weight 100 keeps "
         "the weighting independent of image and batch size (docs/training.md).",
         f"- Last epoch losses: D {last.get('loss_D', float('nan')):.3f}, G {last.get('loss_G', float('nan')):.3f}"
-        + (f"; validation PSNR {last['val_psnr']:.2f} dB, SSIM {last['val_ssim']:.3f}"
-           if isinstance(last.get("val_psnr"), (int, float)) else "") + ".",
+        + (f"; validation brain PSNR {last['val_psnr_masked']:.2f} dB, brain SSIM {last['val_ssim_masked']:.3f}"
+           if isinstance(last.get("val_psnr_masked"), (int, float)) else "") + ".",
         "",
         "## Inputs it expects",
         f"- {', '.join(s.upper() for s in sources)} of one head, co-registered (the same grid, or grids that "
         "overlap in physical space: others are resampled onto the T1).",
-        "- Skull-stripped volumes (zero outside the brain), or any head with a brain mask (`--mask`); "
-        "without either, the whole non-zero head is normalised, which the model did not see in training.",
+        "- Skull-stripped volumes, or raw heads (the default `--brain-mask auto` extracts the brain), "
+        "or any head with a brain mask (`--brain-mask FILE`).",
         "- Any storage orientation and in-plane size (reoriented from the affine, padded to a square field "
         "of view of at least 240 mm and resized to 256x256, and back).",
-        f"- Intensity normalisation: per volume, the {pre.lower_percentile}th and {pre.upper_percentile}th "
-        "percentiles inside the brain map to -1 and 1 (clipped), background -1. The output is on 0-"
-        f"{pre.output_max:g}: 0 = background, {pre.output_max:g} = the {pre.upper_percentile}th brain "
-        "percentile of a real FLAIR normalised the same way.",
+        f"- Intensity normalisation: {_normalisation(pre)}",
         "",
         "## Held-out evaluation",
-        f"`python -m training evaluate` on the test subjects, middle {evaluation['slices_per_subject']} brain "
-        "slices, output units; mean ± std over subjects (report: "
-        f"[docs/evaluation/{name}/report.md](../evaluation/{name}/report.md)).",
+        f"`python -m training evaluate` on the test subjects of `docs/split.json` (never seen in training), "
+        f"middle {evaluation['slices_per_subject'] or 'all'} brain slices, output units; mean ± std over subjects. "
+        "Brain figures first (inside the brain mask); lesion figures over the subjects with a lesion label "
+        "(conspicuity 1 = lesions as conspicuous as in the real FLAIR); whole-slice figures last, they mostly "
+        f"measure the background (report: [docs/evaluation/{name}/report.md](../evaluation/{name}/report.md)).",
         "",
-        "| method | PSNR (dB) | SSIM | NRMSE | PSNR brain | SSIM brain |",
-        "|---|---|---|---|---|---|",
+        "| method | brain PSNR (dB) | brain SSIM | brain NRMSE | lesion conspicuity | lesion PSNR (dB) | "
+        "whole-slice PSNR (dB) | whole-slice SSIM |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, stats in evaluation["summary"].items():
         shown = f"**{method}** (this model)" if method == label else method
-        lines.append(f"| {shown} | {_fmt(stats.get('psnr'), 2)} | {_fmt(stats.get('ssim'), 3)} | "
-                     f"{_fmt(stats.get('nrmse'), 3)} | {_fmt(stats.get('psnr_masked'), 2)} | "
-                     f"{_fmt(stats.get('ssim_masked'), 3)} |")
+        lines.append(f"| {shown} | {_fmt(stats.get('psnr_masked'), 2)} | {_fmt(stats.get('ssim_masked'), 3)} | "
+                     f"{_fmt(stats.get('nrmse_masked'), 3)} | {_fmt(stats.get('lesion_conspicuity'), 2)} | "
+                     f"{_fmt(stats.get('psnr_lesion'), 2)} | {_fmt(stats.get('psnr'), 2)} | "
+                     f"{_fmt(stats.get('ssim'), 3)} |")
+    tests = [t for t in evaluation.get("ttests", []) if label in (t["a"], t["b"]) and "psnr_masked" in t]
+    if tests:
+        lines += ["", "Paired t-tests over subjects, brain PSNR (this model minus the other):", ""]
+        for t in tests:
+            other, sign = (t["b"], 1) if t["a"] == label else (t["a"], -1)
+            r = t["psnr_masked"]
+            lines.append(f"- vs {other}: {sign * r['mean_difference']:+.2f} dB, n = {r['n']}, p = {r['p']:.3g}")
     lines += ["", "## Known limits",
               KNOWN_LIMITS.format(width=config["width"], epochs=len(history), n_train=len(train_subjects),
                                   hours=hours)]

@@ -204,6 +204,21 @@ def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Ob
     return loss_D, loss_G, loss_gan, loss_l1, loss_pseudo
 
 
+def device_description(device: torch.device, world: int = 1) -> str:
+    """What an epoch ran on, for the model card: GPU name, or CPU model and thread count."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+        name = f"{name}, {torch.get_num_threads()} thread(s)"
+    return f"{device.type} x{world}: {name}"
+
+
 def git_commit() -> Optional[str]:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -523,7 +538,8 @@ class Run:
                 if bar is not None:
                     bar.close()
                 totals = dist_.all_sum(sums)
-                row = {"epoch": epoch + 1, "lr": cfg["lr"] * factor, "steps": len(batches)}
+                row = {"epoch": epoch + 1, "lr": cfg["lr"] * factor, "steps": len(batches),
+                       "device": device_description(device, dist_.world)}
                 row.update({k: totals[i] / max(totals[-1], 1) for i, k in enumerate(LOSS_KEYS)})
                 rngs = dist_.gather(rng_state())
                 if dist_.main:
@@ -652,6 +668,7 @@ class Run:
             "validation": last_val,
             "slices_per_subject": cfg["slices_per_subject"],
             "processes": self.dist.world,
+            "devices": sorted({h["device"] for h in history if h.get("device")}),
             "git_commit": git_commit(),
             "torch": torch.__version__,
             "mrisynthesis": lib_version,

@@ -235,9 +235,18 @@ def test_generated_run_sigint_resume_is_bit_exact(gen_data, tmp_path, monkeypatc
     card, evaluation = tmp_path / "card.md", tmp_path / "metrics.json"
     card.write_text("# Model card\nknown limits: none tested")
     evaluation.write_text('{"summary": {"fdgan": {"psnr": {"mean": 20.0}}}}')
+    # A label that is not a method of the evaluation is refused before anything is written.
+    with pytest.raises(SystemExit):
+        training_main(["export", "--run", str(run), "--out", str(out), "--evaluation", str(evaluation),
+                       "--evaluation-label", "pix2pix"])
+    assert not out.exists()
     assert training_main(["export", "--run", str(run), "--out", str(out), "--half",
-                          "--model-card", str(card), "--evaluation", str(evaluation)]) == 0
+                          "--model-card", str(card), "--evaluation", str(evaluation),
+                          "--evaluation-label", "fdgan"]) == 0
     half = load_bundle(out)
+    assert half.provenance["evaluation_label"] == "fdgan"
+    # The device each epoch ran on is recorded for the model card.
+    assert half.provenance["devices"] and half.provenance["devices"][0].startswith("cpu x1: ")
     assert half.provenance["model_card"].startswith("# Model card")
     assert half.provenance["held_out_evaluation"]["summary"]["fdgan"]["psnr"]["mean"] == 20.0
     assert half.provenance["loss"]["l1_reduction"] == "mean"
@@ -335,8 +344,10 @@ def test_model_card_from_run_and_evaluation(gen_data, tmp_path):
     run = tmp_path / "run"
     small_run(gen_data, run, architecture="fdgan", epochs=1)
     evaluation = tmp_path / "metrics.json"
-    stats = {"psnr": {"mean": 21.5, "std": 1.25, "n": 2}, "ssim": {"mean": 0.8, "std": 0.01, "n": 2}}
-    evaluation.write_text(json.dumps({"subjects": ["sub3", "sub2"], "slices_per_subject": 80,
+    stats = {"psnr_masked": {"mean": 17.5, "std": 1.25, "n": 2}, "ssim_masked": {"mean": 0.5, "std": 0.01, "n": 2},
+             "lesion_conspicuity": {"mean": 0.97, "std": 0.2, "n": 1}, "psnr": {"mean": 21.5, "std": 1.0, "n": 2}}
+    ttest = {"a": "t2 baseline", "b": "fdgan", "psnr_masked": {"n": 2, "t": 3.0, "p": 0.2, "mean_difference": -1.5}}
+    evaluation.write_text(json.dumps({"subjects": ["sub3", "sub2"], "slices_per_subject": 80, "ttests": [ttest],
                                       "summary": {"fdgan": stats, "t2 baseline": stats}}))
     out = tmp_path / "card.md"
     assert training_main(["model-card", "--run", str(run), "--evaluation", str(evaluation), "--label", "fdgan",
@@ -346,7 +357,10 @@ def test_model_card_from_run_and_evaluation(gen_data, tmp_path):
     assert card.startswith("# Model card: `t1_t2_to_flair`")
     assert "feature-disentanglement GAN" in card and "base width 4" in card
     assert ", ".join(split["train_usable"]) in card
-    assert "| **fdgan** (this model) | 21.50 ± 1.25 | 0.800 ± 0.010 |" in card
+    # Brain figures first, then lesion and whole-slice figures; the paired test from this model's side.
+    assert "| **fdgan** (this model) | 17.50 ± 1.25 | 0.500 ± 0.010 | - | 0.97 ± 0.20 | - | 21.50 ± 1.00 |" in card
+    assert "vs t2 baseline: +1.50 dB, n = 2, p = 0.2" in card
+    assert "Device: cpu x1" in card and "`--background-weight 1`" in card and "--intensity-reference percentile" in card
     assert "## Known limits" in card and "L1 reduction `mean`" in card
 
 

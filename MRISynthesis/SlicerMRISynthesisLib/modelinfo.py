@@ -57,7 +57,8 @@ def taskLabel(sources, target: str = "flair") -> str:
 def modelLabel(info: dict) -> str:
     """"T1 + T2 -> FLAIR (paper model)"."""
     architecture = (info.get("model") or {}).get("architecture", "")
-    kind = "paper model" if architecture == "fdgan" else f"{architecture or 'unknown'} model"
+    kinds = {"fdgan": "paper model", "pix2pix_unet": "pix2pix baseline"}
+    kind = kinds.get(architecture) or f"{architecture or 'unknown'} model"
     return f"{taskLabel(info['sources'], info.get('target', 'flair'))} ({kind})"
 
 
@@ -91,10 +92,15 @@ def modelSummary(info: dict) -> str:
         lines.append(data[0])
     summary = (provenance.get("held_out_evaluation") or {}).get("summary") or {}
     architecture = (info.get("model") or {}).get("architecture")
-    stats = summary.get(architecture) or (next(iter(summary.values())) if summary else None)
+    stats = (summary.get(provenance.get("evaluation_label")) or summary.get(architecture)
+             or (next(iter(summary.values())) if summary else None))
     if stats:
+        # Brain figures first: whole-slice PSNR mostly measures the background.
         parts = [f"{label} {stats[key]['mean']:.{digits}f} \u00b1 {stats[key]['std']:.{digits}f}{unit}"
-                 for key, label, digits, unit in (("psnr", "PSNR", 2, " dB"), ("ssim", "SSIM", 3, ""))
+                 for key, label, digits, unit in (("psnr_masked", "brain PSNR", 2, " dB"),
+                                                  ("ssim_masked", "brain SSIM", 3, ""),
+                                                  ("lesion_conspicuity", "lesion conspicuity", 2, ""),
+                                                  ("psnr", "whole-slice PSNR", 2, " dB"))
                  if key in stats]
         lines.append("Held-out test: " + ", ".join(parts) + ".")
     limits = [b for b in _bullets(_section(card, "Known limits")) if not b.lower().startswith("training data")]
@@ -118,7 +124,7 @@ def shippedModels(shipped: Optional[Dict[str, object]] = None) -> List[Tuple[str
             models.append((name, f"{name} (unreadable)", str(exc)))
             continue
         models.append((name, modelLabel(info), modelSummary(info)))
-    order = {"t1_to_flair": 0, "t1_t2_to_flair": 1, "t1_t2_t1c_to_flair": 2}
+    order = {"t1_to_flair": 0, "t1_t2_to_flair": 1, "t1_t2_t1c_to_flair": 2, "pix2pix_t1_t2_to_flair": 3}
     return sorted(models, key=lambda m: (order.get(m[0], 9), m[0]))
 
 

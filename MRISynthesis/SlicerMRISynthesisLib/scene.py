@@ -56,7 +56,8 @@ DEFAULT_BRAIN_MASK = "auto"
 
 MODEL_AUTOMATIC = "automatic"
 MODEL_FILE = "bundle file"
-SHIPPED_MODEL_NAMES = ("t1_to_flair", "t1_t2_to_flair", "t1_t2_t1c_to_flair")
+# The paper models, then the pix2pix baseline (selectable by name, never the automatic choice).
+SHIPPED_MODEL_NAMES = ("t1_to_flair", "t1_t2_to_flair", "t1_t2_t1c_to_flair", "pix2pix_t1_t2_to_flair")
 MODEL_CHOICES = (MODEL_AUTOMATIC, *SHIPPED_MODEL_NAMES, MODEL_FILE)
 
 # Volume-name words that say which contrast a volume is. Checked in this order so that
@@ -123,11 +124,6 @@ def maskOutputName(referenceNode) -> str:
 # ----------------------------------------------------------------------------- models
 
 
-def shippedModelSources(name: str) -> Tuple[str, ...]:
-    """("t1", "t2") for "t1_t2_to_flair"."""
-    return tuple(name.split("_to_")[0].split("_"))
-
-
 def readBundleSources(path) -> Tuple[str, ...]:
     """The source modalities of a bundle file, read from its header only (no torch)."""
     return tuple(readBundleMetadata(path)["sources"])
@@ -175,7 +171,11 @@ def panelState(modelChoice: str, modelFile: Optional[str], given: Iterable[str],
         if modelChoice not in shipped:
             return PanelState(False, f"Model {modelChoice} is not installed "
                                      f"(installed: {', '.join(sorted(shipped)) or 'none'}).")
-        sources, model = shippedModelSources(modelChoice), modelChoice
+        try:
+            sources = readBundleSources(shipped[modelChoice])
+        except BundleError as exc:
+            return PanelState(False, str(exc))
+        model = modelChoice
     else:
         return PanelState(False, f"Unknown model choice {modelChoice!r}.")
     missing = [m for m in sources if m not in given]

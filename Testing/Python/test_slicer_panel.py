@@ -45,12 +45,16 @@ def test_prefill_fills_only_undecided_selectors():
 
 def test_shipped_models_have_human_labels_and_card_summaries():
     models = modelinfo.shippedModels()
-    assert [name for name, _, _ in models] == ["t1_to_flair", "t1_t2_to_flair", "t1_t2_t1c_to_flair"]
+    assert [name for name, _, _ in models] == ["t1_to_flair", "t1_t2_to_flair", "t1_t2_t1c_to_flair",
+                                               "pix2pix_t1_t2_to_flair"]
     labels = {name: label for name, label, _ in models}
     assert labels["t1_t2_to_flair"] == "T1 + T2 \u2192 FLAIR (paper model)"
     assert labels["t1_t2_t1c_to_flair"] == "T1 + T2 + T1c \u2192 FLAIR (paper model)"
+    assert labels["pix2pix_t1_t2_to_flair"] == "T1 + T2 \u2192 FLAIR (pix2pix baseline)"
     for name, _, summary in models:
-        assert "held-out subjects" in summary and "Held-out test: PSNR" in summary and "SSIM" in summary, name
+        # This model's own row of its evaluation, brain figures first.
+        assert "held-out subjects" in summary and "Held-out test: brain PSNR" in summary, name
+        assert "lesion conspicuity" in summary and "whole-slice PSNR" in summary, name
         assert "Training data:" in summary and "Limits:" in summary and "research use only" in summary
     assert "automatic" in modelinfo.AUTOMATIC_HELP.lower() and "T1 + T2 + T1c" in modelinfo.AUTOMATIC_HELP
 
@@ -58,8 +62,8 @@ def test_shipped_models_have_human_labels_and_card_summaries():
 def test_summary_numbers_come_from_the_bundle(tmp_path):
     path = shipped_bundles()["t1_to_flair"]
     info = modelinfo.readBundleMetadata(path)
-    stats = info["provenance"]["held_out_evaluation"]["summary"]["fdgan"]["psnr"]
-    assert f"PSNR {stats['mean']:.2f} \u00b1 {stats['std']:.2f} dB" in modelinfo.modelSummary(info)
+    stats = info["provenance"]["held_out_evaluation"]["summary"]["t1_to_flair"]["psnr_masked"]
+    assert f"brain PSNR {stats['mean']:.2f} \u00b1 {stats['std']:.2f} dB" in modelinfo.modelSummary(info)
     bad = tmp_path / "t1_to_flair.safetensors"
     bad.write_bytes(b"junk")
     (name, label, summary), = modelinfo.shippedModels({"t1_to_flair": bad})

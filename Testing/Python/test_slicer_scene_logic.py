@@ -401,9 +401,14 @@ def test_prefill_from_names_keeps_user_choices(scene):
 
 
 def test_panel_state(tmp_path, bundles):
-    shipped = {"t1_to_flair": "a", "t1_t2_to_flair": "b"}
+    shipped = {"t1_to_flair": bundles["t1"], "t1_t2_to_flair": bundles["t1t2"],
+               "pix2pix_t1_t2_to_flair": bundles["t1t2"]}
     state = panelState(MODEL_AUTOMATIC, None, ["t1", "t2"], shipped)
     assert state.canApply and state.model == "t1_t2_to_flair" and state.sources == ("t1", "t2")
+    # The baseline only by name; its inputs come from its header, not from its name.
+    state = panelState("pix2pix_t1_t2_to_flair", None, ["t1"], shipped)
+    assert not state.canApply and state.sources == ("t1", "t2") and "select T2" in state.message
+    assert panelState("pix2pix_t1_t2_to_flair", None, ["t1", "t2"], shipped).model == "pix2pix_t1_t2_to_flair"
     assert not panelState(MODEL_AUTOMATIC, None, ["t2"], shipped).canApply
     state = panelState(MODEL_AUTOMATIC, None, ["t1", "t1c"], shipped)
     assert not state.canApply and "T1 + T1c" in state.message

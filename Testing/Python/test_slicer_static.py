@@ -175,7 +175,7 @@ def test_module_file_never_imports_torch_at_import_time():
     assert f"{HELPER_PACKAGE}.jobs" in local
     code = (f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r})\n"
             + "".join(f"import {m}\n" for m in local)
-            + "from SlicerMRISynthesisLib import modelinfo; assert len(modelinfo.shippedModels()) == 3\n"
+            + "from SlicerMRISynthesisLib import modelinfo; assert len(modelinfo.shippedModels()) == 4\n"
             + "print('torch' in sys.modules)")
     result = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=str(MODULE_DIR.parent / "Testing"))

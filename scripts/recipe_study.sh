@@ -24,19 +24,25 @@ train() {  # name, then options
     $PY -m training train "${COMMON[@]}" --out "$RUNS/$name" "$@" > "$RUNS/$name.out" 2>&1
   fi
 }
-evaluate() {
+evaluate() {  # report folder, then NAME=RUN pairs; the first model's units for the baselines
+  local out=$1; shift
   local models=()
-  for run in "$RUNS"/*/model.safetensors; do models+=(--model "$(basename "$(dirname "$run")")=$run"); done
+  for pair in "$@"; do models+=(--model "${pair%%=*}=$RUNS/${pair#*=}"); done
   $PY -m training evaluate "${models[@]}" --baseline linear --data "$DATA" --split docs/split.json \
-      --split-name val --precision bf16 --out "$RUNS/val-report"
+      --split-name val --precision bf16 --out "$RUNS/$out"
 }
-# Two lanes, one thread each.
+# Two lanes, one thread each. a-f normalise with the brain percentiles; g and h with the
+# brain median (their own units: evaluated apart, each against the linear fit in its units).
 ( train a_paper --adain-scale direct --style-init normal
   train c_bg --background-weight 0.1
   train e_bg_gdl --background-weight 0.1 --gdl-weight 50
   train g_bg_median --background-weight 0.1 --intensity-reference median ) &
 ( train b_init
   train d_bg_aug --background-weight 0.1 --augment
-  train f_bg_gan5 --background-weight 0.1 --gan-weight 5 ) &
+  train f_bg_gan5 --background-weight 0.1 --gan-weight 5
+  train h_bg_median_aug --background-weight 0.1 --intensity-reference median --augment ) &
 wait
-OMP_NUM_THREADS=2 evaluate
+export OMP_NUM_THREADS=2
+evaluate val-report a_paper=a_paper/model.safetensors b_init=b_init/model.safetensors c_bg=c_bg/model.safetensors \
+    d_bg_aug=d_bg_aug/model.safetensors e_bg_gdl=e_bg_gdl/model.safetensors f_bg_gan5=f_bg_gan5/model.safetensors
+evaluate val-report-median g_bg_median=g_bg_median/model.safetensors h_bg_median_aug=h_bg_median_aug/model.safetensors

@@ -1,31 +1,49 @@
 #!/usr/bin/env bash
-# After scripts/train_default_models.sh: evaluate each model on the held-out test subjects
-# against pix2pix (T1+T2) and trivial references, write the model cards and reports under
-# docs/, and export the shipped fp16 bundles (with card and evaluation in their provenance)
-# into Resources/Models.
-# Usage: bash scripts/finalize_default_models.sh DATA_DIR [RUNS_DIR] [NAME ...]
-#        (NAME: t1_t2_to_flair, t1_t2_t1c_to_flair, t1_to_flair; default all three)
+# After scripts/train_default_models.sh: evaluate each model on the test part of
+# docs/split.json against the bundles shipped before the retraining (issue 12), the
+# pix2pix baseline (T1+T2) and the per-voxel linear baseline, write the model cards and
+# reports under docs/, and export the shipped fp16 bundles (card and evaluation in their
+# provenance) into Resources/Models.
+# Usage: bash scripts/finalize_default_models.sh DATA_DIRS [RUNS_DIR] [NAME ...]
+#        (NAME: t1_t2_to_flair, t1_t2_t1c_to_flair, t1_to_flair; default all three;
+#         t1_t2_to_flair also exports pix2pix_t1_t2_to_flair)
+#        REUSE_EVALUATION=1: keep the reports in docs/evaluation, only rewrite cards and bundles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:?usage: finalize_default_models.sh DATA_DIR [RUNS_DIR]}
-RUNS=${2:-runs}
+DATA=${1:?usage: finalize_default_models.sh DATA_DIRS [RUNS_DIR] [NAME ...]}
+RUNS=${2:-runs/default}
 shift $(( $# < 2 ? $# : 2 ))
 ONLY=" ${*:-t1_t2_to_flair t1_t2_t1c_to_flair t1_to_flair} "
-SPLIT=${SPLIT:-docs/default_split.json}
 PY=.venv/bin/python
-EVAL=(--data "$DATA" --split "$SPLIT" --split-name test --precision bf16)
-
+EVAL=(--data "$DATA" --split docs/split.json --split-name test --precision bf16)
+# The bundles shipped before the retraining, from git: the "+3 dB" target is against them.
+PREVIOUS_COMMIT=ff774c3
+mkdir -p "$RUNS/previous"
+previous() {
+  local file="$RUNS/previous/$1.safetensors"
+  [ -f "$file" ] || git show "$PREVIOUS_COMMIT:Resources/Models/$1.safetensors" > "$file"
+  echo "previous_$1=$file"
+}
+export_bundle() {  # shipped name, run name, report folder
+  $PY -m training model-card --run "$RUNS/$2" --evaluation "$3/metrics.json" --label "$1" \
+      --name "$1" --out "docs/model_cards/$1.md"
+  $PY -m training export --run "$RUNS/$2" --out "Resources/Models/$1.safetensors" --half \
+      --model-card "docs/model_cards/$1.md" --evaluation "$3/metrics.json" --evaluation-label "$1"
+}
 finalize() {  # shipped name, run name, evaluate arguments...
   local name=$1 run=$2; shift 2
   [[ "$ONLY" == *" $name "* ]] || return 0
   local report=docs/evaluation/$name
-  $PY -m training evaluate --model "fdgan=$RUNS/$run/model.safetensors" "$@" "${EVAL[@]}" --out "$report"
-  $PY -m training model-card --run "$RUNS/$run" --evaluation "$report/metrics.json" --label fdgan \
-      --name "$name" --out "docs/model_cards/$name.md"
-  $PY -m training export --run "$RUNS/$run" --out "Resources/Models/$name.safetensors" --half \
-      --model-card "docs/model_cards/$name.md" --evaluation "$report/metrics.json"
+  if [ "${REUSE_EVALUATION:-0}" != 1 ]; then
+    $PY -m training evaluate --model "$name=$RUNS/$run/model.safetensors" "$@" \
+        --model "$(previous "$name")" "${EVAL[@]}" --out "$report"
+  fi
+  export_bundle "$name" "$run" "$report"
 }
-finalize t1_t2_to_flair fdgan_t1_t2 --model "pix2pix=$RUNS/pix2pix_t1_t2/model.safetensors" \
-    --baseline t2 --baseline linear
-finalize t1_t2_t1c_to_flair fdgan_t1_t2_t1c --baseline t2 --baseline linear
+finalize t1_t2_to_flair fdgan_t1_t2 --model "pix2pix_t1_t2_to_flair=$RUNS/pix2pix_t1_t2/model.safetensors" \
+    --baseline linear
+if [[ "$ONLY" == *" t1_t2_to_flair "* ]]; then
+  export_bundle pix2pix_t1_t2_to_flair pix2pix_t1_t2 docs/evaluation/t1_t2_to_flair
+fi
+finalize t1_t2_t1c_to_flair fdgan_t1_t2_t1c --baseline linear
 finalize t1_to_flair fdgan_t1 --baseline linear

@@ -41,6 +41,9 @@ from . import data as data_mod
 MASKED = tuple(f"{m}_masked" for m in METRIC_NAMES)
 LESION = ("lesion_conspicuity", "psnr_lesion")
 LINEAR_MAX_VOXELS = 200_000  # per subject, for the least-squares fit
+# The evaluation protocol: the middle 80 brain slices of each subject (the top and bottom
+# slices hold a few voxels of brain each, and a per-slice mean would weigh them as much).
+EVALUATION_SLICES = 80
 
 
 class Method:
@@ -157,7 +160,7 @@ def ttests(per_subject: Dict[str, Dict[str, dict]], labels: List[str], keys) -> 
 
 
 def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, split_name="test",
-             slices_per_subject: Optional[int] = 80, target="flair", device="auto", precision="fp32",
+             slices_per_subject: Optional[int] = EVALUATION_SLICES, target="flair", device="auto", precision="fp32",
              batch_size=8, log=print) -> dict:
     """Evaluate ``models`` (list of (label or None, bundle path)) and ``baselines`` (specs)
     on the subjects of ``data_dir``; writes metrics.json, report.md and figure.png to

@@ -23,8 +23,12 @@ KNOWN_LIMITS = """\
   other field strengths or sequences (e.g. 3D FLAIR vs 2D) are outside what it saw.
 - 2D axial, slice by slice: no through-plane consistency; thick-slice clinical scans work
   but each slice is synthesised on its own.
-- Lesion contrast is learnt from few examples: small or subtle FLAIR lesions can be missed
-  or blurred, and tumour borders are softer than in a real FLAIR. A synthetic FLAIR is not
+- Trained on the middle {slices} brain slices of each subject: the top and bottom of the brain
+  (slices with little brain) are outside what it saw and come out worse, below a linear fit
+  of the inputs on some subjects (the figures above are on the middle 80 brain slices).
+- Lesions are rendered less conspicuous than in a real FLAIR (lesion conspicuity above; 1 =
+  as in the real FLAIR): small or subtle FLAIR lesions can be missed or blurred, and tumour
+  borders are softer than in a real FLAIR. A synthetic FLAIR is not
   a substitute for an acquired one in diagnosis.
 - Intensities are relative (0-1000 scale, see above), not quantitative.
 """
@@ -146,6 +150,9 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
                      f"{_fmt(stats.get('nrmse_masked'), 3)} | {_fmt(stats.get('lesion_conspicuity'), 2)} | "
                      f"{_fmt(stats.get('psnr_lesion'), 2)} | {_fmt(stats.get('psnr'), 2)} | "
                      f"{_fmt(stats.get('ssim'), 3)} |")
+    lines += ["", "Each model is scored against the real FLAIR normalised the way that model normalises "
+              "(its own units: a bundle made before the median reference, `previous_*`, used the brain "
+              "percentiles); the linear baseline is fit in this model's units."]
     tests = [t for t in evaluation.get("ttests", []) if label in (t["a"], t["b"]) and "psnr_masked" in t]
     if tests:
         lines += ["", "Paired t-tests over subjects, brain PSNR (this model minus the other):", ""]
@@ -155,7 +162,7 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
             lines.append(f"- vs {other}: {sign * r['mean_difference']:+.2f} dB, n = {r['n']}, p = {r['p']:.3g}")
     lines += ["", "## Known limits",
               KNOWN_LIMITS.format(width=config["width"], epochs=len(history), n_train=len(train_subjects),
-                                  hours=hours)]
+                                  hours=hours, slices=config["slices_per_subject"] or "all")]
     return "\n".join(lines)
 
 

@@ -11,39 +11,54 @@ from MRISynthesisLib.bundle import load_bundle
 from MRISynthesisLib.inference import synthesize
 from MRISynthesisLib.metrics import subject_metrics
 from MRISynthesisLib.models import bundle_name, models_dirs, shipped_bundles
-from MRISynthesisLib.preprocessing import AxialReorientation, SliceStack, real_target_in_output_units
+from MRISynthesisLib.preprocessing import (AxialReorientation, SliceStack, real_target_in_output_units,
+                                           select_middle_slices)
 from MRISynthesisLib.volumes import load_volume
 
 from conftest import REPO
+from training.evaluate import EVALUATION_SLICES
 
+# The paper models, chosen automatically from the inputs, and the pix2pix baseline, only by name.
 SHIPPED = {("t1",): "t1_to_flair", ("t1", "t2"): "t1_t2_to_flair", ("t1", "t2", "t1c"): "t1_t2_t1c_to_flair"}
+BASELINE = ("pix2pix_t1_t2_to_flair", ("t1", "t2"), "pix2pix_unet")
+ALL_SHIPPED = [(name, sources, "fdgan") for sources, name in SHIPPED.items()] + [BASELINE]
 MODELS_DIR = REPO / "Resources" / "Models"
 MAX_BYTES = 25 * 1024 * 1024
 
 
-@pytest.mark.parametrize("sources,name", SHIPPED.items())
-def test_bundle_metadata(sources, name):
+@pytest.mark.parametrize("name,sources,architecture", ALL_SHIPPED)
+def test_bundle_metadata(name, sources, architecture):
     path = MODELS_DIR / f"{name}.safetensors"
     assert path.is_file(), f"shipped model {path} is missing"
     assert path.stat().st_size <= MAX_BYTES
     bundle = load_bundle(path)  # verifies the SHA-256 digest
-    assert bundle.sources == sources and bundle.target == "flair" and bundle_name(sources) == name
-    assert bundle.model.architecture == "fdgan"  # the paper's architecture is the default
+    assert bundle.sources == sources and bundle.target == "flair"
+    assert bundle.model.architecture == architecture
     prov = bundle.provenance
     assert prov["trained_by"] == "python -m training train"
-    assert prov["split"]["train"] and prov["split"]["test"]
-    assert not set(prov["split"]["train"]) & set(prov["split"]["test"])
+    # Every shipped model trained on the train part of the one fixed split, never on a test subject.
+    split = json.loads((REPO / "docs" / "split.json").read_text())
+    assert prov["split"]["train"] and set(prov["split"]["train"]) <= set(split["train"])
+    assert set(prov["split"]["test"]) <= set(split["test"])
     assert "Model card" in prov["model_card"] and "Known limits" in prov["model_card"]
-    assert prov["held_out_evaluation"]
+    assert prov["evaluation_label"] == name and name in prov["held_out_evaluation"]["summary"]
     described = bundle.describe()  # what `mrisynthesis info` prints
-    assert "held-out:      fdgan: PSNR" in described and "## Known limits" in described
+    assert f"held-out:      {name}: brain PSNR" in described and "## Known limits" in described
     assert shipped_bundles()[name] == path or MODELS_DIR not in models_dirs()
 
 
+def test_the_baseline_is_never_the_automatic_choice():
+    from MRISynthesisLib.models import resolve_model
+
+    assert resolve_model(None, BASELINE[1]).name == f"{bundle_name(BASELINE[1])}.safetensors"
+    assert resolve_model(BASELINE[0], BASELINE[1]) == MODELS_DIR / f"{BASELINE[0]}.safetensors"
+
+
 def _brain_slices_metrics(real, pred, mask, affine):
+    """On the evaluation's slices (docs/evaluation: the middle 80 brain slices)."""
     reo = AxialReorientation(affine)
     real, pred, mask = (reo.forward(a) for a in (real, pred, mask))
-    z = np.flatnonzero(mask.any(axis=(0, 1)))
+    z = select_middle_slices(np.flatnonzero(mask.any(axis=(0, 1))), EVALUATION_SLICES)
     t = lambda a: a[..., z].transpose(2, 0, 1)  # noqa: E731
     return subject_metrics(t(real), t(pred), t(mask))
 
@@ -62,17 +77,8 @@ def _linear_coefficients(bundle):
 TEST_SUBJECTS_PREFERRED = ("ms-long-04a", "brats-met-00110", "ms-mni-07")
 
 
-# Measured: today's T1-only bundle (7 training subjects, width 16, 24 CPU epochs) scores a
-# brain PSNR of 12.1 dB on brats-met-00110 against 13.9 dB for the linear fit of T1; it is
-# to be replaced by the retraining of issue 12. strict: the mark must go once it passes.
-KNOWN_BELOW_LINEAR = {"t1_to_flair": "today's T1 model is below the linear baseline on brats-met-00110 "
-                                     "(brain PSNR 12.1 vs 13.9 dB); retraining pending (issue 12)"}
-
-
-@pytest.mark.parametrize("sources,name", [
-    pytest.param(sources, name, marks=pytest.mark.xfail(reason=KNOWN_BELOW_LINEAR[name], strict=True))
-    if name in KNOWN_BELOW_LINEAR else (sources, name) for sources, name in SHIPPED.items()])
-def test_beats_the_linear_baseline_on_held_out_subjects(real_data, sources, name):
+@pytest.mark.parametrize("name,sources", [(name, sources) for name, sources, _ in ALL_SHIPPED])
+def test_beats_the_linear_baseline_on_held_out_subjects(real_data, name, sources):
     bundle = load_bundle(MODELS_DIR / f"{name}.safetensors")
     split = json.loads((REPO / "docs" / "split.json").read_text())
     seen = set(bundle.provenance["split"]["train"]) | set(bundle.provenance["split"].get("val", []))

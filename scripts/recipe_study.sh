@@ -31,18 +31,24 @@ evaluate() {  # report folder, then NAME=RUN pairs; the first model's units for 
   $PY -m training evaluate "${models[@]}" --baseline linear --data "$DATA" --split docs/split.json \
       --split-name val --precision bf16 --out "$RUNS/$out"
 }
-# Two lanes, one thread each. a-f normalise with the brain percentiles; g and h with the
+# Two lanes, one thread each. a-f normalise with the brain percentiles; g-k with the
 # brain median (their own units: evaluated apart, each against the linear fit in its units).
 ( train a_paper --adain-scale direct --style-init normal
   train c_bg --background-weight 0.1
   train e_bg_gdl --background-weight 0.1 --gdl-weight 50
-  train g_bg_median --background-weight 0.1 --intensity-reference median ) &
+  train g_bg_median --background-weight 0.1 --intensity-reference median
+  train j_bg_median_aug_gan5 --background-weight 0.1 --intensity-reference median --augment --gan-weight 5
+  train i_bg_median_aug_4ep --background-weight 0.1 --intensity-reference median --augment --epochs 4 ) &
 ( train b_init
   train d_bg_aug --background-weight 0.1 --augment
   train f_bg_gan5 --background-weight 0.1 --gan-weight 5
-  train h_bg_median_aug --background-weight 0.1 --intensity-reference median --augment ) &
+  train h_bg_median_aug --background-weight 0.1 --intensity-reference median --augment
+  train k_bg_median_aug_gan0 --background-weight 0.1 --intensity-reference median --augment --gan-weight 0 ) &
 wait
 export OMP_NUM_THREADS=2
 evaluate val-report a_paper=a_paper/model.safetensors b_init=b_init/model.safetensors c_bg=c_bg/model.safetensors \
     d_bg_aug=d_bg_aug/model.safetensors e_bg_gdl=e_bg_gdl/model.safetensors f_bg_gan5=f_bg_gan5/model.safetensors
 evaluate val-report-median g_bg_median=g_bg_median/model.safetensors h_bg_median_aug=h_bg_median_aug/model.safetensors
+evaluate val-report-4ep h_bg_median_aug=h_bg_median_aug/model.safetensors i_bg_median_aug_4ep=i_bg_median_aug_4ep/model.safetensors
+evaluate val-report-gan h_bg_median_aug=h_bg_median_aug/model.safetensors \
+    j_bg_median_aug_gan5=j_bg_median_aug_gan5/model.safetensors k_bg_median_aug_gan0=k_bg_median_aug_gan0/model.safetensors

@@ -76,13 +76,6 @@ class ModelBundle:
         net.load_state_dict({k: v.to(expected[k].dtype) for k, v in self.state_dict.items()})
         return net.to(device).eval()
 
-    def _normalisation_text(self) -> str:
-        pre = self.preprocessing
-        if pre.intensity_reference == "median":
-            return (f"brain {pre.lower_percentile} percentile -> -1, that + {pre.median_span:g} x (median - it) "
-                    "-> 1")
-        return f"brain percentiles {pre.lower_percentile}-{pre.upper_percentile} -> [-1, 1]"
-
     def describe(self) -> str:
         """Human-readable summary for ``mrisynthesis info``."""
         m, p = self.model, self.provenance
@@ -95,7 +88,7 @@ class ModelBundle:
             + (f", LAF grid {m.laf_grid}x{m.laf_grid}, specific encoder {'on' if m.specific_encoder else 'off'}"
                if m.architecture == "fdgan" else ""),
             f"parameters:    {sum(t.numel() for t in self.state_dict.values()):,}",
-            f"normalisation: {self._normalisation_text()}; output scale 0-{self.preprocessing.output_max:g}",
+            f"normalisation: {self.preprocessing.window_text()}; output scale 0-{self.preprocessing.output_max:g}",
         ]
         # The held-out results as one line per method, brain figures first (whole-slice ones
         # mostly measure the background); the model card in full at the end.

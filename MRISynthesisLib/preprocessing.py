@@ -61,6 +61,13 @@ class PreprocessingConfig:
         if not self.median_span > 1.0:
             raise ValueError("median_span must be > 1")
 
+    def window_text(self) -> str:
+        """The normalisation window in words, for `mrisynthesis info` and the model cards."""
+        if self.intensity_reference == "median":
+            return (f"brain {self.lower_percentile}th percentile -> -1, that percentile + {self.median_span:g} x "
+                    "(brain median - that percentile) -> 1")
+        return f"brain {self.lower_percentile}th percentile -> -1, {self.upper_percentile}th percentile -> 1"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

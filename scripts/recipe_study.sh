@@ -12,18 +12,8 @@ RUNS=${2:-runs/study}
 PY=.venv/bin/python
 COMMON=(--data "$DATA" --split docs/split.json --cache-dir "$RUNS/cache" --sources t1,t2 --width 16 --epochs 2
         --slices-per-subject 40 --precision bf16 --seed 0 --num-threads 1 --max-val-slices 24 --no-progress)
-mkdir -p "$RUNS"
-exec 9>"$RUNS/.lock"
-flock -n 9 || { echo "another recipe_study.sh is using $RUNS" >&2; exit 1; }
-train() {  # name, then options
-  local name=$1; shift
-  if [ -f "$RUNS/$name/model.safetensors" ]; then return; fi
-  if [ -f "$RUNS/$name/checkpoint.pt" ]; then
-    $PY -m training train --out "$RUNS/$name" --resume --num-threads 1 --no-progress >> "$RUNS/$name.out" 2>&1
-  else
-    $PY -m training train "${COMMON[@]}" --out "$RUNS/$name" "$@" > "$RUNS/$name.out" 2>&1
-  fi
-}
+source scripts/resumable_runs.sh
+lock_runs recipe_study.sh
 evaluate() {  # report folder, then NAME=RUN pairs; the first model's units for the baselines
   local out=$1; shift
   local models=()

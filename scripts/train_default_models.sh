@@ -17,19 +17,8 @@ RECIPE=(--background-weight 0.1 --intensity-reference median --augment)
 COMMON=(--data "$DATA" --split docs/split.json --cache-dir "$RUNS/cache" --width 16 --epochs 2
         --slices-per-subject 40 --precision bf16 --seed 0 --num-threads 1 --max-val-slices 24 --no-progress
         "${RECIPE[@]}")
-mkdir -p "$RUNS"
-# One instance per runs folder: a second one would --resume runs that are still training.
-exec 9>"$RUNS/.lock"
-flock -n 9 || { echo "another train_default_models.sh is using $RUNS" >&2; exit 1; }
-train() {  # name, then options
-  local name=$1; shift
-  if [ -f "$RUNS/$name/model.safetensors" ]; then return; fi
-  if [ -f "$RUNS/$name/checkpoint.pt" ]; then
-    $PY -m training train --out "$RUNS/$name" --resume --num-threads 1 --no-progress >> "$RUNS/$name.out" 2>&1
-  else
-    $PY -m training train "${COMMON[@]}" --out "$RUNS/$name" "$@" > "$RUNS/$name.out" 2>&1
-  fi
-}
+source scripts/resumable_runs.sh
+lock_runs train_default_models.sh
 ( train fdgan_t1_t2 --sources t1,t2; train fdgan_t1 --sources t1 ) &
 ( train pix2pix_t1_t2 --sources t1,t2 --architecture pix2pix_unet; train fdgan_t1_t2_t1c --sources t1,t2,t1c ) &
 wait

@@ -64,15 +64,11 @@ def _recipe(config: dict) -> str:
 
 
 def _normalisation(pre: PreprocessingConfig) -> str:
-    if pre.intensity_reference == "median":
-        upper = (f"the {pre.lower_percentile}th percentile + {pre.median_span:g} x (median - that percentile) "
-                 "inside the brain (lesion-robust: a large bright lesion moves the upper percentiles, "
-                 "hardly the median)")
-    else:
-        upper = f"the {pre.upper_percentile}th percentile inside the brain"
-    return (f"per volume, the {pre.lower_percentile}th brain percentile maps to -1 and {upper} to 1 "
-            f"(clipped), background -1. The output is on 0-{pre.output_max:g}: 0 = background, "
-            f"{pre.output_max:g} = that upper reference of a real FLAIR normalised the same way.")
+    why = (" (lesion-robust: a large bright lesion moves the upper percentiles of a FLAIR, hardly its median)"
+           if pre.intensity_reference == "median" else "")
+    return (f"per volume, {pre.window_text()}{why}, clipped; background -1. The output is on "
+            f"0-{pre.output_max:g}: 0 = background, {pre.output_max:g} = the upper end of that window in a "
+            "real FLAIR normalised the same way.")
 
 
 def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:

@@ -10,8 +10,9 @@ offline). Anatomy is real (an average of 152 brains), contrasts are simulated:
    mask is the non-zero region of the (already brain-extracted) T1 template with holes
    filled; CSF = mask - GM - WM (clipped to [0, 1]; GM + WM rescaled where they exceed 1).
 2. Optional lesions: ``num_lesions`` smooth ellipsoidal white-matter hyperintensities
-   (radii 4-7 mm) in periventricular white matter, replacing WM. Their long T2 makes them
-   bright on T2 and FLAIR, their long T1 dark on T1.
+   (semi-axes 8-12 mm: confluent periventricular lesions, the size of a small tumour's
+   oedema) in periventricular white matter, replacing WM. Their long T2 makes them
+   bright on T2 and FLAIR, their long T1 slightly dark on T1.
 3. Signal = sum over tissues of fraction x signal equation (partial-volume mixing of the
    signed signal, then magnitude), with relaxation at 3 T:
 
@@ -20,12 +21,23 @@ offline). Anatomy is real (an average of 152 brains), contrasts are simulated:
    | WM     | 1084    | 69      | 0.69 | T1/T2: Stanisz et al., MRM 2005 (3 T, frontal WM); PD: Neeb et al., NeuroImage 2006 |
    | GM     | 1820    | 99      | 0.80 | same (caudate/cortex GM) |
    | CSF    | 4200    | 2000    | 1.00 | order of values reported for CSF at 3 T (close to free water); FLAIR's TI is computed from it, so CSF is nulled whatever value is used |
-   | lesion | 1500    | 140     | 0.80 | chronic MS lesions / WMH at 3 T: T1 about 1.4x and T2 about 2x normal-appearing WM, more water; illustrative |
+   | lesion | 2100    | 170     | 0.85 | MS lesions / oedema at 3 T: T1 about 2x and T2 about 2.5x normal-appearing WM, more water; chosen so that the lesion-to-brain-median ratios match real scans (below) |
 
    Resulting contrasts (pure-tissue means, checked in the tests): FLAIR GM/WM 1.16 (grey
-   matter slightly brighter, as in a real 3 T FLAIR), CSF/WM 0.06 (nulled), lesion/WM 2.0;
+   matter slightly brighter, as in a real 3 T FLAIR), CSF/WM 0.06 (nulled), lesion/WM 1.7;
    T2 CSF > GM > WM; T1 WM > GM > CSF. (The previous values, Wansapura et al. 1999, gave
-   a FLAIR GM/WM of 1.27.)
+   a FLAIR GM/WM of 1.27.) Lesion mean / brain median, measured on the 1 mm phantom and on
+   the real lesions of ``../shared/data`` (MS: ms-mni-07 and -19, ground-truth labels;
+   tumour oedema: brats18-cbica-abm, label 2):
+
+   | contrast | phantom | ms-mni-07 | ms-mni-19 | brats18-cbica-abm |
+   |----------|---------|-----------|-----------|-------------------|
+   | T1       | 0.95    | 0.94      | 0.81      | 1.03              |
+   | T2       | 1.59    | 1.46      | 1.68      | 1.41              |
+   | FLAIR    | 1.56    | 1.34      | 1.35      | 1.86              |
+
+   (The lesion values before, T1 1500 / T2 140 / PD 0.80, gave 1.16 / 1.40 / 1.94: a lesion
+   brighter than the brain on T1 and far brighter on FLAIR than in any real scan here.)
 
    Sequences (spin echo; ``SEQUENCES``):
    - T1w:   S = PD (1 - e^(-TR/T1)) e^(-TE/T2), TR 500 ms, TE 10 ms     (WM > GM > CSF)
@@ -79,7 +91,7 @@ TISSUES = {
     "wm": Tissue(1084.0, 69.0, 0.69),
     "gm": Tissue(1820.0, 99.0, 0.80),
     "csf": Tissue(4200.0, 2000.0, 1.00),
-    "lesion": Tissue(1500.0, 140.0, 0.80),
+    "lesion": Tissue(2100.0, 170.0, 0.85),
 }
 
 # TR/TE/TI in ms; TI None = spin echo; "flair" TI is computed to null CSF.
@@ -89,6 +101,7 @@ SEQUENCES = {
     "flair": {"tr": 9000.0, "te": 120.0, "ti": "null_csf"},
     "t1c": {"tr": 500.0, "te": 10.0, "ti": None},
 }
+LESION_RADII_MM = (8.0, 12.0)  # semi-axes of the ellipsoids, drawn uniformly
 GADOLINIUM_R1 = 4.5  # /s/mM
 VESSEL_CONCENTRATION = 0.3  # mM averaged over a voxel of the enhancing surface layer
 LESION_CONCENTRATION = 0.5  # mM, with enhancing_lesions
@@ -178,10 +191,10 @@ def _place_lesions(wm, csf, mask, spacing, rng, count):
     for _ in range(count):
         for _attempt in range(50):  # keep lesions apart so each one is visible
             centre = candidates[rng.integers(len(candidates))]
-            if all(np.linalg.norm((centre - c) * spacing) > 15.0 for c in centres):
+            if all(np.linalg.norm((centre - c) * spacing) > 2 * LESION_RADII_MM[1] for c in centres):
                 break
         centres.append(centre)
-        radii = rng.uniform(4.0, 7.0, size=3)  # mm
+        radii = rng.uniform(*LESION_RADII_MM, size=3)
         # Work in a box around the lesion; r = 1 on the ellipsoid surface.
         half = np.ceil((radii + 2.0) / spacing).astype(int)
         lo = np.maximum(centre - half, 0)

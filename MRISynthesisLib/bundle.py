@@ -86,7 +86,8 @@ class ModelBundle:
             f"inputs needed: {', '.join('--' + s for s in self.sources)}",
             f"architecture:  {m.architecture}, base width {m.base_width}"
             + (f", LAF grid {m.laf_grid}x{m.laf_grid}, specific encoder {'on' if m.specific_encoder else 'off'}"
-               if m.architecture == "fdgan" else ""),
+               if m.architecture == "fdgan" else "")
+            + (f", 2.5D input: {m.context_slices} neighbouring slice(s) on each side" if m.context_slices else ""),
             f"parameters:    {sum(t.numel() for t in self.state_dict.values()):,}",
             f"normalisation: {self.preprocessing.window_text()}; output scale 0-{self.preprocessing.output_max:g}",
         ]

@@ -392,7 +392,8 @@ def synthesize_with_details(
         count = choose_threads(threads, cpu_sample).count
     else:
         count = 1
-    _run_network(stack, output, net, torch_device, precision, batch_size, count, progress, cancel, clock)
+    _run_network(stack, output, net, torch_device, precision, batch_size, count, progress, cancel, clock,
+                 context=bundle.model.context_slices)
     with clock("inverse"):
         result = stack.finish(output)
         used = np.asfortranarray(stack.orientation.inverse(stack.mask).astype(np.float32))
@@ -400,11 +401,11 @@ def synthesize_with_details(
 
 
 def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.device, precision: str,
-                 batch_size: int, threads: int, progress, cancel, clock: _StageClock) -> None:
+                 batch_size: int, threads: int, progress, cancel, clock: _StageClock, context: int = 0) -> None:
     """Every brain slice through ``net`` into ``output``. On the CPU ``threads`` workers of
     one PyTorch thread each take batches in turn (no OpenMP barrier between them, so a
     core taken by another process slows the run by its share, not many times); progress
-    and cancel are served from the calling thread."""
+    and cancel are served from the calling thread. ``context``: the model's 2.5D neighbours."""
     indices = stack.brain_slices
     total = len(indices)
     chunks = [indices[start:start + batch_size] for start in range(0, total, batch_size)]
@@ -425,7 +426,7 @@ def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.
                 if stop.is_set():
                     break
                 t0 = time.perf_counter()
-                x = stack.batch(chunk).to(device, non_blocking=True)
+                x = stack.batch(chunk, context=context).to(device, non_blocking=True)
                 if native_bf16:
                     x = x.to(torch.bfloat16)
                 t1 = time.perf_counter()

@@ -48,6 +48,9 @@ class ModelConfig:
     mlp_dim: Optional[int] = None
     image_size: int = 256
     adain_scale: str = "one_plus_delta"
+    # 2.5D input: this many neighbouring axial slices on each side of the slice to
+    # synthesise go with each source as extra channels (0 = the paper's 2D input).
+    context_slices: int = 0
     # pix2pix U-Net options (the paper's baseline uses batch norm and dropout).
     unet_norm: str = "batch"
     unet_dropout: bool = True
@@ -63,10 +66,26 @@ class ModelConfig:
             raise ValueError(f"laf_grid must be one of {LAF_GRIDS}, got {self.laf_grid}")
         if self.adain_scale not in ADAIN_SCALES:
             raise ValueError(f"adain_scale must be one of {ADAIN_SCALES}, got {self.adain_scale!r}")
+        if self.context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {self.context_slices}")
         if self.image_size % 16 != 0:
             raise ValueError(f"image_size must be a multiple of 16, got {self.image_size}")
         if self.architecture == "pix2pix_unet" and self.image_size != 256:
             raise ValueError("the pix2pix U-Net (8 downsamplings) needs image_size 256")
+
+    @property
+    def slices_per_source(self) -> int:
+        return 2 * self.context_slices + 1
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the network input: each source's slices (neighbours and centre,
+        in axial order) one after another, source by source."""
+        return self.num_sources * self.slices_per_source
+
+    def centre_channels(self) -> list:
+        """Input channels that hold the slice being synthesised, one per source."""
+        return [i * self.slices_per_source + self.context_slices for i in range(self.num_sources)]
 
     @property
     def hidden_mlp_dim(self) -> int:
@@ -84,6 +103,11 @@ class ModelConfig:
         # A stored configuration without the key predates it: its AdaIN scale was direct.
         values = {"adain_scale": "direct", **values}
         return cls(**values)
+
+
+def check_input(sources: torch.Tensor, config: ModelConfig) -> None:
+    if sources.dim() != 4 or sources.shape[1] != config.input_channels:
+        raise ValueError(f"expected sources of shape (B, {config.input_channels}, H, W), got {tuple(sources.shape)}")
 
 
 class GeneratorOutput(NamedTuple):
@@ -173,12 +197,12 @@ class ResidualBlock(nn.Module):
 
 
 class SharedEncoder(nn.Module):
-    """SRE: 1-channel slice -> (4w, H/4, W/4) content features."""
+    """SRE: one source's slice (and its neighbours, 2.5D) -> (4w, H/4, W/4) content features."""
 
-    def __init__(self, width: int, num_res_blocks: int):
+    def __init__(self, width: int, num_res_blocks: int, in_channels: int = 1):
         super().__init__()
         self.model = nn.Sequential(
-            conv_norm_relu(1, width, 7, 1, 3, "instance"),
+            conv_norm_relu(in_channels, width, 7, 1, 3, "instance"),
             conv_norm_relu(width, 2 * width, 4, 2, 1, "instance"),
             conv_norm_relu(2 * width, 4 * width, 4, 2, 1, "instance"),
             *[ResidualBlock(4 * width, "instance") for _ in range(num_res_blocks)],
@@ -257,7 +281,8 @@ class FeatureDisentanglementGenerator(nn.Module):
         super().__init__()
         self.config = config
         w, m = config.base_width, config.num_sources
-        self.shared_encoders = nn.ModuleList(SharedEncoder(w, config.num_res_blocks) for _ in range(m))
+        self.shared_encoders = nn.ModuleList(SharedEncoder(w, config.num_res_blocks, config.slices_per_source)
+                                             for _ in range(m))
         self.cat_conv = nn.Conv2d(4 * w * m, 4 * w, 3, 1, 1)
         if config.specific_encoder:
             offset = 1.0 if config.adain_scale == "one_plus_delta" else 0.0
@@ -271,9 +296,9 @@ class FeatureDisentanglementGenerator(nn.Module):
             self.specific_encoder = None
 
     def forward(self, sources: torch.Tensor) -> GeneratorOutput:
-        """sources: (B, M, H, W) in [-1, 1] -> synthetic target and pseudo-target (B, 1, H, W)."""
-        if sources.dim() != 4 or sources.shape[1] != self.config.num_sources:
-            raise ValueError(f"expected sources of shape (B, {self.config.num_sources}, H, W), got {tuple(sources.shape)}")
+        """sources: (B, input_channels, H, W) in [-1, 1] (M channels for 2D input) ->
+        synthetic target and pseudo-target (B, 1, H, W)."""
+        check_input(sources, self.config)
         content = self.encode_content(sources)
         if self.specific_encoder is None:
             return GeneratorOutput(self.decoder(content), None)
@@ -282,12 +307,15 @@ class FeatureDisentanglementGenerator(nn.Module):
 
     def encode_content(self, sources: torch.Tensor) -> torch.Tensor:
         """Shared information: per-source SREs fused by Cat-Conv, (B, 4w, H/4, W/4)."""
-        content = torch.cat([enc(sources[:, i : i + 1]) for i, enc in enumerate(self.shared_encoders)], dim=1)
+        n = self.config.slices_per_source
+        content = torch.cat([enc(sources[:, i * n : (i + 1) * n]) for i, enc in enumerate(self.shared_encoders)], dim=1)
         return self.cat_conv(content)
 
     def encode_style(self, sources: torch.Tensor):
         """Specific information: the LAF pseudo-target and the AdaIN parameters the SPE
         derives from it, (B, num_adain_params)."""
+        if self.config.context_slices:
+            sources = sources[:, self.config.centre_channels()]  # the pseudo-target is of the slice itself
         pseudo = self.laf(sources)
         return self.specific_encoder(pseudo), pseudo
 
@@ -341,16 +369,15 @@ class UnetGenerator(nn.Module):
         block = UnetSkipBlock(ngf * 4, ngf * 8, submodule=block, norm=norm)
         block = UnetSkipBlock(ngf * 2, ngf * 4, submodule=block, norm=norm)
         block = UnetSkipBlock(ngf, ngf * 2, submodule=block, norm=norm)
-        self.model = UnetSkipBlock(1, ngf, input_nc=config.num_sources, submodule=block, outermost=True, norm=norm)
+        self.model = UnetSkipBlock(1, ngf, input_nc=config.input_channels, submodule=block, outermost=True, norm=norm)
 
     def forward(self, sources: torch.Tensor) -> GeneratorOutput:
-        if sources.dim() != 4 or sources.shape[1] != self.config.num_sources:
-            raise ValueError(f"expected sources of shape (B, {self.config.num_sources}, H, W), got {tuple(sources.shape)}")
+        check_input(sources, self.config)
         return GeneratorOutput(self.model(sources), None)
 
 
 class PatchDiscriminator(nn.Module):
-    """Conditional 70x70 PatchGAN: (M sources + target) -> patch logits; 64-128-256-512-1."""
+    """Conditional 70x70 PatchGAN: (input channels + target) -> patch logits; 64-128-256-512-1."""
 
     def __init__(self, num_sources: int, width: int = 64, n_layers: int = 3, norm: str = "batch"):
         super().__init__()

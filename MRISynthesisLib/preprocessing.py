@@ -243,10 +243,19 @@ class SliceStack:
     def num_slices(self) -> int:
         return self.channels.shape[-1]
 
-    def batch(self, indices: Sequence[int], channels: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Network-ready slices (N, C, size, size) for axial indices, channels selectable."""
+    def batch(self, indices: Sequence[int], channels: Optional[Sequence[int]] = None, context: int = 0) -> torch.Tensor:
+        """Network-ready slices (N, C, size, size) for axial indices, channels selectable.
+        With ``context`` k (2.5D input) each channel brings the k slices on either side too,
+        (N, C * (2k + 1), size, size), channel by channel in axial order; beyond the end of
+        the volume the nearest slice repeats."""
         data = self.channels if channels is None else self.channels[list(channels)]
-        x = torch.from_numpy(np.stack([data[..., k] for k in indices]))  # (N, C, X, Y), C-contiguous
+        if context == 0:
+            x = torch.from_numpy(np.stack([data[..., k] for k in indices]))  # (N, C, X, Y), C-contiguous
+        else:
+            last = self.num_slices - 1
+            x = torch.from_numpy(np.stack([
+                np.stack([plane[..., min(max(k + d, 0), last)] for plane in data for d in range(-context, context + 1)])
+                for k in indices]))
         return self.resizer.forward(x)
 
     def empty_output(self) -> np.ndarray:

@@ -16,6 +16,7 @@ source scripts/resumable_runs.sh
 lock_runs recipe_study.sh
 evaluate() {  # report folder, then NAME=RUN pairs; the first model's units for the baselines
   local out=$1; shift
+  if [ -f "$RUNS/$out/metrics.json" ]; then return; fi  # done in an earlier pass
   local models=()
   for pair in "$@"; do models+=(--model "${pair%%=*}=$RUNS/${pair#*=}"); done
   $PY -m training evaluate "${models[@]}" --baseline linear --data "$DATA" --split docs/split.json \
@@ -28,7 +29,8 @@ evaluate() {  # report folder, then NAME=RUN pairs; the first model's units for 
   train e_bg_gdl --background-weight 0.1 --gdl-weight 50
   train g_bg_median --background-weight 0.1 --intensity-reference median
   train j_bg_median_aug_gan5 --background-weight 0.1 --intensity-reference median --augment --gan-weight 5
-  train i_bg_median_aug_4ep --background-weight 0.1 --intensity-reference median --augment --epochs 4 ) &
+  train i_bg_median_aug_4ep --background-weight 0.1 --intensity-reference median --augment --epochs 4
+  train l_bg_median_aug_ctx1 --background-weight 0.1 --intensity-reference median --augment --context-slices 1 ) &
 ( train b_init
   train d_bg_aug --background-weight 0.1 --augment
   train f_bg_gan5 --background-weight 0.1 --gan-weight 5
@@ -42,3 +44,5 @@ evaluate val-report-median g_bg_median=g_bg_median/model.safetensors h_bg_median
 evaluate val-report-4ep h_bg_median_aug=h_bg_median_aug/model.safetensors i_bg_median_aug_4ep=i_bg_median_aug_4ep/model.safetensors
 evaluate val-report-gan h_bg_median_aug=h_bg_median_aug/model.safetensors \
     j_bg_median_aug_gan5=j_bg_median_aug_gan5/model.safetensors k_bg_median_aug_gan0=k_bg_median_aug_gan0/model.safetensors
+evaluate val-report-2.5d h_bg_median_aug=h_bg_median_aug/model.safetensors \
+    l_bg_median_aug_ctx1=l_bg_median_aug_ctx1/model.safetensors

@@ -36,11 +36,11 @@ def make_step(config: ModelConfig, device: torch.device, precision: str, batch: 
     """A closure running one ``train_step`` on fixed random data, with the trainer's defaults."""
     torch.manual_seed(0)
     G = init_generator(build_generator(config)).to(device).train()
-    D = init_weights(build_discriminator(config.num_sources, config.base_width)).to(device).train()
+    D = init_weights(build_discriminator(config.input_channels, config.base_width)).to(device).train()
     betas = (DEFAULTS["beta1"], DEFAULTS["beta2"])
     opt_G = torch.optim.Adam(G.parameters(), lr=DEFAULTS["lr"], betas=betas)
     opt_D = torch.optim.Adam(D.parameters(), lr=DEFAULTS["lr"], betas=betas)
-    x = (torch.rand(batch, config.num_sources, config.image_size, config.image_size) * 2 - 1).to(device)
+    x = (torch.rand(batch, config.input_channels, config.image_size, config.image_size) * 2 - 1).to(device)
     y = (torch.rand(batch, 1, config.image_size, config.image_size) * 2 - 1).to(device)
     brain = torch.ones(batch, 1, config.image_size, config.image_size, dtype=torch.bool, device=device)
     objective = Objective()  # the trainer's default objective

@@ -46,6 +46,9 @@ def add_train(sub) -> None:
     g.add_argument("--adain-scale", choices=("one_plus_delta", "direct"),
                    help="AdaIN scale = 1 + MLP output (default: starts as instance norm) or the MLP output itself "
                         "(the paper's literal form)")
+    g.add_argument("--context-slices", type=int,
+                   help="2.5D input: neighbouring axial slices on each side given with each source as extra "
+                        "channels (default 0: the paper's single slice)")
     g.add_argument("--style-init", choices=("kaiming", "normal"),
                    help="init of the SPE and its MLP: He/fan-in (default, MUNIT's) or N(0, 0.02) (the paper's)")
     g = p.add_argument_group("optimisation")

@@ -178,7 +178,8 @@ def split_subjects(names: Sequence[str], seed: int, val_fraction: float, test_fr
 @dataclass
 class SubjectSlices:
     """One subject's preprocessed slices: images (N, C, S, S) in [-1, 1], channels in the
-    order of ``modalities``; brain mask (N, S, S); axial indices in RAS order."""
+    order of ``modalities`` (with 2.5D context, each source's 2k + 1 slices and then the
+    target's one); brain mask (N, S, S); axial indices in RAS order."""
 
     name: str
     modalities: tuple
@@ -188,14 +189,16 @@ class SubjectSlices:
 
 
 def _cache_key(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
-               slices_per_subject: Optional[int]) -> str:
+               slices_per_subject: Optional[int], context: int = 0) -> str:
     files = {}
     for key in list(modalities) + (["mask"] if subject.mask else []):
         path = subject.files[key].resolve()
         st = path.stat()
         files[key] = [str(path), st.st_size, st.st_mtime_ns]
     blob = json.dumps({"version": CACHE_VERSION, "files": files, "modalities": list(modalities),
-                       "preprocessing": preprocessing.to_dict(), "slices": slices_per_subject}, sort_keys=True)
+                       "preprocessing": preprocessing.to_dict(), "slices": slices_per_subject,
+                       # Only when set, so that the 2D entries keep their keys.
+                       **({"context": context} if context else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -206,8 +209,9 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 
 def preprocess_subject(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
-                       slices_per_subject: Optional[int]) -> SubjectSlices:
-    """Read, normalise and cut one subject with the library's SliceStack (the inference path)."""
+                       slices_per_subject: Optional[int], context: int = 0) -> SubjectSlices:
+    """Read, normalise and cut one subject with the library's SliceStack (the inference path).
+    ``modalities`` are the sources then the target; ``context``: 2.5D neighbours of each source."""
     volumes = [load_volume(subject.files[m], f"{subject.name}/{m}") for m in modalities]
     ref = volumes[0]
     for m, v in zip(modalities, volumes):
@@ -223,24 +227,30 @@ def preprocess_subject(subject: Subject, modalities: Sequence[str], preprocessin
     stack = SliceStack([v.array for v in volumes], ref.affine, preprocessing, mask=mask,
                        names=[f"{subject.name}/{m}" for m in modalities])
     indices = select_middle_slices(stack.brain_slices, slices_per_subject)
-    images = stack.batch(indices).numpy().astype(np.float16)
+    if context:
+        sources = stack.batch(indices, channels=range(len(modalities) - 1), context=context)
+        images = torch.cat([sources, stack.batch(indices, channels=[len(modalities) - 1])], dim=1)
+    else:
+        images = stack.batch(indices)
+    images = images.numpy().astype(np.float16)
     mask_slices = torch.from_numpy(stack.mask[..., indices].transpose(2, 0, 1)[:, None].astype(np.float32))
     mask_slices = (stack.resizer.forward(mask_slices, fill=0.0)[:, 0] > 0.5).numpy()
     return SubjectSlices(subject.name, tuple(modalities), images, mask_slices, np.asarray(indices))
 
 
 def load_or_build(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
-                  slices_per_subject: Optional[int], cache_dir, log: Callable[[str], None] = print) -> SubjectSlices:
+                  slices_per_subject: Optional[int], cache_dir, log: Callable[[str], None] = print,
+                  context: int = 0) -> SubjectSlices:
     """The subject's slices from the cache, preprocessing (and caching) them on a miss."""
     cache_dir = Path(cache_dir)
-    key = _cache_key(subject, modalities, preprocessing, slices_per_subject)
+    key = _cache_key(subject, modalities, preprocessing, slices_per_subject, context)
     base = cache_dir / f"{subject.name}-{'_'.join(modalities)}-{key}"
     paths = [Path(f"{base}.images.npy"), Path(f"{base}.mask.npy"), Path(f"{base}.slices.npy")]
     if all(p.is_file() for p in paths):
         images = np.load(paths[0], mmap_mode="r")
         return SubjectSlices(subject.name, tuple(modalities), images, np.load(paths[1]), np.load(paths[2]))
     log(f"preprocessing {subject.name} ({', '.join(modalities)}) -> cache {cache_dir}")
-    result = preprocess_subject(subject, modalities, preprocessing, slices_per_subject)
+    result = preprocess_subject(subject, modalities, preprocessing, slices_per_subject, context)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Images last: their presence marks a complete entry.
     _atomic_save(paths[1], result.mask)

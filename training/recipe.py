@@ -68,10 +68,14 @@ def augment_generator(seed: int, epoch: int, step: int) -> torch.Generator:
 
 
 def augment(sources: torch.Tensor, target: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
-            config: AugmentConfig = AugmentConfig()):
-    """Randomly transformed copies of (sources (B, M, H, W), target (B, 1, H, W),
-    brain (B, 1, H, W) bool); values stay in [-1, 1] with background -1."""
-    b, m, h, w = sources.shape
+            config: AugmentConfig = AugmentConfig(), slices_per_source: int = 1):
+    """Randomly transformed copies of (sources (B, C, H, W), target (B, 1, H, W),
+    brain (B, 1, H, W) bool); values stay in [-1, 1] with background -1. With 2.5D input
+    each source is ``slices_per_source`` consecutive channels, jittered alike."""
+    b, c, h, w = sources.shape
+    if c % slices_per_source:
+        raise ValueError(f"{c} source channels are not whole groups of {slices_per_source} slices")
+    m = c // slices_per_source
     dev = sources.device
 
     def uniform(*shape, low=-1.0, high=1.0):
@@ -100,6 +104,8 @@ def augment(sources: torch.Tensor, target: torch.Tensor, brain: torch.Tensor, ge
     scale = 1.0 + uniform(b, m, 1, 1) * config.max_intensity_scale
     coarse = 1.0 + uniform(b, m, 4, 4) * config.max_bias
     bias = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    if slices_per_source > 1:  # one draw per source, shared by its slices
+        gamma, scale, bias = (t.repeat_interleave(slices_per_source, dim=1) for t in (gamma, scale, bias))
     unit = (unit.clamp_min(0) ** gamma * scale * bias).clamp(0, 1)
     src = torch.where(brain_out, unit * 2 - 1, torch.full_like(src, BACKGROUND))
     # Background stays background in the sources: a voxel outside the brain is -1 exactly.

@@ -54,7 +54,7 @@ RESUME_OVERRIDABLE = {"resume", "no_progress", "stop_after_steps", "stop_mode", 
 DEFAULTS = dict(
     data=None, out=None, sources="t1,t2", target="flair", subjects=None,
     architecture="fdgan", width=64, d_width=None, laf_grid=2, no_specific_encoder=False,
-    adain_scale="one_plus_delta", style_init="kaiming",
+    adain_scale="one_plus_delta", style_init="kaiming", context_slices=0,
     epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
     background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, augment=False, intensity_reference="percentile",
@@ -132,7 +132,8 @@ def model_config(cfg: dict) -> ModelConfig:
     try:
         return ModelConfig(architecture=cfg["architecture"], num_sources=len(cfg["sources"].split(",")),
                            base_width=cfg["width"], laf_grid=cfg["laf_grid"],
-                           specific_encoder=not cfg["no_specific_encoder"], adain_scale=cfg["adain_scale"])
+                           specific_encoder=not cfg["no_specific_encoder"], adain_scale=cfg["adain_scale"],
+                           context_slices=cfg["context_slices"])
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -401,13 +402,13 @@ class Run:
             for part in ("train", "val"):
                 for name in split[f"{part}_usable"]:
                     data_mod.load_or_build(by_name[name], self.modalities, self.preprocessing,
-                                           cfg["slices_per_subject"], cache_dir, self.log)
+                                           cfg["slices_per_subject"], cache_dir, self.log, cfg["context_slices"])
 
         self.dist.run_on_main(prepare)
         split = json.loads(split_path.read_text())
         self.split = split
         load = lambda n: data_mod.load_or_build(by_name[n], self.modalities, self.preprocessing,  # noqa: E731
-                                                cfg["slices_per_subject"], cache_dir, self.log)
+                                                cfg["slices_per_subject"], cache_dir, self.log, cfg["context_slices"])
         self.train_data = data_mod.SliceDataset([load(n) for n in split["train_usable"]])
         self.val_data = data_mod.SliceDataset([load(n) for n in split["val_usable"]])
         self.log(f"{len(self.train_data)} training slices, {len(self.val_data)} validation slices")
@@ -419,7 +420,8 @@ class Run:
         torch.manual_seed(cfg["seed"])
         self.model_config = model_config(cfg)
         G = init_generator(build_generator(self.model_config), cfg["style_init"])
-        D = init_weights(build_discriminator(len(self.sources), cfg["d_width"]))
+        # The discriminator is conditioned on everything the generator sees (2.5D: the neighbours too).
+        D = init_weights(build_discriminator(self.model_config.input_channels, cfg["d_width"]))
         self.G, self.D = G.to(self.dist.device), D.to(self.dist.device)
         betas = (cfg["beta1"], cfg["beta2"])
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=betas)
@@ -469,7 +471,7 @@ class Run:
                                                       shuffle=True, seed=cfg["seed"], drop_last=False)
         autocast = lambda: autocast_context(device, cfg["precision"])  # noqa: E731
         objective = Objective.from_config(cfg)
-        M = len(self.sources)
+        M = self.model_config.input_channels
         stop = {"flag": False}
 
         def on_signal(signum, frame):
@@ -510,7 +512,8 @@ class Run:
                     x, y = batch[:, :M], batch[:, M:M + 1]
                     brain = torch.from_numpy(self.train_data.masks(batches[step]))[:, None].to(device)
                     if cfg["augment"]:
-                        x, y, brain = recipe.augment(x, y, brain, recipe.augment_generator(cfg["seed"], epoch, step))
+                        x, y, brain = recipe.augment(x, y, brain, recipe.augment_generator(cfg["seed"], epoch, step),
+                                                     slices_per_source=self.model_config.slices_per_source)
                     values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, brain, autocast, objective)
                     loss_D, loss_G = values[0], values[1]
                     n = len(batches[step])
@@ -598,7 +601,7 @@ class Run:
         indices = np.arange(len(data))
         if self.cfg["max_val_slices"] and len(indices) > self.cfg["max_val_slices"]:
             indices = np.linspace(0, len(data) - 1, self.cfg["max_val_slices"]).round().astype(int)
-        M = len(self.sources)
+        M = self.model_config.input_channels
         per_subject = {}
         for start in range(0, len(indices), 8):
             chunk = indices[start:start + 8]
@@ -645,10 +648,10 @@ class Run:
             second = len(data) - 1 - last // 2 if len(data.subjects) > 1 else first // 4
             picks = sorted({first // 2, second})
             batch = data.gather(picks)
-            M = len(self.sources)
+            M = self.model_config.input_channels
             fake, pseudo = self.predict(batch[:, :M])
             names = [data.subjects[int(data.index[i][0])].name for i in picks]
-            plot_samples(batch[:, :M], batch[:, M], fake[:, 0], None if pseudo is None else pseudo[:, 0],
+            plot_samples(batch[:, self.model_config.centre_channels()], batch[:, M], fake[:, 0], None if pseudo is None else pseudo[:, 0],
                          self.sources, self.target, names, self.dir / "samples.png",
                          title=f"epoch {history[-1]['epoch']}")
 

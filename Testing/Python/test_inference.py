@@ -243,3 +243,24 @@ def test_busy_cores_are_measured_from_proc_stat():
         pass
     busy = threads.cores_busy_elsewhere(since)
     assert busy is not None and 0.0 <= busy <= os.cpu_count()
+
+
+def test_2_5d_bundle_reads_the_neighbouring_slices(tmp_path):
+    """A 2.5D bundle's output at slice k depends on slices k-1..k+1 and no further; a 2D
+    bundle's only on slice k. Flipping one axial slice in-plane keeps every intensity
+    statistic (same voxel values), so only the network sees the change."""
+    shape = (40, 48, 24)
+    inputs = _inputs(shape)
+    flipped = {name: Volume(v.array.copy(), v.affine) for name, v in inputs.items()}
+    j = 12
+    for v in flipped.values():
+        v.array[:, :, j] = v.array[::-1, ::-1, j]
+    changed = {}
+    for context in (0, 1):
+        bundle = make_bundle(tmp_path / f"ctx{context}.safetensors", context_slices=context)
+        a = synthesize(inputs, bundle, device="cpu", precision="fp32").array
+        b = synthesize(flipped, bundle, device="cpu", precision="fp32").array
+        diff = np.abs(a - b).max(axis=(0, 1))
+        changed[context] = set(np.flatnonzero(diff > 1e-3).tolist())
+    assert changed[0] == {j}
+    assert changed[1] == {j - 1, j, j + 1}

@@ -197,3 +197,32 @@ def test_bundles_saved_before_adain_scale_read_as_direct():
     assert ModelConfig().adain_scale == "one_plus_delta"
     with pytest.raises(ValueError, match="adain_scale"):
         ModelConfig(adain_scale="bogus")
+
+
+@pytest.mark.parametrize("architecture", ["fdgan", "pix2pix_unet"])
+def test_2_5d_input_takes_each_sources_neighbours(architecture):
+    """context_slices k: 2k + 1 channels per source, source by source; the fdgan's LAF
+    pseudo-target comes from the centre slices alone, the synthetic image sees them all."""
+    cfg = ModelConfig(architecture=architecture, num_sources=2, base_width=4, context_slices=1)
+    assert cfg.input_channels == 6 and cfg.centre_channels() == [1, 4]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    torch.manual_seed(0)
+    gen = init_generator(build_generator(cfg)).eval()
+    x = torch.rand(2, 6, 256, 256) * 2 - 1
+    with pytest.raises(ValueError, match=r"expected sources of shape \(B, 6"):
+        gen(x[:, :2])
+    moved = x.clone()
+    moved[:, [0, 2, 3, 5]] = torch.rand(2, 4, 256, 256) * 2 - 1  # the neighbours only
+    with torch.no_grad():
+        a, b = gen(x), gen(moved)
+    assert (a.synthetic - b.synthetic).abs().mean() > 1e-4  # the neighbours reach the output
+    if architecture == "fdgan":
+        assert torch.equal(a.pseudo_target, b.pseudo_target)
+    with pytest.raises(ValueError, match="context_slices"):
+        ModelConfig(context_slices=-1)
+
+
+def test_2d_configs_saved_before_2_5d_read_as_single_slice():
+    values = ModelConfig(num_sources=2, base_width=4).to_dict()
+    del values["context_slices"]
+    assert ModelConfig.from_dict(values).context_slices == 0

@@ -140,3 +140,16 @@ def test_median_reference_is_robust_to_a_large_bright_lesion():
     assert PreprocessingConfig.from_dict({"lower_percentile": 0.5}).intensity_reference == "percentile"
     with pytest.raises(ValueError, match="intensity_reference"):
         PreprocessingConfig(intensity_reference="mode")
+
+
+def test_slice_stack_context_brings_neighbours_and_repeats_the_ends():
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((20, 20, 10)).astype(np.float32) + 1 for _ in range(2)]
+    stack = SliceStack(arrays, np.eye(4), CFG)
+    flat = stack.batch([0, 5, 9])
+    ctx = stack.batch([0, 5, 9], context=1)
+    assert ctx.shape == (3, 6) + flat.shape[2:]
+    assert torch.equal(ctx[:, [1, 4]], flat)  # centre channels = the 2D batch
+    assert torch.equal(ctx[1, 0], stack.batch([4])[0, 0]) and torch.equal(ctx[1, 5], stack.batch([6])[0, 1])
+    assert torch.equal(ctx[0, 0], ctx[0, 1]) and torch.equal(ctx[2, 5], ctx[2, 4])  # ends repeat
+    assert torch.equal(stack.batch([5], channels=[1], context=1)[0], ctx[1, 3:])

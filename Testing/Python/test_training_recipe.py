@@ -53,3 +53,22 @@ def test_augment_flip_only_mirrors():
     sources = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
     src, tgt, _ = recipe.augment(sources, sources.clone(), brain, recipe.augment_generator(0, 0, 0), config)
     assert torch.allclose(src, sources.flip(-1), atol=1e-5) and torch.allclose(tgt, sources.flip(-1), atol=1e-5)
+
+
+def test_augment_jitters_the_slices_of_one_source_alike():
+    """2.5D input: a source's neighbouring slices get one intensity draw, so identical
+    slices stay identical; different sources still get their own."""
+    b, s = 2, 64
+    brain = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    brain[..., 8:56, 8:56] = True
+    one = torch.where(brain, torch.rand(b, 1, s, s) * 2 - 1, torch.full((b, 1, s, s), -1.0))
+    sources = torch.cat([one] * 6, dim=1)  # two sources of three identical slices each
+    src, _, _ = recipe.augment(sources, one, brain, recipe.augment_generator(0, 0, 0), slices_per_source=3)
+    assert torch.equal(src[:, 0], src[:, 2]) and torch.equal(src[:, 3], src[:, 5])
+    assert not torch.equal(src[:, 0], src[:, 3])
+    # One slice per source draws exactly as before the option existed.
+    two = torch.cat([one, one], dim=1)
+    assert torch.equal(recipe.augment(two, one, brain, recipe.augment_generator(0, 0, 0))[0],
+                       recipe.augment(two, one, brain, recipe.augment_generator(0, 0, 0), slices_per_source=1)[0])
+    with pytest.raises(ValueError, match="whole groups"):
+        recipe.augment(sources[:, :5], one, brain, recipe.augment_generator(0, 0, 0), slices_per_source=3)

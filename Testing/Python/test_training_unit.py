@@ -303,6 +303,7 @@ def test_evaluate_baselines_on_generated_data(gen_data, tmp_path):
 @pytest.mark.parametrize("extra, expected", [
     (["--no-specific-encoder", "--precision", "bf16"], dict(specific_encoder=False, laf_grid=2)),
     (["--laf-grid", "4", "--l1-reduction", "sum"], dict(specific_encoder=True, laf_grid=4)),
+    (["--context-slices", "1", "--augment"], dict(specific_encoder=True, context_slices=1)),
 ])
 def test_ablations_through_the_command_line(gen_data, tmp_path, extra, expected):
     out = tmp_path / "run"
@@ -338,6 +339,8 @@ def test_recipe_options_train_and_resume_bit_exact(gen_data, tmp_path):
     assert plain["history"][-1]["loss_G"] != full["history"][-1]["loss_G"]
     with pytest.raises(InputError, match="background-weight"):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "background_weight": -1})
+    with pytest.raises(InputError, match="context_slices"):
+        trainer.resolve_config({"data": tmp_path, "out": tmp_path, "context_slices": -1})
 
 
 def test_model_card_from_run_and_evaluation(gen_data, tmp_path):

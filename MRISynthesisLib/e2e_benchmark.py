@@ -38,14 +38,16 @@ DEFAULT_CASE = "brats18-cbica-abm"  # BraTS 2018, 240x240x155 at 1 mm, T1/T2/T1c
 SCHEMA = "mrisynthesis-e2e-benchmark/1"
 STAGES = ("start-up", "model load", "read", "resample", "brain mask", "normalise", "network", "inverse",
           "write")
-POLICIES = {  # name -> (threads, one worker with OpenMP threads, bf16 by autocast as before)
-    "adaptive": (None, False, False),
-    "1": (1, False, False),
-    "2": (2, False, False),
-    "openmp-2": (2, True, False),
-    # For the before/after table only (--policies ...): the network path as it was.
-    "openmp-2-autocast": (2, True, True),
-    "adaptive-autocast": (None, False, True),
+POLICIES = {  # name -> (threads, one worker with OpenMP threads, bf16 by autocast as before, CPU layout)
+    "adaptive": (None, False, False, None),
+    "1": (1, False, False, None),
+    "2": (2, False, False, None),
+    "openmp-2": (2, True, False, None),
+    # For before/after tables only (--policies ...): the network path as it was, or a layout forced.
+    "openmp-2-autocast": (2, True, True, None),
+    "adaptive-autocast": (None, False, True, None),
+    "adaptive-contiguous": (None, False, False, "contiguous"),
+    "adaptive-channels-last": (None, False, False, "channels_last"),
 }
 DEFAULT_POLICIES = ("adaptive", "1", "2", "openmp-2")
 
@@ -62,6 +64,8 @@ spec = json.loads(sys.argv[1])
 inference.INTRA_OP_PARALLEL = spec["openmp"]
 if spec["autocast"]:
     inference.runs_native_bf16 = lambda device, precision: False
+if spec["layout"]:
+    inference.CPU_LAYOUT = spec["layout"]
 timings, slices = {}, []
 result = inference.synthesize(spec["inputs"], spec["model"], device=spec["device"], precision=spec["precision"],
                               threads=spec["threads"], timings=timings, progress=lambda d, t: slices.append(t))
@@ -224,10 +228,11 @@ def run(case_dir: Optional[str], repeats: int = 3, models: Optional[Sequence[str
         output = os.path.join(tmp, "out.nii.gz")
 
         def spec(model: str, device: str, policy: str) -> dict:
-            threads, openmp, autocast = POLICIES[policy]
+            threads, openmp, autocast, layout = POLICIES[policy]
             sources = model.split("_to_")[0].split("_")
             return {"inputs": {s: inputs[s] for s in sources}, "model": usable[model], "device": device,
-                    "precision": precision, "threads": threads, "openmp": openmp, "autocast": autocast, "output": output}
+                    "precision": precision, "threads": threads, "openmp": openmp, "autocast": autocast,
+                    "layout": layout, "output": output}
 
         for device in devices:
             log(f"[{device}] peak throughput")
@@ -308,7 +313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per figure (default 3)")
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(DEFAULT_POLICIES),
                         help="thread policies in the contention comparison (default: %(default)s; "
-                             "*-autocast: bf16 by autocast as before, for the before/after table)")
+                             "*-autocast: bf16 by autocast as before; adaptive-contiguous / -channels-last: "
+                             "that CPU layout forced; for before/after tables)")
     parser.add_argument("--stage-policy", choices=list(POLICIES), default="adaptive",
                         help="policy of the stage table (default adaptive, what users get)")
     parser.add_argument("--no-contention", action="store_true", help="skip the idle-vs-busy comparison")

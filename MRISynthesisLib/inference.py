@@ -40,6 +40,13 @@ DEFAULT_BATCH_SIZE = 4
 # CPU threads run as independent workers of one PyTorch thread each (see the thread policy below);
 # True gives the old single worker with that many OpenMP threads (kept for the benchmark).
 INTRA_OP_PARALLEL = False
+# Memory layout of bf16 activations on the CPU: "auto" = channels-last where the CPU has AMX
+# (oneDNN's AMX convolutions work in NHWC, so channels-first pays a reorder of the input and
+# output of every convolution: 10-20% of the network's time at width 16 on an AMX Xeon),
+# contiguous (channels-first) elsewhere (channels-last was slower on AVX512-BF16 without
+# AMX: instance norm copies it back). docs/performance.md has the measurements.
+CPU_LAYOUTS = ("auto", "contiguous", "channels_last")
+CPU_LAYOUT = "auto"
 # The stages synthesize() reports in ``timings`` (wall seconds), in order.
 STAGES = ("model load", "read", "resample", "brain mask", "normalise", "network", "inverse")
 
@@ -214,13 +221,30 @@ def runs_native_bf16(device: torch.device, precision: str) -> bool:
     return torch.device(device).type == "cpu" and resolve_precision(device, precision) == "bf16"
 
 
+def cpu_channels_last(device: torch.device, precision: str) -> bool:
+    """Whether bf16 runs on the CPU in channels-last layout (``CPU_LAYOUT``; "auto": with AMX)."""
+    if not runs_native_bf16(device, precision):
+        return False
+    if CPU_LAYOUT not in CPU_LAYOUTS:
+        raise InputError(f"unknown CPU layout {CPU_LAYOUT!r}; expected one of {CPU_LAYOUTS}")
+    if CPU_LAYOUT == "auto":
+        try:
+            return bool(torch.cpu._is_amx_tile_supported())
+        except AttributeError:  # older PyTorch: no AMX query, keep the layout everyone supports
+            return False
+    return CPU_LAYOUT == "channels_last"
+
+
 def prepare_generator(net: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
     """``net`` ready to run at ``precision`` on ``device``: eval mode, and for native bf16 a
-    bf16 copy (the caller's network is never changed)."""
+    bf16 copy, channels-last where that is faster (the caller's network is never changed)."""
     net = net.to(device).eval()
     if runs_native_bf16(device, precision):
-        if any(p.dtype != torch.bfloat16 for p in net.parameters()):
+        channels_last = cpu_channels_last(device, precision)
+        if any(p.dtype != torch.bfloat16 for p in net.parameters()) or channels_last:
             net = copy.deepcopy(net).to(torch.bfloat16)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
     return net
 
 
@@ -240,7 +264,7 @@ def cached_generator(bundle: ModelBundle, device: Union[str, torch.device] = "cp
     precision = resolve_precision(device, precision)
     if not bundle.sha256:
         return prepare_generator(bundle.build_generator(device), device, precision)
-    key = (bundle.sha256, str(device), precision)
+    key = (bundle.sha256, str(device), precision, cpu_channels_last(device, precision))
     with _GENERATORS_LOCK:
         net = _GENERATORS.get(key)
         if net is not None:
@@ -410,6 +434,7 @@ def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.
     total = len(indices)
     chunks = [indices[start:start + batch_size] for start in range(0, total, batch_size)]
     native_bf16 = runs_native_bf16(device, precision)
+    channels_last = cpu_channels_last(device, precision)
     autocast = contextlib.nullcontext if native_bf16 else (lambda: autocast_context(device, precision))
     workers = 1 if device.type != "cpu" or INTRA_OP_PARALLEL else max(1, min(threads, len(chunks)))
     nets = [net] + [copy.deepcopy(net) for _ in range(workers - 1)]  # AdaIN keeps per-call state in modules
@@ -429,6 +454,8 @@ def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.
                 x = stack.batch(chunk, context=context).to(device, non_blocking=True)
                 if native_bf16:
                     x = x.to(torch.bfloat16)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 t1 = time.perf_counter()
                 y = nets[worker](x).synthetic
                 if device.type == "cuda":

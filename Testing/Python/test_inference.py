@@ -187,6 +187,31 @@ def test_native_bf16_matches_autocast(tiny_bundle):
     assert torch.get_default_dtype() == torch.float32
 
 
+def test_cpu_layouts_give_the_same_result(tiny_bundle, monkeypatch):
+    """bf16 on the CPU in channels-last (chosen with AMX) or channels-first layout: the same
+    network, so the same numbers up to the convolution kernels' summation order."""
+    import torch
+
+    from MRISynthesisLib import inference
+    from MRISynthesisLib.bundle import load_bundle
+
+    inputs = _inputs()
+    results = {}
+    for layout in ("contiguous", "channels_last"):
+        monkeypatch.setattr(inference, "CPU_LAYOUT", layout)
+        assert inference.cpu_channels_last(torch.device("cpu"), "bf16") == (layout == "channels_last")
+        assert not inference.cpu_channels_last(torch.device("cpu"), "fp32")  # fp32 keeps channels-first
+        net = inference.cached_generator(load_bundle(tiny_bundle), "cpu", "bf16")
+        weight = next(p for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+        assert weight.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        results[layout] = synthesize(inputs, tiny_bundle, device="cpu", precision="bf16").array
+    brain = inputs["t1"].array != 0
+    assert np.abs(results["contiguous"] - results["channels_last"])[brain].mean() < 1.0  # of 0-1000
+    monkeypatch.setattr(inference, "CPU_LAYOUT", "nhwc")
+    with pytest.raises(InputError, match="unknown CPU layout"):
+        synthesize(inputs, tiny_bundle, device="cpu", precision="bf16")
+
+
 def test_cached_generator_is_reused_per_bundle_device_precision(tiny_bundle, tmp_path):
     from MRISynthesisLib.bundle import load_bundle
     from MRISynthesisLib.inference import cached_generator

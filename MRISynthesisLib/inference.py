@@ -264,7 +264,9 @@ def cached_generator(bundle: ModelBundle, device: Union[str, torch.device] = "cp
     precision = resolve_precision(device, precision)
     if not bundle.sha256:
         return prepare_generator(bundle.build_generator(device), device, precision)
-    key = (bundle.sha256, str(device), precision, cpu_channels_last(device, precision))
+    # Keyed on how the network is prepared too (bf16 weights or autocast, layout).
+    key = (bundle.sha256, str(device), precision, runs_native_bf16(device, precision),
+           cpu_channels_last(device, precision))
     with _GENERATORS_LOCK:
         net = _GENERATORS.get(key)
         if net is not None:
@@ -441,11 +443,18 @@ def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.
     stop = threading.Event()
     lock = threading.Lock()
     state = {"done": 0, "seconds": [0.0, 0.0, 0.0]}  # resize in, network, resize back (thread time)
+    # Workers take the next batch as they finish one (not a fixed share each): a worker whose
+    # core another process also wants does fewer batches instead of holding up the end.
+    queue = iter(chunks)
+
+    def next_chunk():
+        with lock:
+            return next(queue, None)
 
     def work(worker: int, check_cancel: bool) -> None:
         seconds = [0.0, 0.0, 0.0]
         with torch.inference_mode(), autocast():
-            for chunk in chunks[worker::workers]:
+            while (chunk := next_chunk()) is not None:
                 if check_cancel and cancel is not None and cancel():
                     stop.set()
                 if stop.is_set():

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (memory scales with it)")
     p.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads for the network (default: $MRISYNTHESIS_THREADS, $OMP_NUM_THREADS, else "
-                        "the cores not busy with other processes when the network starts)")
+                        "one per usable core; workers of one thread that each take the next batch when free)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)

@@ -13,8 +13,9 @@ peak in that precision (``benchmark.measure_peak``).
 Contention (``--contention``, on by default): the T1+T2 model again, each thread policy run
 idle and then with one core kept busy by a process this benchmark starts (a Python busy
 loop), interleaved so that drifting load affects both alike; busy/idle is the issue's
-figure. Policies: ``adaptive`` (the default: workers = cores free, inference.choose_threads), ``1`` and
-``2`` workers, and ``openmp-2`` (one worker with 2 OpenMP threads: the behaviour before).
+figure. Policies: ``default`` (what users get: one worker per usable core,
+inference.choose_threads), ``1`` and ``2`` workers, and ``openmp-2`` (one worker with 2
+OpenMP threads: the behaviour before workers).
 
 The load average and /proc/stat's busy cores are recorded with every run. Without the data
 folder the benchmark says so and stops (exit 0); ``--quick`` runs on a small synthetic case
@@ -39,17 +40,17 @@ SCHEMA = "mrisynthesis-e2e-benchmark/1"
 STAGES = ("start-up", "model load", "read", "resample", "brain mask", "normalise", "network", "inverse",
           "write")
 POLICIES = {  # name -> (threads, one worker with OpenMP threads, bf16 by autocast as before, CPU layout)
-    "adaptive": (None, False, False, None),
+    "default": (None, False, False, None),
     "1": (1, False, False, None),
     "2": (2, False, False, None),
     "openmp-2": (2, True, False, None),
     # For before/after tables only (--policies ...): the network path as it was, or a layout forced.
     "openmp-2-autocast": (2, True, True, None),
-    "adaptive-autocast": (None, False, True, None),
-    "adaptive-contiguous": (None, False, False, "contiguous"),
-    "adaptive-channels-last": (None, False, False, "channels_last"),
+    "default-autocast": (None, False, True, None),
+    "default-contiguous": (None, False, False, "contiguous"),
+    "default-channels-last": (None, False, False, "channels_last"),
 }
-DEFAULT_POLICIES = ("adaptive", "1", "2", "openmp-2")
+DEFAULT_POLICIES = ("default", "1", "openmp-2")
 
 # The child: the same imports as the mrisynthesis command, then predict's calls, timed.
 _CHILD = r"""
@@ -82,10 +83,22 @@ os._exit(0)  # as mrisynthesis predict ends (cli.entry)
 """
 
 
+def _read_proc_stat():
+    """(busy, total) ticks summed over all CPUs, or None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = ticks[3] + ticks[4]
+    return sum(ticks) - idle, sum(ticks)
+
+
 def busy_cores() -> Optional[float]:
     """Cores busy on the whole machine over the last 0.5 s (None without /proc/stat)."""
-    from .inference import _read_proc_stat
-
     a = _read_proc_stat()
     time.sleep(0.5)
     b = _read_proc_stat()
@@ -194,7 +207,7 @@ def quick_case(folder: str) -> tuple:
 
 def run(case_dir: Optional[str], repeats: int = 3, models: Optional[Sequence[str]] = None,
         devices: Optional[Sequence[str]] = None, precision: str = "auto", contention: bool = True,
-        policies: Sequence[str] = DEFAULT_POLICIES, quick: bool = False, stage_policy: str = "adaptive",
+        policies: Sequence[str] = DEFAULT_POLICIES, quick: bool = False, stage_policy: str = "default",
         log: Callable[[str], None] = lambda s: None) -> dict:
     from .models import shipped_bundles
 
@@ -313,10 +326,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per figure (default 3)")
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(DEFAULT_POLICIES),
                         help="thread policies in the contention comparison (default: %(default)s; "
-                             "*-autocast: bf16 by autocast as before; adaptive-contiguous / -channels-last: "
+                             "*-autocast: bf16 by autocast as before; default-contiguous / -channels-last: "
                              "that CPU layout forced; for before/after tables)")
-    parser.add_argument("--stage-policy", choices=list(POLICIES), default="adaptive",
-                        help="policy of the stage table (default adaptive, what users get)")
+    parser.add_argument("--stage-policy", choices=list(POLICIES), default="default",
+                        help="policy of the stage table (default: what users get)")
     parser.add_argument("--no-contention", action="store_true", help="skip the idle-vs-busy comparison")
     parser.add_argument("--quick", action="store_true",
                         help="synthetic 6-slice case and a tiny random model (tests; figures meaningless)")

@@ -55,23 +55,21 @@ ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
 
 
 # ------------------------------------------------------------------ thread policy
-# How many CPU threads the network runs on: the cores actually free, unless the user says.
+# How many CPU threads the network runs on: every core this process may use, unless the user says.
 #
 # On a shared machine OpenMP threads that wait for each other at every layer are many times
 # slower as soon as one core is taken by another process (docs/performance.md: 6-26 s instead
-# of 9.7 s on 2 cores). So the network runs as independent workers, each one PyTorch thread
-# on its own batches of slices (no barrier between them), and the number of workers is the
-# number of cores free when the network starts:
+# of 9.7 s on 2 cores). So the network runs as independent workers, each one PyTorch thread,
+# each taking the next batch of slices when it is free (no barrier between them: a worker
+# whose core another process also wants does fewer batches). The number of workers:
 #
 # 1. an explicit count (``synthesize(threads=N)``, ``mrisynthesis predict --threads N``, the
 #    Slicer module's setting);
 # 2. else the environment: ``MRISYNTHESIS_THREADS``, then ``OMP_NUM_THREADS``;
-# 3. else the cores this process may run on (``sched_getaffinity``) minus the cores other
-#    processes kept busy since the synthesis started, measured from ``/proc/stat`` less this
-#    process's own CPU time (``os.getloadavg`` where there is no ``/proc/stat``).
+# 3. else the cores this process may run on (``sched_getaffinity``). Leaving out the cores
+#    other processes keep busy (the policy before) was slower with a core busy, 10.5-12.4 s
+#    against 9.5-10.2 s end to end, and no faster idle (docs/performance.md).
 THREADS_ENV = "MRISYNTHESIS_THREADS"
-# Below this window the /proc/stat counters (1/100 s ticks) say too little; wait for it.
-MIN_SAMPLE_S = 0.1
 
 
 def usable_cpus() -> int:
@@ -80,63 +78,6 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
-
-
-def _read_proc_stat():
-    """(busy, total) ticks summed over all CPUs, or None without /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    idle = ticks[3] + ticks[4]
-    return sum(ticks) - idle, sum(ticks)
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-@dataclass(frozen=True)
-class CpuSample:
-    """A point from which the busy cores of other processes are measured."""
-
-    wall: float
-    own_cpu: float
-    stat: Optional[tuple]
-
-    @classmethod
-    def now(cls) -> "CpuSample":
-        return cls(time.monotonic(), _own_cpu_seconds(), _read_proc_stat())
-
-
-def cores_busy_elsewhere(since: CpuSample, wait: bool = True) -> Optional[float]:
-    """Cores kept busy by other processes since ``since`` (None when not measurable).
-    ``wait``: sleep until the window is at least MIN_SAMPLE_S long."""
-    if since.stat is None:
-        try:
-            return max(0.0, os.getloadavg()[0] - 1.0)  # 1-minute average, includes us: a rough guess
-        except (AttributeError, OSError):
-            return None
-    if wait:
-        remaining = MIN_SAMPLE_S - (time.monotonic() - since.wall)
-        if remaining > 0:
-            time.sleep(remaining)
-    now = CpuSample.now()
-    if now.stat is None:
-        return None
-    busy, total = now.stat[0] - since.stat[0], now.stat[1] - since.stat[1]
-    elapsed = now.wall - since.wall
-    if total <= 0 or elapsed <= 0:
-        return None
-    online = os.cpu_count() or 1
-    all_busy = online * busy / total  # cores busy on the whole machine, us included
-    ours = (now.own_cpu - since.own_cpu) / elapsed
-    return max(0.0, all_busy - ours)
 
 
 @dataclass(frozen=True)
@@ -155,7 +96,7 @@ def _positive_int(text: str, name: str) -> int:
     return value
 
 
-def choose_threads(requested: Optional[int] = None, since: Optional[CpuSample] = None) -> ThreadChoice:
+def choose_threads(requested: Optional[int] = None) -> ThreadChoice:
     """The number of CPU threads for the network (see the module docstring for the order)."""
     if requested is not None:
         if int(requested) < 1:
@@ -166,13 +107,7 @@ def choose_threads(requested: Optional[int] = None, since: Optional[CpuSample] =
         if text:
             return ThreadChoice(_positive_int(text, name), f"${name}")
     cpus = usable_cpus()
-    if cpus == 1:
-        return ThreadChoice(1, "one usable CPU")
-    busy = cores_busy_elsewhere(since or CpuSample.now())
-    if busy is None:
-        return ThreadChoice(cpus, f"{cpus} usable CPUs (load not measurable)")
-    free = max(1, min(cpus, int(cpus - busy + 0.5)))
-    return ThreadChoice(free, f"{cpus} usable CPUs, {busy:.1f} busy with other processes")
+    return ThreadChoice(cpus, "one usable CPU" if cpus == 1 else f"{cpus} usable CPUs")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -376,12 +311,11 @@ def synthesize_with_details(
     progress(done, total) is called after each batch; cancel() returning True raises
     ``Cancelled`` between batches. ``generator`` reuses an already built network
     (``cached_generator`` builds and keeps one). ``threads``: CPU threads for the network;
-    default $MRISYNTHESIS_THREADS, $OMP_NUM_THREADS, else the cores free (choose_threads).
+    default $MRISYNTHESIS_THREADS, $OMP_NUM_THREADS, else the usable cores (choose_threads).
     ``timings``: a dict that receives the wall seconds of each stage (STAGES).
     Returns the float32 volume in [0, output_max] (see preprocessing), the brain mask used
     and the mask decision.
     """
-    cpu_sample = CpuSample.now()  # the free cores are measured from here to the network
     clock = _StageClock(timings)
     with clock("model load"):
         if not isinstance(bundle, ModelBundle):
@@ -415,7 +349,7 @@ def synthesize_with_details(
                else cached_generator(bundle, torch_device, precision))
     output = stack.empty_output()
     if torch_device.type == "cpu":
-        count = choose_threads(threads, cpu_sample).count
+        count = choose_threads(threads).count
     else:
         count = 1
     _run_network(stack, output, net, torch_device, precision, batch_size, count, progress, cancel, clock,

@@ -151,7 +151,7 @@ def test_end_to_end_quick_reports_every_stage_and_contention(tmp_path, capsys):
     from MRISynthesisLib.cli import main as cli_main
 
     out = tmp_path / "e2e.json"
-    assert cli_main(["bench", "--quick", "--repeats", "1", "--policies", "adaptive", "--device", "cpu",
+    assert cli_main(["bench", "--quick", "--repeats", "1", "--policies", "default", "--device", "cpu",
                      "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     for stage in e2e_benchmark.STAGES:
@@ -165,7 +165,7 @@ def test_end_to_end_quick_reports_every_stage_and_contention(tmp_path, capsys):
     assert sum(stages.values()) == pytest.approx(entry["total_s"], rel=1e-6)  # "other" closes the sum
     floor = entry["floor"]
     assert floor["flops"] == floor["flops_per_slice"] * 6 and set(floor["floor_s"]) == {"fp32", "bf16"}
-    row = result["contention"]["policies"]["adaptive"]
+    row = result["contention"]["policies"]["default"]
     assert row["busy_over_idle"] == pytest.approx(row["busy_s"] / row["idle_s"])
     assert len(result["load_average_start"]) == 3
 

@@ -241,33 +241,11 @@ def test_thread_choice_order(monkeypatch):
         threads.choose_threads()
     monkeypatch.delenv(threads.THREADS_ENV)
     monkeypatch.delenv("OMP_NUM_THREADS")
-    # Adaptive: the usable CPUs less those busy elsewhere, at least 1.
+    # Default: one worker per CPU this process may use.
     monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(threads, "cores_busy_elsewhere", lambda since: 0.05)
-    assert threads.choose_threads().count == 2
-    monkeypatch.setattr(threads, "cores_busy_elsewhere", lambda since: 1.0)
+    assert threads.choose_threads() == threads.ThreadChoice(2, "2 usable CPUs")
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 1)
     assert threads.choose_threads().count == 1
-    monkeypatch.setattr(threads, "cores_busy_elsewhere", lambda since: 5.0)
-    assert threads.choose_threads().count == 1
-    monkeypatch.setattr(threads, "cores_busy_elsewhere", lambda since: None)
-    assert threads.choose_threads().count == 2
-
-
-def test_busy_cores_are_measured_from_proc_stat():
-    """A busy loop in this process is not counted as another process's load."""
-    import os
-    import time
-
-    from MRISynthesisLib import inference as threads
-
-    if not os.path.exists("/proc/stat"):
-        pytest.skip("no /proc/stat on this system")
-    since = threads.CpuSample.now()
-    end = time.monotonic() + 0.3
-    while time.monotonic() < end:
-        pass
-    busy = threads.cores_busy_elsewhere(since)
-    assert busy is not None and 0.0 <= busy <= os.cpu_count()
 
 
 def test_2_5d_bundle_reads_the_neighbouring_slices(tmp_path):

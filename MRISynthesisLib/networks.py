@@ -116,12 +116,30 @@ class GeneratorOutput(NamedTuple):
     pseudo_target: Optional[torch.Tensor]
 
 
+def instance_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Instance norm without affine parameters, in either memory layout. On channels-last
+    input F.instance_norm copies to channels-first and back (35% of the bf16 network's time
+    on the CPU); group norm with one channel per group is the same normalisation and keeps
+    the layout."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return F.group_norm(x, x.shape[1], eps=eps)
+    return F.instance_norm(x, eps=eps)
+
+
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """nn.InstanceNorm2d (no affine, no running stats; the same empty state) through
+    ``instance_norm``, so channels-last activations stay channels-last."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return instance_norm(x, self.eps)
+
+
 def norm_layer(name: str, num_features: int) -> nn.Module:
     """Normalisation layer chosen by name, as pix2pix's get_norm_layer."""
     if name == "batch":
         return nn.BatchNorm2d(num_features, affine=True, track_running_stats=True)
     if name == "instance":
-        return nn.InstanceNorm2d(num_features, affine=False, track_running_stats=False)
+        return InstanceNorm2d(num_features, affine=False, track_running_stats=False)
     if name == "none":
         return nn.Identity()
     raise ValueError(f"unknown normalisation {name!r}; expected batch, instance or none")
@@ -146,7 +164,7 @@ class AdaptiveInstanceNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None or self.bias is None:
             raise RuntimeError("AdaIN parameters were not assigned before the forward pass")
-        normalized = F.instance_norm(x, eps=self.eps)
+        normalized = instance_norm(x, self.eps)
         scale = self.weight + self.scale_offset if self.scale_offset else self.weight
         return normalized * scale[:, :, None, None] + self.bias[:, :, None, None]
 

@@ -226,3 +226,22 @@ def test_2d_configs_saved_before_2_5d_read_as_single_slice():
     values = ModelConfig(num_sources=2, base_width=4).to_dict()
     del values["context_slices"]
     assert ModelConfig.from_dict(values).context_slices == 0
+
+
+def test_instance_norm_is_the_same_in_both_layouts_and_keeps_channels_last():
+    from MRISynthesisLib.networks import instance_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 16, 12) * 4 + 2
+    cl = x.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.instance_norm(x, eps=1e-5)
+    out = instance_norm(cl)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.equal(instance_norm(x), expected)  # channels-first: F.instance_norm itself
+    gen = build_generator(ModelConfig(num_sources=2, base_width=4, image_size=64)).eval()
+    inp = torch.rand(2, 2, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a = gen(inp).synthetic
+        b = gen.to(memory_format=torch.channels_last)(inp.contiguous(memory_format=torch.channels_last)).synthetic
+    assert torch.allclose(a, b, atol=1e-5)

@@ -67,8 +67,8 @@ ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
 #    Slicer module's setting);
 # 2. else the environment: ``MRISYNTHESIS_THREADS``, then ``OMP_NUM_THREADS``;
 # 3. else the cores this process may run on (``sched_getaffinity``). Leaving out the cores
-#    other processes keep busy (the policy before) was slower with a core busy, 10.5-12.4 s
-#    against 9.5-10.2 s end to end, and no faster idle (docs/performance.md).
+#    other processes keep busy (the policy before) was slower with a core busy (10.5 and
+#    12.4 s against 9.5 and 10.2 s end to end) and no faster idle (docs/performance.md).
 THREADS_ENV = "MRISYNTHESIS_THREADS"
 
 

@@ -43,6 +43,8 @@ POLICIES = {  # name -> (threads, one worker with OpenMP threads, bf16 by autoca
     "default": (None, False, False, None),
     "1": (1, False, False, None),
     "2": (2, False, False, None),
+    "3": (3, False, False, None),
+    "4": (4, False, False, None),
     "openmp-2": (2, True, False, None),
     # For before/after tables only (--policies ...): the network path as it was, or a layout forced.
     "openmp-2-autocast": (2, True, True, None),

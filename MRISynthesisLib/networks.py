@@ -397,10 +397,10 @@ class UnetGenerator(nn.Module):
 class PatchDiscriminator(nn.Module):
     """Conditional 70x70 PatchGAN: (input channels + target) -> patch logits; 64-128-256-512-1."""
 
-    def __init__(self, num_sources: int, width: int = 64, n_layers: int = 3, norm: str = "batch"):
+    def __init__(self, input_channels: int, width: int = 64, n_layers: int = 3, norm: str = "batch"):
         super().__init__()
         use_bias = norm != "batch"
-        layers = [nn.Conv2d(num_sources + 1, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        layers = [nn.Conv2d(input_channels + 1, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2 ** n, 8)
@@ -424,8 +424,9 @@ def build_generator(config: ModelConfig) -> nn.Module:
     return UnetGenerator(config)
 
 
-def build_discriminator(num_sources: int, width: int = 64, norm: str = "batch") -> PatchDiscriminator:
-    return PatchDiscriminator(num_sources, width, norm=norm)
+def build_discriminator(input_channels: int, width: int = 64, norm: str = "batch") -> PatchDiscriminator:
+    """input_channels: the generator's (ModelConfig.input_channels: the sources, 2.5D neighbours included)."""
+    return PatchDiscriminator(input_channels, width, norm=norm)
 
 
 def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:

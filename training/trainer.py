@@ -651,7 +651,8 @@ class Run:
             M = self.model_config.input_channels
             fake, pseudo = self.predict(batch[:, :M])
             names = [data.subjects[int(data.index[i][0])].name for i in picks]
-            plot_samples(batch[:, self.model_config.centre_channels()], batch[:, M], fake[:, 0], None if pseudo is None else pseudo[:, 0],
+            centre = batch[:, self.model_config.centre_channels()]  # the sources' own slices
+            plot_samples(centre, batch[:, M], fake[:, 0], None if pseudo is None else pseudo[:, 0],
                          self.sources, self.target, names, self.dir / "samples.png",
                          title=f"epoch {history[-1]['epoch']}")
 

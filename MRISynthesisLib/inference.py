@@ -433,7 +433,9 @@ def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.
                     if any(f.done() and f.exception() for f in futures):
                         stop.set()
                         break
-                    if cancel is not None and cancel():
+                    # Asked until it says yes, as the single worker does; the workers then
+                    # finish the batch they are on.
+                    if cancel is not None and not stop.is_set() and cancel():
                         stop.set()
                     if progress and state["done"] != reported:
                         reported = state["done"]

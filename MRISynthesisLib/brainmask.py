@@ -59,7 +59,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .errors import InputError
-from .volumes import Volume, load_volume, resample_to_reference, validate_volume
+from .volumes import Volume, load_volume, mask_bounding_box, masked_values, resample_to_reference, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,16 @@ def skull_stripped(volume: Volume) -> bool:
 
 def box_fill(mask: np.ndarray) -> float:
     """Fraction of the mask's bounding box (voxel axes) that the mask fills."""
-    idx = np.nonzero(mask)
-    if idx[0].size == 0:
+    bounds = mask_bounding_box(mask)
+    if bounds is None:
         return 0.0
-    box = np.prod([int(i.max()) - int(i.min()) + 1 for i in idx])
-    return float(idx[0].size) / float(box)
+    box = np.prod([float(last - first + 1) for first, last in bounds])
+    return float(np.count_nonzero(mask)) / box
 
 
 def tissue_contrast(volume: Volume, mask: np.ndarray) -> float:
     """(95th - 5th percentile) / |median| of ``volume`` inside ``mask``."""
-    low, mid, high = np.percentile(volume.array[mask], [5, 50, 95])
+    low, mid, high = np.percentile(masked_values(volume.array, mask), [5, 50, 95])
     return float((high - low) / max(abs(mid), 1e-12))
 
 
@@ -191,8 +191,7 @@ def grow_mask(mask: np.ndarray, spacing, margin_mm: float) -> np.ndarray:
         return mask
     spacing = np.asarray(spacing, dtype=float)
     pad = np.ceil(margin_mm / spacing).astype(int) + 1
-    idx = np.nonzero(mask)
-    box = tuple(slice(max(int(i.min()) - p, 0), int(i.max()) + p + 1) for i, p in zip(idx, pad))
+    box = tuple(slice(max(first - p, 0), last + p + 1) for (first, last), p in zip(mask_bounding_box(mask), pad))
     grown = mask.copy()  # the distance transform only in the mask's bounding box + margin: fast
     grown[box] |= ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= margin_mm
     return grown

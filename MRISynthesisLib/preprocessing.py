@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from nibabel import orientations
 
 from .errors import InputError
+from .volumes import masked_values
 
 
 INTENSITY_REFERENCES = ("percentile", "median")
@@ -101,7 +102,7 @@ def intensity_window(array: np.ndarray, mask: Optional[np.ndarray], config: Prep
         region = mask
     else:
         region = foreground if foreground is not None else foreground_mask(array)
-    values = array[region]
+    values = masked_values(array, region)
     if values.size == 0:
         raise InputError(f"{name}: no voxels inside the {'brain mask' if mask is not None else 'non-zero region'}")
     if config.intensity_reference == "median":

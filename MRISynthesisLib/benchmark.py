@@ -339,7 +339,7 @@ def precision_check(data_dir: str, width: int, subjects: Sequence[str], max_slic
     (no trained weights exist yet, so this is a weak check of numerical agreement only)."""
     import numpy as np
 
-    from .inference import autocast_context
+    from .inference import NetworkFeed, prepare_generator
     from .metrics import psnr
     from .preprocessing import (PreprocessingConfig, SliceStack, normalize_intensity, select_middle_slices,
                                 to_output_scale)
@@ -359,12 +359,13 @@ def precision_check(data_dir: str, width: int, subjects: Sequence[str], max_slic
         stack = SliceStack([v.array for v in vols], vols[0].affine, PreprocessingConfig(), names=["t1", "t2"])
         indices = select_middle_slices(stack.brain_slices, max_slices)
         outputs = {}
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16"):  # each run the way synthesize() runs it
             out = stack.empty_output()
-            with torch.inference_mode(), autocast_context(device, precision):
+            feed, prepared = NetworkFeed.of(device, precision), prepare_generator(net, device, precision)
+            with torch.inference_mode(), feed.context():
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start:start + batch_size]
-                    stack.put(out, chunk, net(stack.batch(chunk)).synthetic.float())
+                    stack.put(out, chunk, prepared(feed.input(stack.batch(chunk))).synthetic.float())
             outputs[precision] = stack.finish(out)
         ref, test = outputs["fp32"], outputs["bf16"]
         # Brain voxels of the measured slices, in the file's voxel order (as finish() returns).
@@ -405,7 +406,17 @@ MODELS = {
     "fdgan-m3": ("fdgan", 3),
     "pix2pix-m2": ("pix2pix_unet", 2),
 }
-PRECISIONS = {"fp32": "fp32", "bf16": "bf16-autocast"}  # table precision -> how it is run
+PRECISIONS = ("fp32", "bf16")  # the table's rows, each run as synthesize() runs it (inference_variant)
+
+
+def inference_variant(precision: str, device: torch.device, batch_size: int) -> Variant:
+    """The Variant that feeds the generator as inference does at ``precision`` on ``device``
+    (inference.NetworkFeed: bf16 weights on the CPU, channels-last with AMX, else autocast)."""
+    from .inference import NetworkFeed
+
+    feed = NetworkFeed.of(device, precision)
+    run_as = "fp32" if feed.precision == "fp32" else "bf16-native" if feed.native_bf16 else "bf16-autocast"
+    return Variant(precision, run_as, channels_last=feed.channels_last, batch_size=batch_size)
 
 
 def sweep_variants(batch_size: int, cpu_threads: int, quick: bool = False) -> List[Variant]:
@@ -467,12 +478,12 @@ def run_benchmark(width: int = PAPER_WIDTH, models: Sequence[str] = tuple(MODELS
             torch.manual_seed(0)
             net = init_weights(build_generator(config)).eval()
             flops = generator_flops_per_slice(net, m)
-            for precision, run_as in PRECISIONS.items():
+            for precision in PRECISIONS:
                 log(f"[{dev_name}] {model} {precision} inference")
-                row = time_variant(net, m, Variant(precision, run_as, batch_size=batch_size), device, warmup,
-                                   repeats, flops)
+                variant = inference_variant(precision, device, batch_size)
+                row = time_variant(net, m, variant, device, warmup, repeats, flops)
                 row.update({"model": model, "architecture": arch, "num_sources": m, "width": width,
-                            "precision": precision, "run_as": run_as,
+                            "precision": precision, "run_as": variant.precision,
                             "parameters": sum(p.numel() for p in net.parameters())})
                 peak = dev["peak"][precision]
                 row["fraction_of_conv3x3_peak"] = row["gflops_per_s"] / peak["conv3x3"]["gflops_per_s"]
@@ -577,6 +588,9 @@ def format_table(result: dict) -> str:
                   f"{'GFLOP/s':>8} {'%conv':>6} {'%mm':>5} {'peakRSS MB':>10}")
         lines.append(header)
         lines.append("-" * len(header))
+        ways = sorted({f"{r['precision']} as {r['run_as']}" + (" + channels_last" if r['channels_last'] else "")
+                       for r in dev["models"]})
+        lines.append(f"(each as synthesize() feeds it, {m['torch_threads']} PyTorch threads: {', '.join(ways)})")
         for r in dev["models"]:
             lines.append(f"{r['model']:<11} {r['precision']:<5} {1000 * r['per_slice_s']:9.1f} {r['slices_per_s']:9.2f} "
                          f"{r['volume_155_s']:9.1f} {r['flops_per_slice'] / 1e9:9.2f} {r['gflops_per_s']:8.1f} "

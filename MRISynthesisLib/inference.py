@@ -170,6 +170,36 @@ def cpu_channels_last(device: torch.device, precision: str) -> bool:
     return CPU_LAYOUT == "channels_last"
 
 
+@dataclass(frozen=True)
+class NetworkFeed:
+    """How batches enter a generator that ``prepare_generator`` made ready for ``device`` and
+    ``precision``: bf16 input for bf16 weights, channels-last where the weights are, and
+    autocast where the weights stayed fp32 (one home for the network loop and the benchmarks)."""
+
+    device: torch.device
+    precision: str
+    native_bf16: bool
+    channels_last: bool
+
+    @classmethod
+    def of(cls, device: Union[str, torch.device], precision: str) -> "NetworkFeed":
+        device = torch.device(device)
+        precision = resolve_precision(device, precision)
+        return cls(device, precision, runs_native_bf16(device, precision), cpu_channels_last(device, precision))
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.native_bf16:
+            x = x.to(torch.bfloat16)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def context(self):
+        """Entered around the forward passes: autocast unless the weights are bf16 already."""
+        return contextlib.nullcontext() if self.native_bf16 else autocast_context(self.device, self.precision)
+
+
 def prepare_generator(net: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
     """``net`` ready to run at ``precision`` on ``device``: eval mode, and for native bf16 a
     bf16 copy, channels-last where that is faster (the caller's network is never changed)."""
@@ -369,9 +399,7 @@ def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.
     indices = stack.brain_slices
     total = len(indices)
     chunks = [indices[start:start + batch_size] for start in range(0, total, batch_size)]
-    native_bf16 = runs_native_bf16(device, precision)
-    channels_last = cpu_channels_last(device, precision)
-    autocast = contextlib.nullcontext if native_bf16 else (lambda: autocast_context(device, precision))
+    feed = NetworkFeed.of(device, precision)
     workers = 1 if device.type != "cpu" or INTRA_OP_PARALLEL else max(1, min(threads, len(chunks)))
     nets = [net] + [copy.deepcopy(net) for _ in range(workers - 1)]  # AdaIN keeps per-call state in modules
     stop = threading.Event()
@@ -387,18 +415,14 @@ def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.
 
     def work(worker: int, check_cancel: bool) -> None:
         seconds = [0.0, 0.0, 0.0]
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), feed.context():
             while (chunk := next_chunk()) is not None:
                 if check_cancel and cancel is not None and cancel():
                     stop.set()
                 if stop.is_set():
                     break
                 t0 = time.perf_counter()
-                x = stack.batch(chunk, context=context).to(device, non_blocking=True)
-                if native_bf16:
-                    x = x.to(torch.bfloat16)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = feed.input(stack.batch(chunk, context=context))
                 t1 = time.perf_counter()
                 y = nets[worker](x).synthetic
                 if device.type == "cuda":

@@ -81,6 +81,13 @@ def test_quick_benchmark_writes_well_formed_json(tmp_path, capsys):
         assert "training" not in r  # training throughput: python -m training bench
     # Same network, same FLOPs whatever the precision.
     assert rows[0]["flops_per_slice"] == rows[1]["flops_per_slice"]
+    # Each row is fed the way synthesize() feeds the generator on this machine.
+    from MRISynthesisLib.inference import NetworkFeed
+    for r in rows:
+        feed = NetworkFeed.of("cpu", r["precision"])
+        assert r["run_as"] == ("fp32" if r["precision"] == "fp32" else "bf16-native")
+        assert r["channels_last"] == feed.channels_last
+    assert "as synthesize() feeds it" in printed
     sweep = cpu["sweep"]["rows"]
     assert sweep[0]["speedup_vs_baseline"] == pytest.approx(1.0)
     for r in sweep:

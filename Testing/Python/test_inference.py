@@ -267,3 +267,36 @@ def test_2_5d_bundle_reads_the_neighbouring_slices(tmp_path):
         changed[context] = set(np.flatnonzero(diff > 1e-3).tolist())
     assert changed[0] == {j}
     assert changed[1] == {j - 1, j, j + 1}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_network_feed_matches_the_prepared_generator(monkeypatch, layout):
+    """bf16 on the CPU: bf16 weights and bf16 input in the weights' layout, no autocast;
+    fp32: fp32 input, no autocast on the CPU."""
+    import torch
+
+    from MRISynthesisLib import inference
+    from MRISynthesisLib.inference import NetworkFeed, prepare_generator
+    from MRISynthesisLib.networks import ModelConfig, build_generator
+
+    monkeypatch.setattr(inference, "CPU_LAYOUT", layout)
+    net = build_generator(ModelConfig(num_sources=2, base_width=4)).eval()
+    x = torch.rand(2, 2, 32, 32) * 2 - 1
+    bf16 = NetworkFeed.of("cpu", "bf16")
+    assert bf16.native_bf16 and bf16.channels_last == (layout == "channels_last")
+    fed = bf16.input(x)
+    assert fed.dtype == torch.bfloat16
+    assert fed.is_contiguous(memory_format=torch.channels_last) == bf16.channels_last
+    prepared = prepare_generator(net, torch.device("cpu"), "bf16")
+    weight = next(prepared.parameters())
+    assert weight.dtype == torch.bfloat16
+    with torch.inference_mode(), bf16.context():
+        out = prepared(fed).synthetic
+    with torch.inference_mode():
+        ref = net(x).synthetic
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1
+    fp32 = NetworkFeed.of("cpu", "fp32")
+    assert not fp32.native_bf16 and not fp32.channels_last and fp32.input(x).dtype == torch.float32
+    for feed in (bf16, fp32):
+        with feed.context():
+            assert not torch.is_autocast_enabled("cpu")  # the CPU never needs autocast

@@ -61,6 +61,8 @@ def masked_values(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
     layout: 46 ms for a 240x240x155 volume, against 3 ms this way."""
     if array.shape != mask.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the array's {array.shape}")
+    if mask.dtype != bool:  # an integer array would index, not mask
+        raise ValueError(f"mask must be boolean, got {mask.dtype}")
     return _in_memory_order(array, array).ravel()[_in_memory_order(mask, array).ravel()]
 
 

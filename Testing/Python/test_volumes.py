@@ -33,6 +33,8 @@ def test_masked_values_are_the_values_inside_the_mask_in_any_layout(mask_layout)
         assert np.array_equal(np.sort(got), expected), (layout, mask_layout)
     with pytest.raises(ValueError, match="shape"):
         masked_values(base, base_mask[:, :, :4])
+    with pytest.raises(ValueError, match="boolean"):
+        masked_values(base, base_mask.astype(np.uint8))
 
 
 def test_mask_bounding_box_matches_nonzero():

@@ -373,7 +373,10 @@ def synthesize_with_details(
     with clock("normalise"):
         stack = SliceStack([volumes[s].array for s in bundle.sources], ref.affine, bundle.preprocessing,
                            mask=decision.array, names=bundle.sources)
-    del volumes
+    affine = ref.affine.copy()
+    # Peak memory: from here on only the normalised channels are needed, and after the
+    # network only the output; each input or copy kept alive is one more volume-sized array.
+    del volumes, ref
     with clock("model load"), _one_torch_thread():
         net = (prepare_generator(generator, torch_device, precision) if generator is not None
                else cached_generator(bundle, torch_device, precision))
@@ -384,10 +387,12 @@ def synthesize_with_details(
         count = 1
     _run_network(stack, output, net, torch_device, precision, batch_size, count, progress, cancel, clock,
                  context=bundle.model.context_slices)
+    stack.release_channels()
     with clock("inverse"):
         result = stack.finish(output)
-        used = np.asfortranarray(stack.orientation.inverse(stack.mask).astype(np.float32))
-    return SynthesisResult(Volume(result, ref.affine.copy()), Volume(used, ref.affine.copy()), decision)
+        del output  # finish consumed it (result is a reordered copy, or the same memory)
+        used = np.array(stack.orientation.inverse(stack.mask), dtype=np.float32, order="F")
+    return SynthesisResult(Volume(result, affine), Volume(used, affine.copy()), decision)
 
 
 def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.device, precision: str,

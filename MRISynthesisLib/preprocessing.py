@@ -242,13 +242,15 @@ class SliceStack:
 
     @property
     def num_slices(self) -> int:
-        return self.channels.shape[-1]
+        return self.mask.shape[-1]
 
     def batch(self, indices: Sequence[int], channels: Optional[Sequence[int]] = None, context: int = 0) -> torch.Tensor:
         """Network-ready slices (N, C, size, size) for axial indices, channels selectable.
         With ``context`` k (2.5D input) each channel brings the k slices on either side too,
         (N, C * (2k + 1), size, size), channel by channel in axial order; beyond the end of
         the volume the nearest slice repeats."""
+        if self.channels is None:
+            raise RuntimeError("the slice stack's channels were released (release_channels)")
         data = self.channels if channels is None else self.channels[list(channels)]
         if context == 0:
             x = torch.from_numpy(np.stack([data[..., k] for k in indices]))  # (N, C, X, Y), C-contiguous
@@ -259,9 +261,14 @@ class SliceStack:
                 for k in indices]))
         return self.resizer.forward(x)
 
+    def release_channels(self) -> None:
+        """Free the normalised input channels once every slice has been through the network
+        (two or three volume-sized arrays); ``batch`` cannot be called afterwards."""
+        self.channels = None
+
     def empty_output(self) -> np.ndarray:
         """A background-filled RAS-ordered output volume (X, Y, Z) in network units."""
-        output = _slice_major(self.channels.shape[1:])
+        output = _slice_major(self.mask.shape)
         output.fill(-1.0)
         return output
 

@@ -107,6 +107,10 @@ def test_slice_stack_skips_slices_without_brain():
     assert batch.shape == (2, 2, 256, 256) and batch.min() >= -1 and batch.max() <= 1
     out = stack.empty_output()
     stack.put(out, [3, 4], torch.ones(2, 1, 256, 256))
+    stack.release_channels()  # what synthesize does once the network is done: finishing still works
+    with pytest.raises(RuntimeError, match="released"):
+        stack.batch([3])
+    assert stack.num_slices == 12 and stack.empty_output().shape == vol.shape
     final = stack.finish(out)
     assert final.shape == vol.shape
     assert np.all(final[:, :, :3] == 0) and np.all(final[vol == 0] == 0)

@@ -204,11 +204,11 @@ def prepare_generator(net: torch.nn.Module, device: torch.device, precision: str
     """``net`` ready to run at ``precision`` on ``device``: eval mode, and for native bf16 a
     bf16 copy, channels-last where that is faster (the caller's network is never changed)."""
     net = net.to(device).eval()
-    if runs_native_bf16(device, precision):
-        channels_last = cpu_channels_last(device, precision)
-        if any(p.dtype != torch.bfloat16 for p in net.parameters()) or channels_last:
+    feed = NetworkFeed.of(device, precision)
+    if feed.native_bf16:
+        if any(p.dtype != torch.bfloat16 for p in net.parameters()) or feed.channels_last:
             net = copy.deepcopy(net).to(torch.bfloat16)
-        if channels_last:
+        if feed.channels_last:
             net = net.to(memory_format=torch.channels_last)
     return net
 
@@ -230,8 +230,7 @@ def cached_generator(bundle: ModelBundle, device: Union[str, torch.device] = "cp
     if not bundle.sha256:
         return prepare_generator(bundle.build_generator(device), device, precision)
     # Keyed on how the network is prepared too (bf16 weights or autocast, layout).
-    key = (bundle.sha256, str(device), precision, runs_native_bf16(device, precision),
-           cpu_channels_last(device, precision))
+    key = (bundle.sha256, NetworkFeed.of(device, precision))
     with _GENERATORS_LOCK:
         net = _GENERATORS.get(key)
         if net is not None:

@@ -16,6 +16,18 @@ Lesion figures (FLAIR is read for its lesions), over a subject's lesion voxels p
   hyperintense (C(real) < ``MIN_REAL_CONTRAST``);
 - lesion PSNR: PSNR over the lesion voxels (MAX = the real maximum there).
 
+Blur-sensitive figures (brain PSNR hardly sees blur once intensity errors dominate):
+- sharpness = mean in-plane gradient magnitude of the synthetic image inside the brain
+  eroded in-plane by ``SHARPNESS_EROSION`` voxels, over the same for the real image, each
+  subject's volume first mapped to its own 0.5-99.5th brain percentiles (1 = as sharp,
+  < 1 = blurred, > 1 = noisier);
+- GMSD (Xue et al. 2014; piq's ``gmsd``: 2x2 average-pooled, Prewitt gradients, constant
+  170/255^2, images scaled by the real subject's maximum); ``gmsd_masked`` is the deviation
+  over the (pooled) brain pixels only; lower = more similar edges;
+- scale-free brain PSNR: brain PSNR after mapping the synthetic image onto the real one by
+  the least-squares line fitted over the subject's brain voxels, so the choice of intensity
+  scale does not count.
+
 Per-slice values are averaged per subject (``subject_metrics``), then mean +- std over
 subjects (``aggregate``). Slices are compared in the same units (e.g. both normalised
 with the same preprocessing); metrics are only defined where the real slice is not
@@ -82,12 +94,26 @@ def slice_metrics(real, fake, mask=None) -> dict:
 
 
 def subject_metrics(real_slices: Iterable, fake_slices: Iterable, masks: Optional[Iterable] = None) -> dict:
-    """Mean of the per-slice metrics over one subject's slices (first axis = slice)."""
+    """Mean of the per-slice metrics over one subject's slices (first axis = slice), with
+    GMSD per slice and, given masks, sharpness and scale-free brain PSNR over the subject."""
     masks = [None] * len(real_slices) if masks is None else masks
-    per_slice = [slice_metrics(r, f, m) for r, f, m in zip(real_slices, fake_slices, masks)
-                 if np.any(np.asarray(r))]
-    if not per_slice:
+    kept = [i for i, r in enumerate(real_slices) if np.any(np.asarray(r))]
+    if not kept:
         raise ValueError("no slice with signal to evaluate")
+    reals = np.stack([np.asarray(real_slices[i], dtype=np.float64) for i in kept])
+    fakes = np.stack([np.asarray(fake_slices[i], dtype=np.float64) for i in kept])
+    brains = None if masks[0] is None else np.stack([np.asarray(masks[i], dtype=bool) for i in kept])
+    per_slice = [slice_metrics(reals[j], fakes[j], None if brains is None else brains[j]) for j in range(len(kept))]
+    data_range = float(reals.max()) or 1.0
+    for j, entry in enumerate(per_slice):
+        mask = None if brains is None else brains[j]
+        entry.update(gmsd_pair(reals[j], fakes[j], data_range, mask))
+    if brains is not None and brains.any():
+        a, b = scale_free_fit(reals, fakes, brains)
+        mapped = a * fakes + b
+        for j, entry in enumerate(per_slice):
+            if brains[j].any():
+                entry["psnr_masked_scale_free"] = psnr(reals[j], mapped[j], brains[j])
     keys = sorted(set().union(*per_slice))
     result = {}
     for key in keys:
@@ -95,7 +121,95 @@ def subject_metrics(real_slices: Iterable, fake_slices: Iterable, masks: Optiona
         finite = values[np.isfinite(values)]
         result[key] = float(finite.mean()) if finite.size else math.inf
     result["num_slices"] = len(per_slice)
+    if brains is not None:
+        result["sharpness"] = sharpness(reals, fakes, brains)
     return result
+
+
+SHARPNESS_EROSION = 3
+GMSD_CONSTANT = 170.0 / 255.0 ** 2
+_PREWITT = np.array([[-1.0, 0.0, 1.0]] * 3) / 3.0
+
+
+def robust_unit(volume: np.ndarray, brain: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """``volume`` mapped so that its brain's ``low``/``high`` percentiles become 0/1."""
+    lo, hi = np.percentile(volume[brain], [low, high])
+    return (volume - lo) / (hi - lo if hi > lo else 1.0)
+
+
+def inplane_gradient_magnitude(slices: np.ndarray) -> np.ndarray:
+    """|grad| of each 2D slice (first axis = slice), central differences in-plane."""
+    gx, gy = np.gradient(np.asarray(slices, dtype=np.float64), axis=(1, 2))
+    return np.hypot(gx, gy)
+
+
+def sharpness(real_slices, fake_slices, brain_slices, erosion: int = SHARPNESS_EROSION) -> float:
+    """Mean in-plane gradient magnitude of the synthetic image over that of the real one,
+    inside the brain eroded in-plane by ``erosion`` voxels (a disk), each volume normalised
+    to its own 0.5-99.5th brain percentiles; NaN when the eroded brain is empty."""
+    from scipy.ndimage import binary_erosion
+    from skimage.morphology import disk
+
+    real = np.asarray(real_slices, dtype=np.float64)
+    fake = np.asarray(fake_slices, dtype=np.float64)
+    brain = np.asarray(brain_slices, dtype=bool)
+    if not brain.any():
+        return math.nan
+    core = binary_erosion(brain, structure=disk(erosion)[None]) if erosion else brain
+    if not core.any():
+        return math.nan
+    g_real = inplane_gradient_magnitude(robust_unit(real, brain))[core].mean()
+    g_fake = inplane_gradient_magnitude(robust_unit(fake, brain))[core].mean()
+    return float(g_fake / g_real) if g_real > 0 else math.nan
+
+
+def _pool2(image: np.ndarray) -> np.ndarray:
+    """piq's GMSD downsampling: zero-pad odd sizes at the end, 2x2 average, stride 2."""
+    pad = max(image.shape[0] % 2, image.shape[1] % 2)
+    if pad:
+        image = np.pad(image, ((0, pad), (0, pad)))
+    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+    return image[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+
+def gms_map(real, fake, data_range: float) -> np.ndarray:
+    """Gradient magnitude similarity map of GMSD (on the 2x-pooled grid)."""
+    from scipy.ndimage import correlate
+
+    maps = []
+    for image in (real, fake):
+        x = _pool2(np.asarray(image, dtype=np.float64) / data_range)
+        gx = correlate(x, _PREWITT, mode="constant")
+        gy = correlate(x, _PREWITT.T, mode="constant")
+        maps.append(np.hypot(gx, gy))
+    g_real, g_fake = maps
+    return (2 * g_real * g_fake + GMSD_CONSTANT) / (g_real ** 2 + g_fake ** 2 + GMSD_CONSTANT)
+
+
+def gmsd(real, fake, data_range: float, mask=None) -> float:
+    """Gradient magnitude similarity deviation of one 2D slice (0 = same edges); with a
+    mask, the deviation over the pooled pixels at least half inside it."""
+    gms = gms_map(real, fake, data_range)
+    if mask is None:
+        return float(gms.std())
+    region = _pool2(np.asarray(mask, dtype=np.float64)) >= 0.5
+    return float(gms[region].std()) if region.any() else math.nan
+
+
+def gmsd_pair(real, fake, data_range: float, mask=None) -> dict:
+    out = {"gmsd": gmsd(real, fake, data_range)}
+    if mask is not None and np.any(mask):
+        out["gmsd_masked"] = gmsd(real, fake, data_range, mask)
+    return out
+
+
+def scale_free_fit(real, fake, brain) -> tuple:
+    """(a, b) minimising sum over brain of (a * fake + b - real)^2."""
+    r = np.asarray(real, dtype=np.float64)[brain]
+    f = np.asarray(fake, dtype=np.float64)[brain]
+    design = np.stack([f, np.ones_like(f)], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, r, rcond=None)
+    return float(a), float(b)
 
 
 LESION_MARGIN = 2

@@ -40,6 +40,8 @@ from . import data as data_mod
 
 MASKED = tuple(f"{m}_masked" for m in METRIC_NAMES)
 LESION = ("lesion_conspicuity", "psnr_lesion")
+# Blur-sensitive figures (MRISynthesisLib.metrics): brain PSNR hardly sees blur.
+SHARPNESS = ("psnr_masked_scale_free", "sharpness", "gmsd_masked")
 LINEAR_MAX_VOXELS = 200_000  # per subject, for the least-squares fit
 # The evaluation protocol: the middle 80 brain slices of each subject (the top and bottom
 # slices hold a few voxels of brain each, and a per-slice mean would weigh them as much).
@@ -301,7 +303,7 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         summary = ", ".join(f"{l}: {per_subject[name][l].get('psnr_masked', math.nan):.2f} dB brain" for l in labels)
         log(f"    {summary}")
 
-    keys = [k for k in (*MASKED, *LESION, *METRIC_NAMES)]
+    keys = [k for k in (*MASKED, *SHARPNESS, *LESION, *METRIC_NAMES)]
     results = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "data": os.pathsep.join(str(p.resolve()) for p in data_mod.data_folders(data_dir)),
@@ -323,7 +325,12 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
                   "of the real slice; NRMSE = sqrt(sum (Y-Y')^2 / sum Y^2); per-slice values averaged per "
                   "subject, then mean +- std (ddof 1) over subjects; paired t-tests over subjects (n stated); a model "
                   "whose preprocessing differs from the first model's is scored against the real target normalised "
-                  "its own way. "
+                  "its own way. Sharpness = mean in-plane gradient magnitude of the synthetic volume over the "
+                  "real one inside the brain eroded 3 voxels in-plane, each volume scaled to its own 0.5-99.5th "
+                  "brain percentiles (1 = as sharp); GMSD per slice as piq's (2x2 pooled, Prewitt, c = 170/255^2, "
+                  "scaled by the real subject maximum), brain = deviation over pooled brain pixels; scale-free brain "
+                  "PSNR = brain PSNR after mapping the synthetic volume onto the real one by the least-squares line "
+                  "over the subject's brain voxels. "
                   "Lesion figures over all lesion voxels of the volume (label > 0: BraTS whole tumour, MS "
                   "lesions): conspicuity = lesion contrast of the synthetic / of the real image, contrast = "
                   "(mean lesion - mean normal brain) / mean normal brain, normal brain = brain minus the lesion "
@@ -382,6 +389,12 @@ def render_report(results: dict, labels) -> str:
         for l in labels:
             stats = results["summary"][l]
             lines.append(f"| {l} | " + " | ".join(_fmt(stats, k) for k in keys) + " |")
+    lines += ["", "## Sharpness and edges (blur-sensitive; mean ± std over subjects)", "",
+              "| Method | scale-free brain PSNR (dB) | sharpness (1 = as real) | brain GMSD (lower = better) |",
+              "|---|---|---|---|"]
+    for l in labels:
+        stats = results["summary"][l]
+        lines.append(f"| {l} | " + " | ".join(_fmt(stats, k) for k in SHARPNESS) + " |")
     lesion_subjects = results.get("lesion_labels", {})
     if lesion_subjects:
         lines += ["", f"## Lesions ({len(lesion_subjects)} subjects with labels: "
@@ -392,10 +405,11 @@ def render_report(results: dict, labels) -> str:
             n = stats.get("lesion_conspicuity", {}).get("n", 0)
             lines.append(f"| {l} | {_fmt(stats, 'lesion_conspicuity')} | {_fmt(stats, 'psnr_lesion')} | {n} |")
     if results["ttests"]:
-        shown = (*MASKED, *LESION, "psnr")
+        shown = (*MASKED, *SHARPNESS, *LESION, "psnr")
         lines += ["", "## Paired t-tests over subjects (p-value (mean difference A - B), n subjects)", "",
-                  "| A vs B | PSNR brain | SSIM brain | NRMSE brain | conspicuity | lesion PSNR | PSNR whole |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| A vs B | PSNR brain | SSIM brain | NRMSE brain | scale-free brain PSNR | sharpness | brain GMSD "
+                  "| conspicuity | lesion PSNR | PSNR whole |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for t in results["ttests"]:
             cells = []
             for k in shown:
@@ -410,6 +424,8 @@ def render_report(results: dict, labels) -> str:
     per_subject_tables = (
         ("brain PSNR dB / brain SSIM / lesion conspicuity / lesion PSNR dB",
          (("psnr_masked", 2), ("ssim_masked", 3), ("lesion_conspicuity", 2), ("psnr_lesion", 2))),
+        ("scale-free brain PSNR dB / sharpness / brain GMSD",
+         (("psnr_masked_scale_free", 2), ("sharpness", 2), ("gmsd_masked", 3))),
         ("whole slice: PSNR dB / SSIM / NRMSE", (("psnr", 2), ("ssim", 3), ("nrmse", 3))),
     )
     for title, columns in per_subject_tables:

@@ -69,3 +69,48 @@ def plot_samples(sources, target, synthetic, pseudo, source_names, target_name, 
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
+
+
+CURVE_PANELS = (("val_psnr_masked", "brain PSNR (dB)"), ("val_psnr_masked_scale_free", "scale-free brain PSNR (dB)"),
+                ("val_sharpness", "sharpness (1 = as real)"), ("val_gmsd_masked", "brain GMSD (lower = better)"),
+                ("val_ssim_masked", "brain SSIM"), ("loss_G_L1", "training L1 (since last point)"))
+
+
+def plot_curve(curve, path) -> None:
+    """The learning curve: each validation figure against steps (CPU hours on the top axis)."""
+    steps = np.array([row["step"] for row in curve], dtype=float)
+    hours = np.array([row.get("cpu_hours", np.nan) for row in curve], dtype=float)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, label) in zip(axes.ravel(), CURVE_PANELS):
+        values = np.array([row.get(key, np.nan) for row in curve], dtype=float)
+        ax.plot(steps, values, marker=".")
+        if key == "val_sharpness":
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step")
+        if len(steps) > 1 and np.all(np.isfinite(hours)) and hours[-1] > hours[0]:
+            top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, hours),
+                                                      lambda h: np.interp(h, hours, steps)))
+            top.set_xlabel("CPU hours", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_curve_samples(real, steps, images, subject_names, target_name, path) -> None:
+    """Validation slices at a few steps: one row per slice, the real target then the synthetic
+    image at each step (all in [-1, 1])."""
+    rows, cols = len(real), len(steps) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.5 * rows + 0.3), squeeze=False)
+    for r in range(rows):
+        panels = [(f"real {target_name}", real[r])] + [(f"step {s}", im[r]) for s, im in zip(steps, images)]
+        for c, (title, image) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(np.flipud(np.asarray(image, dtype=np.float32).T), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(subject_names[r], fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

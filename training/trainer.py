@@ -46,10 +46,13 @@ from . import recipe
 
 CHECKPOINT = "checkpoint.pt"
 LOSS_KEYS = ("loss_D", "loss_G", "loss_G_GAN", "loss_G_L1", "loss_G_L1_pseudo")
-VAL_KEYS = ("val_psnr", "val_ssim", "val_nrmse", "val_psnr_masked", "val_ssim_masked", "val_nrmse_masked")
+VAL_METRICS = ("psnr", "ssim", "nrmse", "psnr_masked", "ssim_masked", "nrmse_masked",
+               "psnr_masked_scale_free", "sharpness", "gmsd", "gmsd_masked")
+VAL_KEYS = tuple(f"val_{k}" for k in VAL_METRICS)
+CURVE_KEYS = ("step", "epoch", "cpu_hours", "wall_hours", "lr", "loss_G_L1", "loss_D", "loss_G_GAN", *VAL_KEYS)
 # Options that may change when resuming; everything else must match the saved run.
 RESUME_OVERRIDABLE = {"resume", "no_progress", "stop_after_steps", "stop_mode", "num_threads", "device",
-                      "epochs", "epochs_constant", "epochs_decay", "data", "cache_dir"}
+                      "epochs", "epochs_constant", "epochs_decay", "data", "cache_dir", "val_every"}
 
 DEFAULTS = dict(
     data=None, out=None, sources="t1,t2", target="flair", subjects=None,
@@ -61,7 +64,7 @@ DEFAULTS = dict(
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
     seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
-    max_val_slices=None, resume=False, no_progress=False, stop_after_steps=None, stop_mode="interrupt",
+    max_val_slices=None, val_every=0, resume=False, no_progress=False, stop_after_steps=None, stop_mode="interrupt",
 )
 # The L1 weights each reduction defaults to: pix2pix's 100 on a per-pixel mean, or the
 # paper's 0.1 on a per-image sum (see docs/training.md, "Loss reduction").
@@ -122,6 +125,8 @@ def resolve_config(given: dict) -> dict:
         raise InputError(f"--precision must be fp32 or bf16, got {cfg['precision']!r}")
     if cfg["split_over"] not in ("usable", "all"):
         raise InputError("--split-over must be usable or all")
+    if cfg["val_every"] is None or cfg["val_every"] < 0:
+        raise InputError("--val-every must be >= 0 (0: validate once per epoch only)")
     if cfg["stop_mode"] not in ("interrupt", "crash"):
         raise InputError("--stop-mode must be interrupt or crash")
     model_config(cfg)  # validates architecture / grid
@@ -435,9 +440,17 @@ class Run:
             return (DistributedDataParallel(self.G, device_ids=ids), DistributedDataParallel(self.D, device_ids=ids))
         return self.G, self.D
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds this run has used, over every session it was resumed in (all threads)."""
+        return self.cpu_before + time.process_time() - self.cpu_start
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.time() - self.wall_start
+
     def checkpoint_state(self, epoch: int, step: int, sums, history, rng_states) -> dict:
         return {"format": "mrisynthesis-training-checkpoint", "version": 1, "config": self.cfg,
                 "epoch": epoch, "step": step, "sums": list(sums), "history": history,
+                "curve": self.curve, "cpu_seconds": self.cpu_seconds(), "wall_seconds": self.wall_seconds(),
                 "G": self.G.state_dict(), "D": self.D.state_dict(),
                 "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
                 "rng": rng_states, "world": self.dist.world, "time": datetime.datetime.now().isoformat()}
@@ -452,8 +465,12 @@ class Run:
         n_epochs = cfg["epochs_constant"] + cfg["epochs_decay"]
         start_epoch, start_step, sums, history = 0, 0, [0.0] * (len(LOSS_KEYS) + 1), []
         ckpt_path = self.dir / CHECKPOINT
+        self.curve, self.cpu_before, self.wall_before = [], 0.0, 0.0
+        self.cpu_start, self.wall_start = time.process_time(), time.time()
         if cfg["resume"]:
             state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            self.curve = list(state.get("curve", []))
+            self.cpu_before, self.wall_before = state.get("cpu_seconds", 0.0), state.get("wall_seconds", 0.0)
             if state.get("world", 1) != dist_.world:
                 self.log(f"note: resuming a run saved with {state.get('world')} processes on {dist_.world}; "
                          "the data order changes, so the weights will not equal an uninterrupted run")
@@ -485,6 +502,7 @@ class Run:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old_handlers[sig] = signal.signal(sig, on_signal)
         global_step = sum(h["steps"] for h in history) + start_step
+        window = []  # the training losses since the last curve point
         result = {"stopped": False}
         try:
             for epoch in range(start_epoch, n_epochs):
@@ -521,6 +539,10 @@ class Run:
                         sums[i] += float(v.detach()) * n
                     sums[-1] += n
                     global_step += 1
+                    window.append([float(v.detach()) for v in values])
+                    if dist_.main and cfg["val_every"] and global_step % cfg["val_every"] == 0:
+                        self.curve_point(global_step, epoch + (step + 1) / len(batches), cfg["lr"] * factor, window)
+                        window = []
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(D=f"{float(loss_D.detach()):.3f}", G=f"{float(loss_G.detach()):.3f}")
@@ -594,7 +616,8 @@ class Run:
             self.G.train()
 
     def validate(self) -> dict:
-        """PSNR/SSIM/NRMSE on the validation slices (256x256, output units), whole and masked."""
+        """The validation figures (VAL_METRICS: PSNR/SSIM/NRMSE whole and masked, scale-free
+        brain PSNR, sharpness, GMSD) on the validation slices (256x256, output units)."""
         data = self.val_data
         if len(data) == 0:
             return {}
@@ -622,8 +645,65 @@ class Run:
             except ValueError:
                 continue
         agg = aggregate(subjects)
-        return {f"val_{k}": agg[k]["mean"] for k in ("psnr", "ssim", "nrmse", "psnr_masked", "ssim_masked", "nrmse_masked")
-                if k in agg}
+        return {f"val_{k}": agg[k]["mean"] for k in VAL_METRICS if k in agg}
+
+    def curve_point(self, step: int, epoch: float, lr: float, window) -> None:
+        """One point of the learning curve: validation figures at ``step``, against the CPU
+        hours spent so far, with the mean training losses since the previous point; the
+        synthetic images of the fixed sample slices are kept for the curve figure."""
+        row = {"step": step, "epoch": round(epoch, 4), "cpu_hours": self.cpu_seconds() / 3600,
+               "wall_hours": self.wall_seconds() / 3600, "lr": lr}
+        if window:
+            means = np.mean(np.asarray(window, dtype=np.float64), axis=0)
+            row.update({k: float(means[i]) for i, k in enumerate(LOSS_KEYS)})
+        row.update(self.validate())
+        self.curve.append(row)
+        self.write_curve()
+        data, picks = self.sample_picks()
+        if picks:
+            fake, _ = self.predict(data.gather(picks)[:, :self.model_config.input_channels])
+            folder = self.dir / "curve_samples"
+            folder.mkdir(exist_ok=True)
+            np.save(folder / f"step_{step:07d}.npy", fake[:, 0].numpy().astype(np.float16))
+            self.plot_curve()
+        self.log("curve " + " ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                                     for k in CURVE_KEYS if k in row))
+
+    def write_curve(self) -> None:
+        path = self.dir / "curve.csv"
+        tmp = path.with_name(f"curve.csv.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(CURVE_KEYS) + ["loss_G_L1_pseudo"], extrasaction="ignore")
+            writer.writeheader()
+            for row in self.curve:
+                writer.writerow({k: row.get(k, "") for k in writer.fieldnames})
+        os.replace(tmp, path)
+        atomic_write_text(self.dir / "curve.json", json.dumps(self.curve, indent=1))
+
+    def plot_curve(self) -> None:
+        from .plots import plot_curve, plot_curve_samples
+
+        plot_curve(self.curve, self.dir / "curve.png")
+        data, picks = self.sample_picks()
+        steps = sorted(int(p.stem.split("_")[1]) for p in (self.dir / "curve_samples").glob("step_*.npy"))
+        if not steps or not picks:
+            return
+        shown = sorted({steps[int(round(i))] for i in np.linspace(0, len(steps) - 1, min(6, len(steps)))})
+        images = [np.load(self.dir / "curve_samples" / f"step_{s:07d}.npy").astype(np.float32) for s in shown]
+        batch = data.gather(picks)
+        names = [data.subjects[int(data.index[i][0])].name for i in picks]
+        plot_curve_samples(batch[:, self.model_config.input_channels].numpy(), shown, images, names, self.target,
+                           self.dir / "curve_samples.png")
+
+    def sample_picks(self):
+        """The fixed validation slices shown in the figures: the middle slice of the first
+        subject and one of the last (training slices when there is no validation part)."""
+        data = self.val_data if len(self.val_data) else self.train_data
+        if not len(data):
+            return data, []
+        first, last = len(data.subjects[0].images), len(data.subjects[-1].images)
+        second = len(data) - 1 - last // 2 if len(data.subjects) > 1 else first // 4
+        return data, sorted({first // 2, second})
 
     def write_log(self, history) -> None:
         keys = ["epoch", "lr", "steps", *LOSS_KEYS, *VAL_KEYS, "seconds"]
@@ -641,12 +721,8 @@ class Run:
         from .plots import plot_losses, plot_samples
 
         plot_losses(history, self.dir / "loss_curve.png")
-        data = self.val_data if len(self.val_data) else self.train_data
-        if len(data):
-            # The middle slice of the first and last subject: fixed across epochs.
-            first, last = len(data.subjects[0].images), len(data.subjects[-1].images)
-            second = len(data) - 1 - last // 2 if len(data.subjects) > 1 else first // 4
-            picks = sorted({first // 2, second})
+        data, picks = self.sample_picks()
+        if picks:
             batch = data.gather(picks)
             M = self.model_config.input_channels
             fake, pseudo = self.predict(batch[:, :M])

@@ -255,6 +255,41 @@ def test_generated_run_sigint_resume_is_bit_exact(gen_data, tmp_path, monkeypatc
     assert torch.allclose(half.state_dict[key].float(), bundle.state_dict[key], atol=1e-3)
 
 
+def test_learning_curve_points_survive_resume_and_leave_training_unchanged(gen_data, tmp_path):
+    # 2 epochs x 4 steps; a curve point every 3 steps: steps 3 and 6.
+    plain = small_run(gen_data, tmp_path / "plain")
+    assert not (tmp_path / "plain" / "curve.csv").exists()
+    with_curve = small_run(gen_data, tmp_path / "curve", val_every=3)
+    run = tmp_path / "curve"
+    curve = json.loads((run / "curve.json").read_text())
+    assert [row["step"] for row in curve] == [3, 6]
+    for row in curve:
+        for key in ("val_psnr_masked", "val_psnr_masked_scale_free", "val_sharpness", "val_gmsd_masked", "loss_G_L1"):
+            assert np.isfinite(row[key]), key
+        assert row["val_psnr_masked_scale_free"] >= row["val_psnr_masked"] - 1e-6
+    assert 0 < curve[0]["cpu_hours"] < curve[1]["cpu_hours"]
+    assert (run / "curve.csv").read_text().splitlines()[0].startswith("step,epoch,cpu_hours,wall_hours,lr")
+    for name in ("curve.png", "curve_samples.png", "curve_samples/step_0000003.npy", "curve_samples/step_0000006.npy"):
+        assert (run / name).is_file(), name
+    # The epoch rows carry the new validation figures too.
+    assert np.isfinite(with_curve["history"][-1]["val_sharpness"])
+    # Validating between steps changes no weight.
+    assert_same_state(load_ckpt(tmp_path / "plain"), load_ckpt(run))
+    assert [h["loss_G"] for h in plain["history"]] == [h["loss_G"] for h in with_curve["history"]]
+
+    # Stopped after step 5 and resumed: the curve continues with its CPU hours accumulated.
+    part = small_run(gen_data, tmp_path / "part", val_every=3, stop_after_steps=5)
+    assert part["stopped"]
+    assert [row["step"] for row in json.loads((tmp_path / "part" / "curve.json").read_text())] == [3]
+    trainer.train({"out": tmp_path / "part", "resume": True, "no_progress": True})
+    resumed = json.loads((tmp_path / "part" / "curve.json").read_text())
+    assert [row["step"] for row in resumed] == [3, 6]
+    assert resumed[1]["cpu_hours"] > resumed[0]["cpu_hours"]
+    assert resumed[1]["val_psnr_masked"] == pytest.approx(curve[1]["val_psnr_masked"], abs=1e-9)
+    with pytest.raises(InputError, match="val-every"):
+        small_run(gen_data, tmp_path / "bad", val_every=-1)
+
+
 def test_train_cli_errors(gen_data, tmp_path, capsys):
     assert training_main(["train", "--data", str(gen_data / "data"), "--out", str(tmp_path / "r"),
                           "--sources", "t1,t2,t1c", "--no-progress", "--cache-dir", str(gen_data / "cache")]) == 2

@@ -2,15 +2,17 @@
 
 Model labels and model-card summaries come from the shipped bundles' own metadata, read
 from the safetensors header only (no torch: the panel shows them before PyTorch is
-installed). Device names and the PyTorch version need torch and are asked only when it is
-installed.
+installed). Nothing here imports torch: the PyTorch line comes from the installed
+distribution's metadata, and device names from the synthesis process's report (its own
+interpreter imports torch; Slicer's never does for the panel).
 """
 
 import json
 import os
 import re
 import struct
-from typing import Dict, List, Optional, Tuple
+import sys
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from MRISynthesisLib.errors import BundleError
 
@@ -128,24 +130,82 @@ def shippedModels(shipped: Optional[Dict[str, object]] = None) -> List[Tuple[str
     return sorted(models, key=lambda m: (order.get(m[0], 9), m[0]))
 
 
-def deviceChoices(torchModule=None) -> List[Tuple[str, str]]:
+def _gpuNames(source) -> Optional[List[str]]:
+    """GPU names from ``source``: a sequence of names, a mapping (the synthesis process's
+    "ready" report: ``cuda_devices``, or ``gpus``), or a torch-like module (asked: only ever
+    given one outside Slicer's process). None: nothing known."""
+    if source is None:
+        return None
+    if isinstance(source, Mapping):
+        names = source.get("cuda_devices", source.get("gpus"))
+        return [str(n) for n in names] if names is not None else None
+    if isinstance(source, (list, tuple)):
+        return [str(n) for n in source]
+    cuda = source.cuda
+    return [cuda.get_device_name(i) for i in range(cuda.device_count())] if cuda.is_available() else []
+
+
+def deviceChoices(source=None, current: Optional[str] = None) -> List[Tuple[str, str]]:
     """[(device, label)]: automatic, each CUDA GPU by name ("cuda:0 - NVIDIA ..."), CPU.
-    Without torch (not installed yet) only automatic and CPU."""
+
+    ``source``: None (not known yet: only automatic and CPU), a list of GPU names, the
+    synthesis process's report (a mapping with ``cuda_devices``: ``workerDevices``) or a
+    torch-like module. ``current`` (e.g. the saved "cuda:1") stays listed when the GPUs are
+    not known yet, so showing the list never changes the choice."""
     choices = [("auto", "automatic (GPU when usable, else CPU)")]
-    if torchModule is not None and torchModule.cuda.is_available():
-        for index in range(torchModule.cuda.device_count()):
-            choices.append((f"cuda:{index}", f"cuda:{index} {DASH} {torchModule.cuda.get_device_name(index)}"))
+    for index, name in enumerate(_gpuNames(source) or []):
+        choices.append((f"cuda:{index}", f"cuda:{index} {DASH} {name}"))
+    if current and current not in {"auto", "cpu"} and current not in {d for d, _ in choices}:
+        known = _gpuNames(source) is not None
+        choices.append((current, f"{current} ({'not found' if known else 'GPUs not listed yet'})"))
     choices.append(("cpu", "CPU"))
     return choices
 
 
-def torchStatus(torchModule=None) -> str:
-    if torchModule is None:
+def workerDevices(info: Optional[Mapping]) -> List[str]:
+    """The GPU names of the synthesis process's "ready" report (``cuda_devices``), for
+    ``deviceChoices``."""
+    return list(_gpuNames(info) or []) if info else []
+
+
+def torchStatus(source=None) -> str:
+    """The PyTorch line from a torch-like module or the synthesis process's report (a mapping
+    with ``torch``, ``cuda_build``, ``cuda_devices``); None: not installed."""
+    if source is None:
         return "PyTorch: not installed yet (installed on the first Apply, after asking)."
-    cuda = torchModule.cuda.is_available()
-    build = getattr(torchModule.version, "cuda", None)
-    if cuda:
-        return f"PyTorch {torchModule.__version__}: CUDA {build} usable ({torchModule.cuda.device_count()} GPU)."
+    if isinstance(source, Mapping):
+        version, build, gpus = source.get("torch"), source.get("cuda_build"), _gpuNames(source) or []
+    else:
+        version, build, gpus = source.__version__, getattr(source.version, "cuda", None), _gpuNames(source)
+    if gpus:
+        return f"PyTorch {version}: CUDA {build} usable ({len(gpus)} GPU)."
     if build:
-        return f"PyTorch {torchModule.__version__}: CUDA build {build}, but no usable GPU: runs on the CPU."
-    return f"PyTorch {torchModule.__version__} (CPU build): runs on the CPU."
+        return f"PyTorch {version}: CUDA build {build}, but no usable GPU: runs on the CPU."
+    return f"PyTorch {version} (CPU build): runs on the CPU."
+
+
+def workerTorchStatus(info: Mapping) -> str:
+    """The PyTorch line from the synthesis process's "ready" report."""
+    return torchStatus(info)
+
+
+def installedTorchStatus(installedVersion: Optional[Callable[[str], Optional[str]]] = None,
+                         isLoaded: Optional[Callable[[str], bool]] = None) -> str:
+    """The PyTorch line before the synthesis process has reported: from the installed
+    distribution's metadata, WITHOUT importing torch (an old torch imported into Slicer's
+    process could not be upgraded until Slicer restarts)."""
+    from . import dependencies
+
+    installedVersion = installedVersion or dependencies.installedVersion
+    isLoaded = isLoaded or (lambda name: name in sys.modules)
+    requirement = dependencies.TORCH
+    version = installedVersion(requirement.distribution)
+    if version is None:
+        return torchStatus(None)
+    if dependencies.versionTuple(version) < dependencies.versionTuple(requirement.minimum):
+        if isLoaded(requirement.importName):
+            return (f"PyTorch {version} is loaded by another module; MRISynthesis needs {requirement.pip}: "
+                    "update it in the PyTorch Util module and restart Slicer.")
+        return (f"PyTorch {version} is installed; MRISynthesis needs {requirement.pip}: "
+                "it is upgraded on the first Apply, after asking.")
+    return f"PyTorch {version} installed (the GPUs are listed once the synthesis process has started)."

@@ -94,6 +94,44 @@ def test_pytorch_line():
     assert "CPU build" in modelinfo.torchStatus(fake_torch((), cuda_build=None, version="2.13.0+cpu"))
 
 
+# The synthesis process's "ready" report (MRISynthesisLib.worker): what the panel gets instead
+# of importing torch itself.
+READY = {"event": "ready", "torch": "2.5.1+cu121", "cuda_build": "12.1", "cuda_devices": ["NVIDIA H200", "NVIDIA L4"]}
+
+
+def test_device_list_and_pytorch_line_from_the_synthesis_process_report():
+    gpus = modelinfo.workerDevices(READY)
+    assert gpus == ["NVIDIA H200", "NVIDIA L4"]
+    assert modelinfo.deviceChoices(gpus) == modelinfo.deviceChoices(READY) == modelinfo.deviceChoices(
+        fake_torch(("NVIDIA H200", "NVIDIA L4")))
+    assert [d for d, _ in modelinfo.deviceChoices(gpus)] == ["auto", "cuda:0", "cuda:1", "cpu"]
+    assert modelinfo.workerTorchStatus(READY) == "PyTorch 2.5.1+cu121: CUDA 12.1 usable (2 GPU)."
+    cpu_only = {"torch": "2.13.0+cpu", "cuda_build": None, "cuda_devices": []}
+    assert modelinfo.workerDevices(cpu_only) == [] and modelinfo.workerDevices(None) == []
+    assert modelinfo.workerTorchStatus(cpu_only) == "PyTorch 2.13.0+cpu (CPU build): runs on the CPU."
+    assert "no usable GPU" in modelinfo.workerTorchStatus({"torch": "2.5.1", "cuda_build": "12.1", "cuda_devices": []})
+
+
+def test_a_saved_gpu_choice_stays_in_the_list():
+    """Before the synthesis process has reported, a saved "cuda:1" is listed (the combo would
+    otherwise show "automatic" while Apply uses cuda:1); a GPU the report lacks is marked."""
+    assert modelinfo.deviceChoices(None, current="cuda:1") == [
+        ("auto", "automatic (GPU when usable, else CPU)"), ("cuda:1", "cuda:1 (GPUs not listed yet)"), ("cpu", "CPU")]
+    assert modelinfo.deviceChoices(["NVIDIA L4"], current="cuda:1")[2] == ("cuda:1", "cuda:1 (not found)")
+    assert modelinfo.deviceChoices(["NVIDIA L4"], current="cuda:0") == modelinfo.deviceChoices(["NVIDIA L4"])
+    assert modelinfo.deviceChoices(None, current="cpu") == modelinfo.deviceChoices(None)
+
+
+def test_pytorch_line_from_metadata_without_importing_torch():
+    versions = {"torch": "2.5.1"}
+    assert modelinfo.installedTorchStatus(versions.get) == ("PyTorch 2.5.1 installed (the GPUs are listed once the "
+                                                            "synthesis process has started).")
+    assert modelinfo.installedTorchStatus({}.get) == modelinfo.torchStatus(None)
+    old = {"torch": "1.13.1"}.get
+    assert "upgraded on the first Apply" in modelinfo.installedTorchStatus(old, isLoaded=lambda name: False)
+    assert "restart Slicer" in modelinfo.installedTorchStatus(old, isLoaded=lambda name: name == "torch")
+
+
 def _method(cls, name):
     tree = ast.parse((MODULE_DIR / "MRISynthesis.py").read_text())
     klass = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)

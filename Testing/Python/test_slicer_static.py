@@ -321,3 +321,123 @@ def test_sample_checksums_match_the_upstream_files_when_available():
         blob = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
         assert blob == entry["blob"], f"local copy of {name} differs from the upstream blob"
         assert hashlib.sha256(content).hexdigest() == sha
+
+
+# ----------------------------------------------------------------------------- issue 18 items 3 and 7
+
+
+def _imports_torch(tree):
+    """Statements in ``tree`` that import torch (import torch, from torch..., importlib.import_module("torch"),
+    __import__("torch"))."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "torch" for a in node.names):
+            found.append(node)
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "torch":
+            found.append(node)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
+              and str(node.args[0].value).split(".")[0] == "torch"):
+            found.append(node)
+    return found
+
+
+# The panel's helpers; scene.py holds the in-process synthesis of the console API and the
+# batch script (which import torch by design) and jobs.py drives the worker process.
+PANEL_HELPERS = ("__init__.py", "dependencies.py", "modelinfo.py")
+
+
+def test_the_panel_never_imports_torch_into_slicer():
+    """Issue 18 item 3: enter() imported torch to show its version, so an old torch left by
+    another extension was loaded and could then not be upgraded until a restart. Only the
+    self-test (which runs when torch is installed and new enough) may import it in Slicer."""
+    tree = module_tree()
+    for cls in tree.body:
+        if isinstance(cls, ast.ClassDef) and cls.name == "MRISynthesisTest":
+            tree.body.remove(cls)
+            break
+    else:
+        raise AssertionError("MRISynthesisTest not found")
+    found = [f"MRISynthesis.py:{n.lineno}" for n in _imports_torch(tree)]
+    for name in PANEL_HELPERS:
+        found += [f"{HELPER_PACKAGE}/{name}:{n.lineno}" for n in _imports_torch(ast.parse((HELPER_DIR / name).read_text()))]
+    found += [f"MRISynthesisLib/processes.py:{n.lineno}" for n in
+              _imports_torch(ast.parse((REPO / "MRISynthesisLib" / "processes.py").read_text()))]
+    assert not found, f"torch imported into Slicer's process by the panel at {found}"
+    assert _imports_torch(ast.parse("def f():\n    import torch as t\n"))  # the check can fail
+    assert _imports_torch(ast.parse("importlib.import_module('torch.cuda')"))
+
+
+def test_sample_data_uses_loadFileTypes():
+    """Issue 18 item 7: ``loadFileType`` is the deprecated alias (SampleData.py, Slicer 5.8-5.12)."""
+    registered = next(n for n in module_tree().body if isinstance(n, ast.FunctionDef) and n.name == "registerSampleData")
+    call = next(n for n in ast.walk(registered) if isinstance(n, ast.Call)
+                and getattr(n.func, "attr", None) == "registerCustomSampleDataSource")
+    keywords = {k.arg for k in call.keywords}
+    # SampleDataLogic.registerCustomSampleDataSource's parameters in Slicer 5.8.1 and 5.12.0.
+    signature = {"category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader", "thumbnailFileName",
+                 "loadFileTypes", "loadFiles", "loadFileProperties", "checksums", "loadFileType"}
+    assert keywords <= signature and "loadFileTypes" in keywords and "loadFileType" not in keywords
+
+
+NAME_AFFILIATION = re.compile(r"[^(),]+ \([^()]+\)")
+
+
+def test_contributors_are_name_affiliation():
+    """Slicer lists contributors as "Name (Affiliation)" (the module template, the extension
+    catalog): in the module class and in EXTENSION_CONTRIBUTORS."""
+    module = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "MRISynthesis")
+    assignment = next(n for n in ast.walk(module) if isinstance(n, ast.Assign)
+                      and ast.unparse(n.targets[0]) == "self.parent.contributors")
+    contributors = ast.literal_eval(assignment.value)
+    cmake = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+    assert contributors and all(NAME_AFFILIATION.fullmatch(c) for c in contributors), contributors
+    assert all(NAME_AFFILIATION.fullmatch(c.strip()) for c in cmake.split(", ")), cmake
+    assert set(contributors) == {c.strip() for c in cmake.split(", ")}
+    assert not NAME_AFFILIATION.fullmatch("MRISynthesis contributors")  # the check can fail
+
+
+def node_combo_items(widget):
+    """The entries a qMRMLNodeComboBox shows besides the nodes, by the rules of
+    qMRMLNodeComboBoxPrivate::updateNoneItem/updateActionItems (Slicer 5.8-5.12): the None item
+    (noneDisplay) when noneEnabled; "Create new <type label>" when addEnabled (the default: on),
+    plus "Create new <label> as..." with renameEnabled; "Rename current <label>" with renameEnabled."""
+    props = {}
+    for prop in widget.findall("property"):
+        value = prop[0]
+        props[prop.get("name")] = [s.text for s in value] if value.tag == "stringlist" else value.text
+    enabled = {k: props.get(k, default) == "true" for k, default in
+               (("noneEnabled", "false"), ("addEnabled", "true"), ("renameEnabled", "false"))}
+    labels = {"vtkMRMLScalarVolumeNode": "Volume", "vtkMRMLLabelMapVolumeNode": "LabelMapVolume"}
+    items = []
+    if enabled["noneEnabled"]:
+        items.append(props.get("noneDisplay", "None"))
+    for nodeType in props.get("nodeTypes", []):
+        label = labels.get(nodeType, nodeType)
+        if enabled["renameEnabled"]:
+            items.append(f"Rename current {label}")
+        if enabled["addEnabled"]:
+            items.append(f"Create new {label}")
+            if enabled["renameEnabled"]:
+                items.append(f"Create new {label} as...")
+    return items
+
+
+def test_every_selector_offers_at_most_one_create_new_entry():
+    """Issue 18 item 7: the output selector showed "Create new volume" (its None item: each
+    Apply makes a new volume) and "Create new Volume" / "... as..." (addEnabled: an empty node
+    that the next Apply overwrites). Only the None item stays."""
+    selectors = {n: w for n, w in ui_widgets().items() if w.get("class") == "qMRMLNodeComboBox"}
+    for name, widget in selectors.items():
+        creating = [item for item in node_combo_items(widget) if item.lower().startswith("create new")]
+        assert len(creating) <= 1, f"{name} offers {creating}"
+    assert [i for i in node_combo_items(selectors["outputSelector"]) if i.startswith("Create")] == ["Create new volume"]
+    assert [i for i in node_combo_items(selectors["maskOutputSelector"])
+            if i.startswith("Create")] == ["Create new label map"]
+    import copy
+
+    doubled = copy.deepcopy(selectors["outputSelector"])  # the check can fail
+    for prop in doubled.findall("property"):
+        if prop.get("name") == "addEnabled":
+            prop[0].text = "true"
+    assert len([i for i in node_combo_items(doubled) if i.startswith("Create new")]) == 3

@@ -1,9 +1,10 @@
 """The ``mrisynthesis`` command line.
 
     mrisynthesis predict --t1 T1 [--t2 T2] [--t1c T1C] [--brain-mask auto|none|FILE]
-                         [--save-mask PATH] [--model BUNDLE] -o OUT
-    (T1/T2/T1C: an image file or a folder holding one DICOM series)
-    mrisynthesis info BUNDLE
+                         [--save-mask PATH] [--uncertainty PATH] [--model BUNDLE] -o OUT
+    (T1/T2/T1C: an image file or a folder holding one DICOM series; every volume written is
+    marked as synthetic in its header and gets a JSON sidecar: MRISynthesisLib.provenance)
+    mrisynthesis info BUNDLE | SYNTHETIC_VOLUME | SIDECAR.json
     mrisynthesis bench [--data DIR]          (end to end; bench-network: the generators alone)
 
 Errors are reported as one line ``mrisynthesis: error: ...`` with exit status 2.
@@ -56,51 +57,96 @@ def _threads(text: str) -> int:
     return value
 
 
-def cmd_predict(args) -> int:
-    from .brainmask import brain_mask_spec
-    from .inference import synthesize_with_details
-    from .models import resolve_model
-    from .volumes import save_volume
+def check_output_paths(outputs, inputs, overwrite: bool) -> None:
+    """Refuse, before any work, outputs that cannot be written as asked. ``outputs``:
+    [(option, volume path)], each written with its JSON sidecar (provenance.output_files);
+    ``inputs``: [(option, path)]. Every file of every output is checked: supported
+    extension, existing folder, not an input, not another output's file, not existing
+    unless ``overwrite``."""
+    from .provenance import VOLUME_SUFFIXES, output_files, sidecar_path
 
-    inputs = {name: getattr(args, name) for name in SOURCE_OPTIONS if getattr(args, name)}
-    if args.mask and args.brain_mask is not None:
-        raise InputError("give the mask once: --brain-mask FILE (--mask FILE is the older spelling)")
-    mask_spec = brain_mask_spec(args.mask or args.brain_mask or "auto")
-    outputs = [("output", args.output)] + ([("--save-mask", args.save_mask)] if args.save_mask else [])
-    mask_file = [("brain-mask", mask_spec)] if mask_spec not in ("auto", "none") else []
-    for name, path in list(inputs.items()) + mask_file:
-        if not os.path.exists(path):
-            raise InputError(f"--{name}: file not found (nor a DICOM folder): {path}")
-        for option, out in outputs:
-            if _same_file(path, out):
-                raise InputError(f"{option} {out} is the --{name} input; refusing to overwrite an input")
-    if args.save_mask and _same_file(args.save_mask, args.output):
-        raise InputError("--save-mask and the output are the same file")
     for option, out in outputs:
         if not out.lower().endswith(OUTPUT_SUFFIXES):
             raise InputError(f"{option} {out}: unsupported extension; use one of {', '.join(OUTPUT_SUFFIXES)}")
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise InputError(f"{option} folder does not exist: {os.path.dirname(os.path.abspath(out))}")
-        if os.path.exists(out) and not args.overwrite:
-            raise InputError(f"{option} {out} exists; pass --overwrite to replace it")
+    files = [(option, path, path == out) for option, out in outputs for path in output_files(out)]
+    # An input's own JSON sidecar (a BIDS T1w.json) is the input's too.
+    protected = list(inputs) + [(f"{name} input's sidecar", sidecar_path(source)) for name, source in inputs
+                                if os.path.isfile(source) and source.lower().endswith(VOLUME_SUFFIXES)]
+    for option, path, is_volume in files:
+        what = f"{option} {path}" if is_volume else f"the sidecar {path} of {option}"
+        for name, source in protected:
+            if _same_file(path, source):
+                whose = name if name.endswith("sidecar") else f"{name} input"
+                raise InputError(f"{what} is the {whose}; refusing to overwrite an input")
+    for i, (option, path, is_volume) in enumerate(files):
+        for other, other_path, _ in files[:i]:
+            if other != option and _same_file(path, other_path):
+                raise InputError(f"{option} and {other} would both write {path} (each output has a sidecar "
+                                 f"{os.path.basename(sidecar_path(path))}); choose other names")
+    for option, path, is_volume in files:
+        if os.path.exists(path) and not overwrite:
+            what = f"{option} {path}" if is_volume else f"{option}'s sidecar {path}"
+            raise InputError(f"{what} exists; pass --overwrite to replace it")
+
+
+def cmd_predict(args) -> int:
+    from .brainmask import brain_mask_spec
+    from .inference import synthesize_with_details
+    from .models import resolve_model
+    from .provenance import sidecar_path
+    from .volumes import save_volumes
+
+    inputs = {name: getattr(args, name) for name in SOURCE_OPTIONS if getattr(args, name)}
+    if args.mask and args.brain_mask is not None:
+        raise InputError("give the mask once: --brain-mask FILE (--mask FILE is the older spelling)")
+    mask_spec = brain_mask_spec(args.mask or args.brain_mask or "auto")
+    outputs = [("output", args.output)] + ([("--save-mask", args.save_mask)] if args.save_mask else []) \
+        + ([("--uncertainty", args.uncertainty)] if args.uncertainty else [])
+    mask_file = [("brain-mask", mask_spec)] if mask_spec not in ("auto", "none") else []
+    for name, path in list(inputs.items()) + mask_file:
+        if not os.path.exists(path):
+            raise InputError(f"--{name}: file not found (nor a DICOM folder): {path}")
+    check_output_paths(outputs, [(f"--{name}", path) for name, path in list(inputs.items()) + mask_file],
+                       args.overwrite)
     model_path = resolve_model(args.model, inputs)
     result = synthesize_with_details(inputs, str(model_path), mask=mask_spec, device=args.device,
                                      precision=args.precision, batch_size=args.batch_size,
-                                     progress=None if args.quiet else _Progress(), threads=args.threads)
-    save_volume(result.volume, args.output)
+                                     progress=None if args.quiet else _Progress(), threads=args.threads,
+                                     uncertainty=bool(args.uncertainty))
+    written = [(result.volume, args.output)]
     if args.save_mask:
-        save_volume(result.brain_mask, args.save_mask)
+        written.append((result.brain_mask, args.save_mask))
+    if args.uncertainty:
+        written.append((result.uncertainty, args.uncertainty))
+    save_volumes(written)  # all files, sidecars included, or none
     if not args.quiet:
         print(result.mask_decision.description)
-        print(f"wrote {args.output}" + (f" and the brain mask {args.save_mask}" if args.save_mask else "")
+        print(f"wrote {args.output} (synthetic, marked; sidecar {sidecar_path(args.output)})"
+              + (f", the brain mask {args.save_mask}" if args.save_mask else "")
+              + (f", the uncertainty map {args.uncertainty} ({result.provenance['Uncertainty']['NetworkPasses']} "
+                 "network passes; docs/uncertainty.md)" if args.uncertainty else "")
               + f" (model {model_path})")
     return 0
 
 
+BUNDLE_SUFFIXES = (".safetensors",)
+
+
 def cmd_info(args) -> int:
+    """A model bundle: what it expects and how it was trained. A volume MRISynthesis wrote
+    (or its JSON sidecar): its provenance; exit status 1 when it carries none."""
+    from .provenance import SIDECAR_SUFFIX, VOLUME_SUFFIXES, read_provenance
+
+    path = args.file
+    if path.lower().endswith(VOLUME_SUFFIXES + (SIDECAR_SUFFIX,)):
+        report = read_provenance(path)
+        print(report.describe())
+        return 0 if report.marked else 1
     from .bundle import load_bundle
 
-    print(load_bundle(args.bundle).describe())
+    print(load_bundle(path).describe())
     return 0
 
 
@@ -120,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(non-zero = brain). Outside the brain the output is 0")
     p.add_argument("--mask", metavar="FILE", help=argparse.SUPPRESS)  # older spelling of --brain-mask FILE
     p.add_argument("--save-mask", metavar="PATH", help="also write the brain mask used (1 = brain) to PATH")
+    p.add_argument("--uncertainty", metavar="PATH",
+                   help="also write a per-voxel uncertainty map to PATH: the spread of the synthetic image over "
+                        "test-time augmentations (costs one network pass per augmentation; what it is worth "
+                        "against the real error: docs/uncertainty.md). Off by default")
     p.add_argument("--model", help="model bundle file or shipped model name; default: the shipped model "
                                    "that takes exactly the given inputs")
     p.add_argument("-o", "--output", required=True, help="output file (.nii.gz, .nii, .nrrd, .mha)")
@@ -135,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("info", help="print what a model bundle expects and how it was trained")
-    p.add_argument("bundle", help="model bundle file (.safetensors)")
+    p = sub.add_parser("info", help="print what a model bundle expects and how it was trained, or how a synthetic "
+                                    "volume was made (its provenance)")
+    p.add_argument("file", help="model bundle (.safetensors), or a volume MRISynthesis wrote (.nii.gz, .nii, .nrrd, "
+                                ".mha) or its JSON sidecar")
     p.set_defaults(func=cmd_info)
 
     from .demo import add_demo_arguments, demo_main

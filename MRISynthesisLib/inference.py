@@ -6,6 +6,10 @@ Used as it is by the command line, the Slicer module and evaluation.
     >>> flair = synthesize({"t1": "t1.nii.gz", "t2": "t2.nii.gz"}, "model.safetensors",
     ...                    precision="bf16")
     >>> flair.array.shape, flair.affine      # the T1's grid, exactly
+    >>> result = synthesize_with_details({"t1": "t1.nii.gz", "t2": "t2.nii.gz"}, "model.safetensors",
+    ...                                  uncertainty=True)
+    >>> result.provenance          # how it was made (MRISynthesisLib.provenance)
+    >>> result.uncertainty         # the test-time-augmentation spread (MRISynthesisLib.uncertainty)
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from . import provenance as provenance_mod
+from . import uncertainty as uncertainty_mod
 from .brainmask import BrainMaskDecision, MaskSpec, resolve_brain_mask
 from .bundle import ModelBundle, load_bundle
 from .errors import Cancelled, InputError
-from .preprocessing import SliceStack
-from .volumes import Volume, align_to_reference, load_volume, validate_volume
+from .preprocessing import SliceStack, _slice_major
+from .volumes import Volume, align_to_reference, check_not_constant, load_volume, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +283,19 @@ class _StageClock:
 
 
 def _as_volume(value: VolumeLike, name: str) -> Volume:
-    if isinstance(value, Volume):
-        return validate_volume(value, name)
-    return load_volume(value, name)
+    volume = validate_volume(value, name) if isinstance(value, Volume) else load_volume(value, name)
+    # Before the brain mask: a constant volume would reach brain extraction and fail there
+    # with deepbet's words ("found no brain (attempt to get argmax of an empty sequence)").
+    check_not_constant(volume, name)
+    return volume
+
+
+def device_description(device: torch.device) -> str:
+    """The device for the provenance record: "cpu", or "cuda:0 (NVIDIA H100 ...)"."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
 
 
 def check_inputs(inputs: Mapping[str, Optional[VolumeLike]], bundle: ModelBundle) -> dict:
@@ -300,11 +316,20 @@ def check_inputs(inputs: Mapping[str, Optional[VolumeLike]], bundle: ModelBundle
 class SynthesisResult:
     """``volume``: the synthetic target; ``brain_mask``: the brain region it was computed in
     (1 inside, on the same grid); ``mask_decision``: how that mask was chosen
-    (MRISynthesisLib.brainmask: source "given" / "extracted (deepbet)" / ...)."""
+    (MRISynthesisLib.brainmask: source "given" / "extracted (deepbet)" / ...);
+    ``provenance``: the record of how it was made (MRISynthesisLib.provenance; also set as
+    ``volume.provenance`` and, for its kind, ``brain_mask.provenance`` and
+    ``uncertainty.provenance``, so ``save_volume`` marks each file); ``uncertainty``: the
+    per-voxel test-time-augmentation spread when asked for (MRISynthesisLib.uncertainty),
+    else None; ``passes``: each augmented pass's volume, only with
+    ``TTAConfig(keep_passes=True)`` (validation)."""
 
     volume: Volume
     brain_mask: Volume
     mask_decision: BrainMaskDecision
+    provenance: Optional[dict] = None
+    uncertainty: Optional[Volume] = None
+    passes: Optional[Dict[str, Volume]] = None
 
 
 def synthesize(inputs: Mapping[str, Optional[VolumeLike]], bundle: Union[ModelBundle, str, os.PathLike],
@@ -327,6 +352,7 @@ def synthesize_with_details(
     generator: Optional[torch.nn.Module] = None,
     threads: Optional[int] = None,
     timings: Optional[Dict[str, float]] = None,
+    uncertainty: uncertainty_mod.UncertaintySpec = False,
 ) -> SynthesisResult:
     """Synthesise the bundle's target contrast on the reference volume's grid.
 
@@ -342,8 +368,12 @@ def synthesize_with_details(
     (``cached_generator`` builds and keeps one). ``threads``: CPU threads for the network;
     default $MRISYNTHESIS_THREADS, $OMP_NUM_THREADS, else the usable cores (choose_threads).
     ``timings``: a dict that receives the wall seconds of each stage (STAGES).
-    Returns the float32 volume in [0, output_max] (see preprocessing), the brain mask used
-    and the mask decision.
+    ``uncertainty``: False (default: no map, no extra cost), True (the default test-time
+    augmentations of MRISynthesisLib.uncertainty: one extra network pass per augmentation),
+    a set name or a ``TTAConfig``; the synthetic volume is the same either way.
+    Returns the float32 volume in [0, output_max] (see preprocessing), the brain mask used,
+    the mask decision, the provenance record and the uncertainty map (or None).
+    A constant input (one value everywhere) is refused by name before anything else.
     """
     clock = _StageClock(timings)
     with clock("model load"):
@@ -359,6 +389,11 @@ def synthesize_with_details(
         raise InputError(f"reference modality {reference!r} is not among the inputs {sorted(given)}")
     torch_device = resolve_device(device)
     precision = resolve_precision(torch_device, precision)
+    try:
+        tta = uncertainty_mod.tta_config(uncertainty)
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+    augmentations = tta.resolve(len(bundle.sources)) if tta is not None else None
 
     with clock("read"):
         volumes = {name: _as_volume(given[name], name) for name in bundle.sources}
@@ -384,22 +419,85 @@ def synthesize_with_details(
         count = choose_threads(threads).count
     else:
         count = 1
+    extra = None
+    if augmentations is not None:
+        extra = _TTAOutputs(stack, augmentations, len(bundle.sources), keep_passes=tta.keep_passes)
     _run_network(stack, output, net, torch_device, precision, batch_size, count, progress, cancel, clock,
-                 context=bundle.model.context_slices)
+                 context=bundle.model.context_slices, tta=extra)
     stack.release_channels()
     with clock("inverse"):
         result = stack.finish(output)
         del output  # finish consumed it (result is a reordered copy, or the same memory)
         used = np.array(stack.orientation.inverse(stack.mask), dtype=np.float32, order="F")
-    return SynthesisResult(Volume(result, affine), Volume(used, affine.copy()), decision)
+        uncertainty_volume = passes = None
+        if extra is not None:
+            uncertainty_volume = Volume(extra.finish_map(stack), affine.copy())
+            if tta.keep_passes:
+                passes = {a.name: Volume(extra.finish_pass(stack, i), affine.copy())
+                          for i, a in enumerate(augmentations)}
+    record = provenance_mod.synthesis_record(
+        bundle, given, decision, device_description(torch_device), precision,
+        uncertainty=uncertainty_mod.describe(augmentations) if augmentations is not None else None, mask_spec=mask)
+    synthetic = Volume(result, affine, provenance=record)
+    mask_volume = Volume(used, affine.copy(), provenance=provenance_mod.record_for_kind(record, provenance_mod.KIND_MASK))
+    if uncertainty_volume is not None:
+        uncertainty_volume.provenance = provenance_mod.record_for_kind(record, provenance_mod.KIND_UNCERTAINTY)
+    return SynthesisResult(synthetic, mask_volume, decision, record, uncertainty_volume, passes)
+
+
+class _TTAOutputs:
+    """Where the test-time-augmentation passes of ``_run_network`` go: the per-voxel spread
+    (MRISynthesisLib.uncertainty.spread) over the plain and augmented passes, slice by slice
+    in RAS order, and (``keep_passes``) each augmented pass. Each pass is mapped back to the
+    slice grid and clipped to [-1, 1] as the synthetic image is (SliceStack.finish), so the
+    map is in the synthetic image's units once scaled."""
+
+    def __init__(self, stack: SliceStack, augmentations, num_sources: int, keep_passes: bool = False):
+        self.augmentations = tuple(augmentations)
+        self.num_sources = num_sources
+        self.spread = _slice_major(stack.mask.shape)
+        self.spread.fill(0.0)
+        self.kept = [stack.empty_output() for _ in self.augmentations] if keep_passes else None
+
+    def slices(self, stack: SliceStack, y: torch.Tensor) -> np.ndarray:
+        """Network outputs (N, 1, size, size) -> clipped planes (N, X, Y) on the slice grid."""
+        return np.clip(stack.resizer.inverse(y.float()).numpy()[:, 0], -1.0, 1.0)
+
+    def run(self, stack: SliceStack, chunk, x: torch.Tensor, plain: torch.Tensor, forward) -> None:
+        """The augmented passes of one batch: ``x`` the plain input (CPU, float32), ``plain``
+        the plain output (CPU), ``forward(tensor)`` the network on a CPU batch -> CPU output."""
+        planes = [self.slices(stack, plain)]
+        for i, augmentation in enumerate(self.augmentations):
+            y = augmentation.undo(forward(augmentation.apply(x, self.num_sources)))
+            planes.append(self.slices(stack, y))
+            if self.kept is not None:
+                for plane, k in zip(planes[-1], chunk):
+                    self.kept[i][..., k] = plane
+        for plane, k in zip(uncertainty_mod.spread(np.stack(planes)), chunk):
+            self.spread[..., k] = plane
+
+    def finish_map(self, stack: SliceStack) -> np.ndarray:
+        """The spread in output units, 0 outside the brain, in the input's voxel order."""
+        out = self.spread
+        out *= np.float32(stack.config.output_max / 2.0)
+        out[~stack.mask] = 0.0
+        self.spread = None
+        return np.asfortranarray(stack.orientation.inverse(out))
+
+    def finish_pass(self, stack: SliceStack, index: int) -> np.ndarray:
+        """Augmented pass ``index`` as the synthetic image would be (output units, input order)."""
+        out, self.kept[index] = self.kept[index], None
+        return stack.finish(out)
 
 
 def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.device, precision: str,
-                 batch_size: int, threads: int, progress, cancel, clock: _StageClock, context: int = 0) -> None:
+                 batch_size: int, threads: int, progress, cancel, clock: _StageClock, context: int = 0,
+                 tta: Optional[_TTAOutputs] = None) -> None:
     """Every brain slice through ``net`` into ``output``. On the CPU ``threads`` workers of
     one PyTorch thread each take batches in turn (no OpenMP barrier between them, so a
     core taken by another process slows the run by its share, not many times); progress
-    and cancel are served from the calling thread. ``context``: the model's 2.5D neighbours."""
+    and cancel are served from the calling thread. ``context``: the model's 2.5D neighbours.
+    ``tta``: also run each batch's test-time augmentations (the uncertainty map)."""
     indices = stack.brain_slices
     total = len(indices)
     chunks = [indices[start:start + batch_size] for start in range(0, total, batch_size)]
@@ -426,15 +524,25 @@ def _run_network(stack: SliceStack, output, net: torch.nn.Module, device: torch.
                 if stop.is_set():
                     break
                 t0 = time.perf_counter()
-                x = feed.input(stack.batch(chunk, context=context))
+                plain_input = stack.batch(chunk, context=context)
+                x = feed.input(plain_input)
                 t1 = time.perf_counter()
                 y = nets[worker](x).synthetic
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t2 = time.perf_counter()
-                stack.put(output, chunk, y.float().cpu())
+                y = y.float().cpu()
+                stack.put(output, chunk, y)
+                augmenting = 0.0
+                if tta is not None:  # counted as network time: the extra passes dominate it
+                    net_worker = nets[worker]
+                    start_tta = time.perf_counter()
+                    tta.run(stack, chunk, plain_input, y,
+                            lambda batch: net_worker(feed.input(batch)).synthetic.float().cpu())
+                    augmenting = time.perf_counter() - start_tta
                 t3 = time.perf_counter()
-                seconds = [seconds[0] + t1 - t0, seconds[1] + t2 - t1, seconds[2] + t3 - t2]
+                seconds = [seconds[0] + t1 - t0, seconds[1] + t2 - t1 + augmenting,
+                           seconds[2] + t3 - t2 - augmenting]
                 with lock:
                     state["done"] += len(chunk)
                 if check_cancel and progress:

@@ -11,7 +11,9 @@ other files are ignored.
 BIDS datasets (https://bids-specification.readthedocs.io): ``bids_subjects`` walks
 ``ROOT/sub-X[/ses-Y]/anat`` and yields one ``BidsSubject`` per subject and session;
 ``bids_derivative_path`` and ``write_derivative_description`` place results as the
-derivative ``ROOT/derivatives/mrisynthesis/sub-X[/ses-Y]/anat/sub-X[_ses-Y]_desc-synthetic_FLAIR.nii.gz``.
+derivative ``ROOT/derivatives/mrisynthesis/sub-X[/ses-Y]/anat/sub-X[_ses-Y]_desc-synthetic_FLAIR.nii.gz``
+(each with its JSON sidecar ``..._desc-synthetic_FLAIR.json``, MRISynthesisLib.provenance; the
+uncertainty map is ``desc-UNCERTAINTY_DESC``, the brain mask ``..._desc-brain_mask.nii.gz``).
 A subject folder given directly (``subject_files``) may also be a BIDS ``sub-X`` folder
 (its ``anat``, or the ``anat`` of its only session).
 """
@@ -86,6 +88,10 @@ DERIVATIVE_NAME = "mrisynthesis"
 BIDS_VERSION = "1.9.0"
 # The synthetic contrast's BIDS suffix by target modality.
 BIDS_SUFFIXES = {"flair": "FLAIR", "t1": "T1w", "t2": "T2w", "t1c": "T1w"}
+# The desc- labels (BIDS: alphanumeric) of the synthetic image and of its uncertainty map
+# (MRISynthesisLib.uncertainty: the spread over test-time augmentations).
+SYNTHETIC_DESC = "synthetic"
+UNCERTAINTY_DESC = "TTAspread"
 
 
 def _sessions(folder: str) -> List[str]:
@@ -150,15 +156,18 @@ def bids_subjects(root) -> Iterator[BidsSubject]:
 
 
 def bids_derivative_path(root, subject: str, session: Optional[str] = None, target: str = "flair",
-                         pipeline: str = DERIVATIVE_NAME) -> str:
+                         pipeline: str = DERIVATIVE_NAME, desc: str = SYNTHETIC_DESC) -> str:
     """Where the synthetic ``target`` of ``subject`` (label, with or without "sub-") goes:
-    ROOT/derivatives/PIPELINE/sub-X[/ses-Y]/anat/sub-X[_ses-Y]_desc-synthetic_FLAIR.nii.gz.
-    Folders are not created."""
+    ROOT/derivatives/PIPELINE/sub-X[/ses-Y]/anat/sub-X[_ses-Y]_desc-synthetic_FLAIR.nii.gz
+    (``desc``: another label, e.g. UNCERTAINTY_DESC for the uncertainty map). Its sidecar is
+    the same path ending in .json. Folders are not created."""
+    if not desc.isalnum():
+        raise ValueError(f"BIDS desc label {desc!r} must be alphanumeric")
     subject = subject[len("sub-"):] if subject.startswith("sub-") else subject
     session = session[len("ses-"):] if session and session.startswith("ses-") else session
     parts = [os.fspath(root), "derivatives", pipeline, f"sub-{subject}"] + ([f"ses-{session}"] if session else [])
     prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
-    return os.path.join(*parts, "anat", f"{prefix}_desc-synthetic_{BIDS_SUFFIXES[target]}.nii.gz")
+    return os.path.join(*parts, "anat", f"{prefix}_desc-{desc}_{BIDS_SUFFIXES[target]}.nii.gz")
 
 
 def write_derivative_description(root, version: str, pipeline: str = DERIVATIVE_NAME) -> str:
@@ -175,6 +184,9 @@ def write_derivative_description(root, version: str, pipeline: str = DERIVATIVE_
             "GeneratedBy": [{"Name": "MRISynthesis", "Version": version,
                              "Description": "FLAIR synthesised from T1 [+ T2 [+ T1c]] by a "
                                             "feature-disentanglement GAN"}],
+            # Every image here says so itself too: its JSON sidecar and header (provenance).
+            "Description": "Synthetic images, not acquired by a scanner: not for diagnosis on their own. Each "
+                           "file's JSON sidecar names its inputs (with SHA-256), the model and how it was made.",
         }
         tmp = path + ".tmp"
         with open(tmp, "w") as f:

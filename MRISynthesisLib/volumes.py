@@ -15,7 +15,8 @@ import locale
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -33,6 +34,10 @@ _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 class Volume:
     array: np.ndarray  # (I, J, K)
     affine: np.ndarray  # 4x4 voxel (i, j, k) -> RAS mm
+    # What MRISynthesis made this volume from (MRISynthesisLib.provenance: a record of kind
+    # "synthetic", "brain mask" or "uncertainty"); None for images read from files. Written
+    # into the file's header and a JSON sidecar by ``save_volume``.
+    provenance: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self):
@@ -211,34 +216,92 @@ def load_dicom_series(folder, name: str = "volume") -> Volume:
     return volume_from_sitk(image)
 
 
-def save_volume(volume: Volume, path) -> None:
-    """Write NIfTI (.nii/.nii.gz) with nibabel, any other extension ITK knows with SimpleITK."""
-    path = os.fspath(path)
-    array = np.asarray(volume.array, dtype=np.float32)
-    # Write next to the target under a temporary name (same suffix, so the writers pick
-    # the same format), then rename: a failed write never leaves a half file at ``path``.
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{base}")
+def save_volume(volume: Volume, path, sidecar: bool = True) -> None:
+    """Write NIfTI (.nii/.nii.gz) with nibabel, any other extension ITK knows with SimpleITK.
+    A volume that MRISynthesis made (``volume.provenance``) is marked: NIfTI descrip,
+    intent_name and the record in a header extension, NRRD/MHA ``MRISynthesis.*`` keys,
+    and (``sidecar``) a JSON sidecar beside it (MRISynthesisLib.provenance)."""
+    save_volumes([(volume, path)], sidecars=sidecar)
+
+
+def save_volumes(items, sidecars: bool = True) -> None:
+    """Write several ``(volume, path)`` at once, all or nothing: every file (volumes and
+    their sidecars) is first written next to its target under a temporary name, then all
+    are renamed; a failure leaves none of them. uint8/bool arrays are written as uint8
+    (masks), everything else as float32."""
+    staged = []  # (temporary, final)
     try:
-        if is_nifti(path):
-            import nibabel as nib
+        for volume, path in items:
+            path = os.fspath(path)
+            tmp = _temporary_name(path)
+            staged.append((tmp, path))
+            _write_volume(volume, tmp, path)
+            if sidecars and volume.provenance is not None:
+                from .provenance import sidecar_path, sidecar_text
 
-            img = nib.Nifti1Image(array, volume.affine)
-            img.set_qform(volume.affine, code=1)
-            img.set_sform(volume.affine, code=1)
-            if _is_gzipped_name(path):
-                with open(tmp, "wb") as f:  # level 1, nibabel's own default for .nii.gz
-                    f.write(_gzip().compress(img.to_bytes(), compresslevel=1))
-            else:
-                nib.save(img, tmp)
-        else:
-            import SimpleITK as sitk
-
-            sitk.WriteImage(volume_to_sitk(Volume(array, volume.affine)), tmp, True)
-        os.replace(tmp, path)
+                final = sidecar_path(path)
+                tmp = _temporary_name(final)
+                staged.append((tmp, final))
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(sidecar_text(volume.provenance))
+        for tmp, path in staged:
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _temporary_name(path: str) -> str:
+    # Next to the target, same suffix (so the writers pick the same format), then renamed:
+    # a failed write never leaves a half file at ``path``.
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".tmp-{os.getpid()}-{base}")
+
+
+def _write_volume(volume: Volume, tmp: str, path: str) -> None:
+    """Write ``volume`` to ``tmp`` in the format of ``path``'s suffix, with its provenance marks."""
+    array = np.asarray(volume.array)
+    array = array.astype(np.uint8) if array.dtype in (np.bool_, np.uint8) else array.astype(np.float32, copy=False)
+    record = volume.provenance
+    if is_nifti(path):
+        import nibabel as nib
+
+        img = nib.Nifti1Image(array, volume.affine)
+        img.set_qform(volume.affine, code=1)
+        img.set_sform(volume.affine, code=1)
+        if record is not None:
+            from .provenance import NIFTI_COMMENT_EXTENSION, nifti_descrip, nifti_intent_name, record_json
+
+            img.header["descrip"] = nifti_descrip(record).encode("ascii")
+            img.header.set_intent(0, (), name=nifti_intent_name(record))
+            img.header.extensions.append(nib.nifti1.Nifti1Extension(NIFTI_COMMENT_EXTENSION,
+                                                                    record_json(record).encode("ascii")))
+        if _is_gzipped_name(path):
+            with open(tmp, "wb") as f:  # level 1, nibabel's own default for .nii.gz
+                f.write(_gzip().compress(img.to_bytes(), compresslevel=1))
+        else:
+            nib.save(img, tmp)
+    else:
+        import SimpleITK as sitk
+
+        image = volume_to_sitk(Volume(array, volume.affine))
+        if record is not None:
+            from .provenance import header_keys
+
+            for key, value in header_keys(record).items():
+                image.SetMetaData(key, value)
+        sitk.WriteImage(image, tmp, True)
+
+
+def check_not_constant(volume: Volume, name: str = "volume") -> None:
+    """Refuse a volume with one value everywhere (an export error, a blank series): it holds
+    no image, and brain extraction or normalisation would fail later with their own words."""
+    array = np.asarray(volume.array)
+    first = array.flat[0]
+    if not np.any(array != first):
+        raise InputError(f"{name}: the input is constant (every voxel is {float(first):g}): not an image; "
+                         "check the file")
 
 
 def validate_volume(volume: Volume, name: str = "volume") -> Volume:

@@ -13,7 +13,7 @@ def run(capsys, *args):
 
 
 def test_predict_writes_nifti_and_nrrd(capsys, tmp_path, subject_files, tiny_bundle):
-    for name in ("out.nii.gz", "out.nrrd"):
+    for name in ("out.nii.gz", "out_nrrd.nrrd"):  # each with its sidecar: out.json, out_nrrd.json
         out = tmp_path / name
         code, stdout, err = run(capsys, "predict", "--t1", subject_files["t1"], "--t2", subject_files["t2"],
                                 "--model", tiny_bundle, "-o", out, "--batch-size", 3)

@@ -61,6 +61,34 @@ class Subject:
         return [m for m in modalities if m not in self.files]
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Run options that hold a file or folder (named portably in provenance, cards and reports).
+PATH_OPTIONS = ("data", "out", "cache_dir", "split", "groups_file")
+
+
+def portable_path(path) -> str:
+    """How cards, reports and bundle provenance name a file or folder: relative to the
+    project folder when it lies beside or inside it (``../shared/data``, ``docs/split.json``,
+    ``../data-extra``, ``runs/t1t2``), else ``<elsewhere>/NAME``: never an absolute path of the
+    machine that made them. Several folders joined with os.pathsep are named one by one."""
+    text = str(path)
+    if os.pathsep in text:
+        return ":".join(portable_path(p) for p in text.split(os.pathsep) if p)
+    resolved = Path(text).resolve()
+    try:
+        relative = os.path.relpath(resolved, PROJECT_ROOT)
+    except ValueError:  # another drive (Windows)
+        return f"<elsewhere>/{resolved.name}"
+    if Path(relative).is_absolute() or relative.startswith(os.path.join(os.pardir, os.pardir)):
+        return f"<elsewhere>/{resolved.name}"
+    return Path(relative).as_posix()
+
+
+def portable_options(options: dict) -> dict:
+    """Run options with their paths named by ``portable_path``."""
+    return {k: (portable_path(v) if k in PATH_OPTIONS and v else v) for k, v in options.items()}
+
+
 def data_folders(data_dir) -> List[Path]:
     """The data folders of a ``--data`` value: one path, or several joined with os.pathsep
     (e.g. ``../shared/data:/data/extra``) or given as a list."""

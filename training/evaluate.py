@@ -56,7 +56,7 @@ class Method:
     def describe(self) -> dict:
         d = {"label": self.label, "kind": self.kind, "sources": list(self.sources)}
         if self.bundle is not None:
-            d.update(path=self.bundle.path, sha256=self.bundle.sha256, model=self.bundle.model.to_dict(),
+            d.update(path=data_mod.portable_path(self.bundle.path), sha256=self.bundle.sha256, model=self.bundle.model.to_dict(),
                      preprocessing=self.bundle.preprocessing.to_dict())
         if self.coefficients is not None:
             d["coefficients"] = [float(c) for c in self.coefficients]
@@ -200,7 +200,7 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         origin = "given subjects"
     elif split_data is not None:
         names = list(split_data[split_name])
-        origin = f"{split_name} subjects of {Path(split).resolve()}"
+        origin = f"{split_name} subjects of {data_mod.portable_path(split)}"
     else:
         names = sorted(by_name)
         origin = f"all subjects of {data_dir}"
@@ -306,7 +306,7 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
     keys = [k for k in (*MASKED, *SHARPNESS, *LESION, *METRIC_NAMES)]
     results = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "data": os.pathsep.join(str(p.resolve()) for p in data_mod.data_folders(data_dir)),
+        "data": data_mod.portable_path(os.pathsep.join(str(p) for p in data_mod.data_folders(data_dir))),
         "subjects_from": origin,
         "subjects": evaluated,
         "skipped": skipped,

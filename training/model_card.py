@@ -14,6 +14,8 @@ from typing import Optional
 
 from MRISynthesisLib.preprocessing import PreprocessingConfig
 
+from .data import portable_path
+
 KNOWN_LIMITS = """\
 - Trained briefly ({hours:.1f} h, device above): base width {width} (the paper uses 64) and
   {epochs} epochs (the paper 200) on {n_train} subjects. It is a small model trained briefly; the
@@ -94,9 +96,9 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
         "(fp16 weights; the same text is in the bundle's provenance, `mrisynthesis info` prints it).",
         "",
         "## Training",
-        f"- Data: `{config['data']}` (real MRI: the project's shared subjects and the BraTS subjects "
+        f"- Data: `{portable_path(config['data'])}` (real MRI: the project's shared subjects and the BraTS subjects "
         "`../shared/more-data/stage.py` writes); split by patient, same-patient sessions kept together "
-        f"(`{config.get('split') or 'seeded split, seed ' + str(config['seed'])}`).",
+        f"(`{portable_path(config['split']) if config.get('split') else 'seeded split, seed ' + str(config['seed'])}`).",
         f"- Training subjects ({len(train_subjects)}): {', '.join(train_subjects)}.",
         f"- Validation subjects ({len(val_subjects)}): {', '.join(val_subjects) or 'none with these modalities'}.",
         f"- Held-out test subjects ({len(test_subjects)}): {', '.join(test_subjects)}.",

@@ -378,7 +378,7 @@ class Run:
                     given = json.loads(Path(cfg["split"]).read_text())
                     assignment = {k: list(given[k]) for k in ("train", "val", "test")}
                     groups = given.get("groups", [])
-                    origin = str(Path(cfg["split"]).resolve())
+                    origin = data_mod.portable_path(cfg["split"])
                 else:
                     groups = data_mod.parse_groups(cfg["group"], cfg["groups_file"], not cfg["no_default_groups"])
                     # "usable": only subjects with every needed modality, so that small folders still get
@@ -738,11 +738,12 @@ class Run:
         return {
             "trained_by": "python -m training train",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "data": cfg["data"],
+            "data": data_mod.portable_path(cfg["data"]),
             "split": {part: self.split.get(f"{part}_usable", []) for part in ("train", "val", "test")},
             "epochs": len(history),
             "epochs_planned": cfg["epochs_constant"] + cfg["epochs_decay"],
-            "options": {k: v for k, v in cfg.items() if k not in ("resume", "no_progress", "stop_after_steps", "stop_mode")},
+            "options": data_mod.portable_options({k: v for k, v in cfg.items()
+                                                  if k not in ("resume", "no_progress", "stop_after_steps", "stop_mode")}),
             "loss": {"l1_reduction": cfg["l1_reduction"], "lambda1": cfg["lambda1"], "lambda2": cfg["lambda2"],
                      "decision": L1_DECISION},
             "validation": last_val,

@@ -400,6 +400,21 @@ def test_model_card_from_run_and_evaluation(gen_data, tmp_path):
     assert "vs t2 baseline: +1.50 dB, n = 2, p = 0.2" in card
     assert "Device: cpu x1" in card and "`--background-weight 1`" in card and "--intensity-reference percentile" in card
     assert "## Known limits" in card and "L1 reduction `mean`" in card
+    # Data, split and run folders are named portably: no path of this machine.
+    assert str(tmp_path) not in card and str(gen_data) not in card
+    provenance = load_bundle(run / "model.safetensors").provenance
+    assert str(gen_data) not in json.dumps(provenance) and str(tmp_path) not in json.dumps(provenance)
+    assert provenance["data"] == "<elsewhere>/data" and provenance["options"]["out"] == "<elsewhere>/run"
+
+
+def test_portable_path_names_folders_relative_to_the_project_never_absolute(tmp_path):
+    from training.data import PROJECT_ROOT, portable_path
+
+    assert portable_path(PROJECT_ROOT / "docs" / "split.json") == "docs/split.json"
+    assert portable_path(PROJECT_ROOT.parent / "shared" / "data") == "../shared/data"
+    assert portable_path(f"{PROJECT_ROOT.parent / 'shared' / 'data'}{os.pathsep}{PROJECT_ROOT / 'runs' / 'x'}") == \
+        "../shared/data:runs/x"
+    assert portable_path("/nowhere/near/the/project/extra") == "<elsewhere>/extra"
 
 
 def test_evaluate_lesion_figures(tmp_path):

@@ -19,6 +19,15 @@ is used as given (unless --no-mask); otherwise --brain-mask auto (default: the T
 voxels when it is already skull-stripped, else the brain is extracted with deepbet) or none.
 The line of each subject says which way it went. --save-mask also writes the mask used
 (1 = brain) beside the output: <subject>_brainmask.<ext>, in BIDS sub-X[_ses-Y]_desc-brain_mask.nii.gz.
+--uncertainty also writes the per-voxel test-time-augmentation spread (MRISynthesisLib.uncertainty;
+one network pass per augmentation; docs/uncertainty.md says what it is worth):
+<subject>_flair_uncertainty.<ext>, in BIDS sub-X[_ses-Y]_desc-<UNCERTAINTY_DESC>_FLAIR.nii.gz.
+
+Every volume written is marked as MRISynthesis output (MRISynthesisLib.provenance): NIfTI
+descrip / intent_name / header extension or NRRD MRISynthesis.* keys, and a JSON sidecar beside
+it (X.nii.gz -> X.json) naming the subject's input files with their SHA-256, the model and
+its digest, the brain-mask decision, device and precision. A subject's files are written all
+together or not at all.
 
 Every subject is read into a fresh MRML scene through storage nodes and synthesised by the
 same SynthesisSceneLogic the module uses. One line per subject is printed; subjects with
@@ -69,6 +78,9 @@ def parseArguments(argv=None):
                              "unless it is already skull-stripped; none uses the non-zero voxels")
     parser.add_argument("--no-mask", action="store_true", help="ignore mask files in subject folders")
     parser.add_argument("--save-mask", action="store_true", help="also write the brain mask used beside each output")
+    parser.add_argument("--uncertainty", action="store_true",
+                        help="also write the per-voxel uncertainty map (test-time-augmentation spread) beside each "
+                             "output; one extra network pass per augmentation (docs/uncertainty.md)")
     parser.add_argument("--subjects", default=None,
                         help="comma-separated subject folder names, or BIDS sub-X / sub-X_ses-Y (default: all)")
     return parser.parse_args(argv)
@@ -82,9 +94,10 @@ class SubjectPlan:
     """One subject to synthesise: its name (folder name, or BIDS sub-X[_ses-Y]), where its
     files are (a folder, or the files BIDS discovery found) and where its results go."""
 
-    def __init__(self, name, outputPath, maskPath, folder=None, files=None):
+    def __init__(self, name, outputPath, maskPath, folder=None, files=None, uncertaintyPath=None):
         self.name, self.outputPath, self.maskPath = name, outputPath, maskPath
         self.folder, self.files = folder, files
+        self.uncertaintyPath = uncertaintyPath
 
     def inputFiles(self):
         from SlicerMRISynthesisLib.scene import inputsFromFolder
@@ -153,13 +166,14 @@ def _folderPlans(args):
         raise ArgumentError(f"no subject folders in {args.input_dir}")
     return [SubjectPlan(s, os.path.join(args.output_dir, f"{s}_flair.{args.format}"),
                         os.path.join(args.output_dir, f"{s}_brainmask.{args.format}"),
-                        folder=os.path.join(args.input_dir, s))
+                        folder=os.path.join(args.input_dir, s),
+                        uncertaintyPath=os.path.join(args.output_dir, f"{s}_flair_uncertainty.{args.format}"))
             for s in _chosen(args, subjects, "subject folder")]
 
 
 def _bidsPlans(args):
     from MRISynthesisLib.errors import MRISynthesisError
-    from MRISynthesisLib.subjects import bids_derivative_path, bids_subjects
+    from MRISynthesisLib.subjects import UNCERTAINTY_DESC, bids_derivative_path, bids_subjects
 
     if args.format != "nii.gz":
         raise ArgumentError(f"--format {args.format}: a BIDS derivative is written as .nii.gz")
@@ -182,7 +196,8 @@ def _bidsPlans(args):
     for subject in selected or found:
         flair = bids_derivative_path(root, subject.subject, subject.session)
         mask = os.path.join(os.path.dirname(flair), f"{subject.name}_desc-brain_mask.nii.gz")
-        plans.append(SubjectPlan(subject.name, flair, mask, files=subject.files))
+        uncertainty = bids_derivative_path(root, subject.subject, subject.session, desc=UNCERTAINTY_DESC)
+        plans.append(SubjectPlan(subject.name, flair, mask, files=subject.files, uncertaintyPath=uncertainty))
     return plans
 
 
@@ -198,9 +213,12 @@ def wantedInputs(args, found):
 
 
 def runSubject(args, logic, plan):
+    import numpy as np
     import slicer  # 3D Slicer's, or slicer-core's under plain Python
 
-    from SlicerMRISynthesisLib.scene import MODALITY_LABELS, loadVolumeNode, saveVolumeNode
+    from MRISynthesisLib import provenance
+    from MRISynthesisLib.volumes import Volume, save_volumes
+    from SlicerMRISynthesisLib.scene import MODALITY_LABELS, loadVolumeNode
 
     found = plan.inputFiles()
     wanted = wantedInputs(args, found)
@@ -213,18 +231,48 @@ def runSubject(args, logic, plan):
     mask = None
     if "mask" in found and not args.no_mask:
         mask = loadVolumeNode(scene, found["mask"], "mask")
-    result = logic.synthesizeWithDetails(**nodes, mask=mask, brainMask=args.brain_mask, saveMask=args.save_mask,
-                                         model=args.model, device=args.device, precision=args.precision)
-    os.makedirs(os.path.dirname(plan.outputPath) or ".", exist_ok=True)
-    saveVolumeNode(result.output, plan.outputPath)
+    request = logic.prepare(**nodes, mask=mask, brainMask=args.brain_mask, saveMask=args.save_mask,
+                            model=args.model, device=args.device, precision=args.precision)
+    result = logic.compute(request)  # MRISynthesisLib.inference.SynthesisResult
+    # The record names the subject's files (the nodes' voxels were read from them).
+    sourceFiles = {m: found[m] for m in wanted}
+    if mask is not None:
+        sourceFiles["mask"] = found["mask"]
+    record = provenance.attach_source_files(result.provenance, sourceFiles)
+    affine = result.volume.affine
+    outputs = [(Volume(result.volume.array, affine, provenance=record), plan.outputPath)]
     written = plan.outputPath
-    if result.maskOutput is not None:
-        saveVolumeNode(result.maskOutput, plan.maskPath)
+    if args.save_mask:
+        outputs.append((Volume((result.brain_mask.array > 0).astype(np.uint8), affine,
+                               provenance=provenance.record_for_kind(record, provenance.KIND_MASK)), plan.maskPath))
         written += f" and {plan.maskPath}"
-    decision = result.maskDecision.description
+    if args.uncertainty:
+        outputs.append((Volume(result.uncertainty.array, affine,
+                               provenance=provenance.record_for_kind(record, provenance.KIND_UNCERTAINTY)),
+                        plan.uncertaintyPath))
+        written += f" and {plan.uncertaintyPath}"
+    os.makedirs(os.path.dirname(plan.outputPath) or ".", exist_ok=True)
+    save_volumes(outputs)  # each with its JSON sidecar; all of the subject's files or none
+    decision = result.mask_decision.description
     if mask is not None:
         decision += f" (the subject's file {os.path.basename(found['mask'])})"
     return "OK", f"{'+'.join(wanted)} -> {written}; {decision}"
+
+
+def uncertaintySynthesis(volumes, bundlePath, device="auto", **kwargs):
+    """The scene logic's synthesis with the uncertainty map (SynthesisSceneLogic's
+    ``synthesizeFunction``); "cuda:N" runs on GPU N."""
+    import contextlib
+
+    import torch
+    from MRISynthesisLib.inference import synthesize_with_details
+
+    context = contextlib.nullcontext()
+    if device.startswith("cuda:"):
+        context = torch.cuda.device(int(device.split(":")[1]))
+        device = "cuda"
+    with context:
+        return synthesize_with_details(volumes, bundlePath, device=device, uncertainty=True, **kwargs)
 
 
 def main(argv=None):
@@ -252,7 +300,9 @@ def main(argv=None):
         root = args.output_dir if args.output_dir is not None else args.input_dir
         print(f"BIDS dataset: writing the derivative {write_derivative_description(root, MRISynthesisLib.__version__)}",
               flush=True)
-    logic = SynthesisSceneLogic()  # one logic for all subjects: the network is built once
+    # One logic for all subjects: the network is built once. With --uncertainty the
+    # synthesis runs through MRISynthesisLib with the map asked for (its own network cache).
+    logic = SynthesisSceneLogic(synthesizeFunction=uncertaintySynthesis if args.uncertainty else None)
     failures = 0
     for plan in plans:
         start = time.time()

@@ -263,7 +263,80 @@ def test_batch_bids_dataset_is_written_as_a_bids_derivative(bids, tmp_path):
             expected = (brain(2 * i) != 0) | (brain(2 * i + 1) != 0)  # stripped: the non-zero voxels
         np.testing.assert_array_equal(mask > 0, expected)
         assert np.all(flair.array[~expected] == 0)  # background outside the mask used
+        # Each derivative file has its BIDS JSON sidecar naming the subject's files with their SHA-256.
+        sidecar = json.loads(derivative(out, folder, prefix).with_suffix("").with_suffix(".json").read_text())
+        anat = bids / folder / "anat"
+        inputs = [anat / f"{prefix}_T1w.nii.gz", anat / f"{prefix}_T2w.nii.gz"]
+        assert sidecar["Sources"] == [str(p) for p in inputs]
+        assert [s["SHA256"] for s in sidecar["SourceFiles"]] == [_sha256(p) for p in inputs]
+        assert sidecar["Synthetic"] is True and "not acquired" in sidecar["Statement"]
+        assert sidecar["GeneratedBy"][0]["Model"]["SHA256"] == _bundle_digest(bundle)
+        assert sidecar["BrainMask"]["Source"] == ("given" if prefix == "sub-02_ses-b" else
+                                                  "input already skull-stripped")
+        if prefix == "sub-02_ses-b":
+            assert sidecar["BrainMask"]["File"]["Path"] == str(anat / f"{prefix}_desc-brain_mask.nii.gz")
+        assert _nifti_intent(derivative(out, folder, prefix)) == b"synthetic FLAIR"
+        mask_sidecar = json.loads((derivative(out, folder, prefix, "desc-brain_mask").parent
+                                   / f"{prefix}_desc-brain_mask.json").read_text())
+        assert mask_sidecar["Kind"] == "brain mask" and mask_sidecar["Sources"] == sidecar["Sources"]
     assert not (bids / "derivatives").exists()  # --output-dir given: the dataset is left alone
+
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _bundle_digest(path):
+    from MRISynthesisLib.bundle import load_bundle
+
+    return load_bundle(path).sha256
+
+
+def _nifti_intent(path):
+    import nibabel as nib
+
+    return bytes(nib.load(str(path)).header["intent_name"]).rstrip(b"\0")
+
+
+def test_batch_uncertainty_and_marks_in_nrrd_and_bids(subjects, bids, tmp_path):
+    """--uncertainty writes the map beside each output; every file is marked (NRRD keys,
+    sidecars), and the synthetic image is the one written without the map."""
+    import json
+
+    import SimpleITK as sitk
+    from MRISynthesisLib.subjects import UNCERTAINTY_DESC
+
+    bundle = make_bundle(tmp_path / "m.safetensors", ("t1", "t2"))
+    plain = run("--input-dir", subjects, "--output-dir", tmp_path / "plain", "--model", bundle, "--device", "cpu",
+                "--subjects", "a", "--format", "nrrd")
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    result = run("--input-dir", subjects, "--output-dir", tmp_path / "out", "--model", bundle, "--device", "cpu",
+                 "--subjects", "a", "--format", "nrrd", "--uncertainty")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "a_flair_uncertainty.nrrd" in result.stdout
+    out = tmp_path / "out"
+    np.testing.assert_array_equal(load_volume(out / "a_flair.nrrd").array, load_volume(tmp_path / "plain" / "a_flair.nrrd").array)
+    for name, kind in (("a_flair", "synthetic"), ("a_flair_uncertainty", "uncertainty")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(out / f"{name}.nrrd"))
+        reader.ReadImageInformation()
+        keys = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
+        record = json.loads((out / f"{name}.json").read_text())
+        assert json.loads(keys["MRISynthesis.Provenance"]) == record and record["Kind"] == kind
+        assert keys["MRISynthesis.Synthetic"] == "true"
+        assert record["Sources"] == [str(subjects / "a" / "t1.nii.gz"), str(subjects / "a" / "t2.nii.gz")]
+    u = load_volume(out / "a_flair_uncertainty.nrrd")
+    np.testing.assert_allclose(u.affine, AFFINE, atol=1e-5)
+    assert u.array.min() >= 0 and u.array.max() > 0 and np.all(u.array[brain(0) == 0] == 0)
+    # A BIDS derivative gets the map as desc-<UNCERTAINTY_DESC> with its sidecar.
+    result = run("--input-dir", bids, "--output-dir", tmp_path / "bidsout", "--model", bundle, "--device", "cpu",
+                 "--subjects", "sub-01", "--uncertainty")
+    assert result.returncode == 0, result.stdout + result.stderr
+    path = derivative(tmp_path / "bidsout", "sub-01", "sub-01", f"desc-{UNCERTAINTY_DESC}_FLAIR")
+    assert load_volume(path).array.max() > 0 and _nifti_intent(path) == b"uncertainty"
+    assert json.loads(path.with_suffix("").with_suffix(".json").read_text())["Kind"] == "uncertainty"
 
 
 def test_batch_bids_default_output_is_the_dataset_and_subjects_select_sessions(bids, tmp_path):

@@ -5,7 +5,9 @@
     python -m MRISynthesisLib.demo --model my.safetensors --out results/
 
 Writes to ``--out`` (default ``demo-output/``):
-- ``synthetic_flair.nii.gz``: the synthetic FLAIR on the T1 grid, output scale [0, output_max];
+- ``synthetic_flair.nii.gz``: the synthetic FLAIR on the T1 grid, output scale [0, output_max],
+  marked as synthetic in its header, with its provenance sidecar ``synthetic_flair.json``
+  (MRISynthesisLib.provenance);
 - ``phantom/``: the simulated inputs, reference FLAIR, brain mask and lesion map as NIfTI
   (default case only; open them in 3D Slicer, or rerun with ``--subject OUT/phantom``);
 - ``figure.png``: a few axial slices: inputs, synthetic, reference FLAIR, absolute error;
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 SOURCE_SETS = (("t1", "t2", "t1c"), ("t1", "t2"), ("t1",))  # richest first
 SOURCE_NAMES = ("t1", "t2", "t1c")
 DEFAULT_OUT = "demo-output"
-OUTPUT_FILES = ("synthetic_flair.nii.gz", "figure.png", "metrics.json")
+OUTPUT_FILES = ("synthetic_flair.nii.gz", "synthetic_flair.json", "figure.png", "metrics.json")
 PHANTOM_DIR = "phantom"
 PHANTOM_MARKER = "phantom.json"  # marks a folder the demo wrote, safe to rewrite
 
@@ -339,7 +341,13 @@ def demo_main(args) -> int:
     synthetic = result.volume
     seconds = time.perf_counter() - t0
     say(result.mask_decision.description)
-    save_volume(synthetic, paths["synthetic_flair.nii.gz"])
+    if case.files:  # a subject folder: its files are named in the provenance record
+        from .provenance import attach_source_files
+
+        synthetic.provenance = attach_source_files(
+            synthetic.provenance, {**{m: case.files[m] for m in sources},
+                                   **({"mask": case.files["mask"]} if case.mask is not None else {})})
+    save_volume(synthetic, paths["synthetic_flair.nii.gz"])  # and its sidecar synthetic_flair.json
 
     # Everything below is on the synthetic's grid (the T1's).
     grid = synthetic

@@ -326,7 +326,9 @@ def test_demo_on_a_real_subject(real_data, tmp_path):
     assert report["inputs"]["t1"] == str(subject / "t1.nii.gz")
     synthetic = load_volume(out / "synthetic_flair.nii.gz", "synthetic")
     assert synthetic.same_grid(load_volume(subject / "t1.nii.gz", "t1"))
-    assert sorted(os.listdir(out)) == ["figure.png", "metrics.json", "synthetic_flair.nii.gz"]
+    assert sorted(os.listdir(out)) == ["figure.png", "metrics.json", "synthetic_flair.json", "synthetic_flair.nii.gz"]
+    sidecar = json.loads((out / "synthetic_flair.json").read_text())
+    assert sidecar["Synthetic"] is True and sidecar["Sources"][0] == str(subject / "t1.nii.gz")
 
 
 def test_figure_slices_include_the_lesion_and_stay_apart():

@@ -21,6 +21,13 @@ carries:
 
 ``read_provenance(path)`` reads all of this back (``mrisynthesis info FILE``).
 
+Entry points: ``synthesize_with_details`` returns the record (``result.provenance``) and
+sets it on the volumes it returns, so ``volumes.save_volume``/``save_volumes`` mark the
+files and write the sidecars. Callers with their own writer or scene (the Slicer module)
+use ``attach_source_files`` (inputs read from files elsewhere), ``record_for_kind``,
+``header_keys`` (node attributes, NRRD keys; ``record_from_header_keys`` reads them back),
+``nifti_descrip`` / ``nifti_intent_name`` and ``write_sidecar``.
+
 Each written volume has a kind: ``KIND_SYNTHETIC`` (the synthetic contrast),
 ``KIND_MASK`` (the brain mask the synthesis used) or ``KIND_UNCERTAINTY`` (the
 test-time-augmentation spread, MRISynthesisLib.uncertainty). ``record_for_kind`` makes
@@ -337,6 +344,23 @@ def output_files(path) -> List[str]:
 
 def sidecar_text(record: dict) -> str:
     return json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_sidecar(record: dict, volume_path) -> str:
+    """Write ``record`` as the JSON sidecar of ``volume_path`` (atomically: a temporary file
+    renamed); returns its path. For writers other than ``volumes.save_volume`` (which writes
+    it itself), e.g. a volume saved by Slicer's storage node."""
+    path = sidecar_path(volume_path)
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{base}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(sidecar_text(record))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 @dataclass

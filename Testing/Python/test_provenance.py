@@ -262,3 +262,13 @@ def test_constant_input_is_refused_by_name_before_brain_extraction(capsys, tmp_p
     result = synthesize_with_details({"t1": t1, "t2": load_volume(subject_files["t2"])}, str(tiny_bundle),
                                      mask=Volume(np.ones(t1.shape, np.float32), t1.affine))
     assert result.mask_decision.source == "given"
+
+
+def test_write_sidecar_for_other_writers(tmp_path, tiny_bundle):
+    """A volume saved by another writer (Slicer's storage node) gets the same sidecar."""
+    result = synthesize_with_details({"t1": head_phantom(seed=0), "t2": head_phantom(seed=1)}, str(tiny_bundle),
+                                     mask="none", device="cpu")
+    path = provenance.write_sidecar(result.provenance, tmp_path / "saved by slicer.nrrd")
+    assert path == str(tmp_path / "saved by slicer.json")
+    assert json.loads(open(path).read()) == result.provenance
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved by slicer.json", "tiny.safetensors"]  # no temporary

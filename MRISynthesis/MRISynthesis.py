@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import time
 from typing import Annotated, Optional
 
 import vtk
@@ -43,6 +44,7 @@ import SlicerMRISynthesisLib  # noqa: F401
 from MRISynthesisLib.errors import MRISynthesisError
 from SlicerMRISynthesisLib import dependencies, modelinfo
 from SlicerMRISynthesisLib.jobs import ApplyRun, SynthesisJob
+from MRISynthesisLib.worker import WorkerClient, worker_command
 from SlicerMRISynthesisLib.scene import (
     BRAIN_MASK_MODES,
     DEFAULT_BRAIN_MASK,
@@ -90,7 +92,7 @@ class MRISynthesis(ScriptedLoadableModule):
         self.parent.title = _("MRI Synthesis")
         self.parent.categories = [_("Image Synthesis")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MRISynthesis contributors"]
+        self.parent.contributors = ["MRISynthesis team (independent)"]  # "Name (Affiliation)", as Slicer lists them
         self.parent.helpText = _("""
 Synthesises a missing FLAIR from T1, T1+T2 or T1+T2+T1c with a feature-disentanglement GAN.
 Select the inputs (pre-filled from volume names), choose the model, press Apply. The output
@@ -116,7 +118,7 @@ def registerSampleData():
         fileNames=[fileName for nodeName, fileName, sha in SAMPLE_FILES],
         nodeNames=[nodeName for nodeName, fileName, sha in SAMPLE_FILES],
         checksums=[f"SHA256:{sha}" for nodeName, fileName, sha in SAMPLE_FILES],
-        loadFileType=["VolumeFile"] * len(SAMPLE_FILES),
+        loadFileTypes=["VolumeFile"] * len(SAMPLE_FILES),
     )
 
 
@@ -152,8 +154,11 @@ class MRISynthesisParameterNode:
 
 class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Thin: the panel state comes from MRISynthesisLogic.panelState, synthesis runs in a
-    SynthesisJob (worker thread) after the dependency install (InstallJob), both in one
-    ApplyRun advanced by a QTimer, so the panel stays responsive and Cancel works throughout."""
+    SynthesisJob (the logic's worker process) after the dependency install (InstallJob), both
+    in one ApplyRun advanced by a QTimer, so the panel stays responsive and Cancel works
+    throughout without waiting. The worker process is started when the module is shown and
+    kept while it is in use (the network stays built between Applies); leaving the module
+    lets a run finish, then ends the worker."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -162,6 +167,7 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None  # the running ApplyRun
+        self._workerInfoShown = None  # the worker's "ready" report last shown (PyTorch, GPUs)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -189,6 +195,7 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._cancelRun(_("the module was closed"))
+        self.logic.worker.kill()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -197,11 +204,16 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.hasObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded):
             self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self._showEnvironment()
+        # Start the worker now (PyTorch's import takes seconds) so that the first Apply finds it ready.
+        if self.logic.startWorkerIfInstalled():
+            self.timer.start()
 
     def exit(self) -> None:
-        self._cancelRun(_("you left the module"))
+        # A run goes on (its result still reaches the scene); an idle worker is ended now.
         self.removeObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.setParameterNode(None)
+        if not self._running:
+            self.logic.stopWorker()
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRun(_("the scene was closed"))
@@ -257,24 +269,34 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.addItem(_("none (non-zero voxels)"), "none")
 
     def _fillDeviceComboBox(self, torchModule) -> None:
+        """``torchModule``: what is known of the GPUs: None (not yet), a list of GPU names
+        (modelinfo.workerDevices) or the synthesis process's report. The saved choice stays
+        listed and selected."""
         combo = self.ui.deviceComboBox
+        current = self._parameterNode.device if self._parameterNode else "auto"
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for device, label in modelinfo.deviceChoices(torchModule):
+        for device, label in modelinfo.deviceChoices(torchModule, current=current):
             combo.addItem(label, device)
         combo.blockSignals(wasBlocked)
-        self._showChoice(combo, self._parameterNode.device if self._parameterNode else "auto")
+        self._showChoice(combo, current)
 
     def _showEnvironment(self) -> None:
-        torchModule = None
-        if importlib.util.find_spec("torch") is not None:  # imported when the panel is shown, not at start-up
-            try:
-                import torch as torchModule
-            except Exception as exc:  # a broken install: say so, keep the panel usable
-                self.ui.environmentLabel.text = _("PyTorch cannot be imported: {error}").format(error=exc)
-                return
-        self._fillDeviceComboBox(torchModule)
-        self.ui.environmentLabel.text = modelinfo.torchStatus(torchModule)
+        """The PyTorch line from the installed distribution's metadata: torch is never imported
+        into Slicer's process for the panel (an old torch imported here could not be upgraded
+        until Slicer restarts). The GPUs come from the synthesis process (_showWorkerInfo)."""
+        self.ui.environmentLabel.text = modelinfo.installedTorchStatus()
+        if getattr(self, "_workerInfoShown", None) is None:
+            self._fillDeviceComboBox(None)
+
+    def _showWorkerInfo(self) -> None:
+        """The worker's PyTorch and GPUs: the device list and the PyTorch line (Slicer's own
+        interpreter never imports torch)."""
+        info = self._workerInfoShown = self.logic.worker.info
+        if info is None:
+            return
+        self._fillDeviceComboBox(modelinfo.workerDevices(info))
+        self.ui.environmentLabel.text = modelinfo.workerTorchStatus(info)
 
     @staticmethod
     def _showChoice(combo, value) -> None:
@@ -343,7 +365,7 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         installJob = dependencies.InstallJob(self.logic.dependencyInstaller, steps) if steps else None
         self._setRunning(True)
-        self._run = ApplyRun(self.logic.sceneLogic, request, slicer.mrmlScene, installJob,
+        self._run = ApplyRun(self.logic.sceneLogic, request, slicer.mrmlScene, self.logic.worker, installJob,
                              onInstalled=self._showEnvironment)
         self._showProgress()
         self.timer.start()
@@ -351,8 +373,14 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _poll(self) -> None:
         run = self._run
         if run is None:
-            self.timer.stop()
+            # Only waiting for the worker's "ready" (its PyTorch and GPUs, for the device list).
+            self.logic.worker.events()
+            if self.logic.worker.info is not None or not self.logic.worker.alive:
+                self.timer.stop()
+                self._showWorkerInfo()
             return
+        if self.logic.worker.info is not None and self.logic.worker.info is not self._workerInfoShown:
+            self._showWorkerInfo()
         if run.poll():
             if self._run is run:  # not cancelled inside a blocking install step
                 self._showProgress()
@@ -376,6 +404,8 @@ class MRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         run, self._run = self._run, None
         self.timer.stop()
         self._setRunning(False)
+        if not self.parent.isEntered:  # the module was left during the run
+            self.logic.stopWorker()
         if run.output is not None:
             maskOutput = run.result.maskOutput if run.result is not None else None
             slicer.util.setSliceViewerLayers(background=run.output, label=maskOutput or "keep-current", fit=True)
@@ -420,40 +450,34 @@ def _confirmInSlicer(message: str) -> bool:
     return slicer.util.confirmOkCancelDisplay(message, windowTitle=_("MRISynthesis: install Python packages"))
 
 
-def _installTorchWithPyTorchUtils(requirement: str) -> None:
-    import PyTorchUtils  # the PyTorch extension: chooses the CUDA build matching the GPU
-
-    specifier = requirement[len("torch"):]
-    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=specifier) is None:
-        raise RuntimeError("the PyTorch extension could not install PyTorch; see the Python console log")
-
-
-def _pipEnsure(requirements) -> None:
-    packaging = importlib.import_module("slicer.packaging")  # Slicer 5.12+
-    # Already confirmed once by MRISynthesis: prompt_install=False, or it asks again.
-    packaging.pip_ensure(list(requirements), prompt_install=False, requester="MRISynthesis")
-
-
-def _launchPip(requirements):
-    """What slicer.util.pip_install runs on 5.8-5.10, as a process the panel can stop."""
+def _pythonSlicer() -> str:
+    """Slicer's Python launcher (on PATH inside Slicer): what slicer.util.pip_install and the
+    PyTorch extension run pip and light-the-torch with."""
     import shutil
 
     python = shutil.which("PythonSlicer")
     if not python:
         raise RuntimeError("PythonSlicer executable not found")
-    return slicer.util.launchConsoleProcess(dependencies.pipInstallCommand(python, requirements),
-                                            useStartupEnvironment=False)
+    return python
+
+
+def launchSlicerWorker():
+    """The synthesis worker process: Slicer's own Python (PythonSlicer) running
+    MRISynthesisLib.worker, in a process group of its own so Cancel can kill the whole tree
+    (PythonSlicer is a launcher that starts the interpreter as its child)."""
+    from MRISynthesisLib.processes import popen_new_group
+
+    return popen_new_group(worker_command(_pythonSlicer()), stdin=True)
 
 
 def slicerDependencyInstaller() -> dependencies.DependencyInstaller:
-    """The installer wired to this Slicer's dialogs and installers."""
-    # slicer.packaging.pip_ensure exists from Slicer 5.12 on.
-    hasPipEnsure = (importlib.util.find_spec("slicer.packaging") is not None
-                    and hasattr(importlib.import_module("slicer.packaging"), "pip_ensure"))
+    """The installer wired to this Slicer: its dialog, PythonSlicer and temporary folder. Every
+    step is a background process tree that Cancel kills at once (pip; light-the-torch, the
+    PyTorch extension's method, when that extension is installed), on every Slicer version:
+    no blocking Slicer installer (pip_ensure, PyTorchUtils.installTorch) is called."""
     return dependencies.DependencyInstaller(
-        confirm=_confirmInSlicer, hasPyTorchUtils=importlib.util.find_spec("PyTorchUtils") is not None,
-        hasPipEnsure=hasPipEnsure, installTorchWithPyTorchUtils=_installTorchWithPyTorchUtils,
-        pipEnsure=_pipEnsure, launchPip=_launchPip)
+        confirm=_confirmInSlicer, hasPyTorchExtension=importlib.util.find_spec("PyTorchUtils") is not None,
+        python=_pythonSlicer, constraintsFolder=slicer.app.temporaryPath)
 
 
 class MRISynthesisLogic(ScriptedLoadableModuleLogic):
@@ -463,10 +487,29 @@ class MRISynthesisLogic(ScriptedLoadableModuleLogic):
     """
 
     def __init__(self, sceneLogic: Optional[SynthesisSceneLogic] = None,
-                 dependencyInstaller: Optional[dependencies.DependencyInstaller] = None) -> None:
+                 dependencyInstaller: Optional[dependencies.DependencyInstaller] = None,
+                 launchWorker=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.sceneLogic = sceneLogic or SynthesisSceneLogic(slicer.mrmlScene)
         self.dependencyInstaller = dependencyInstaller or slicerDependencyInstaller()
+        # The panel's synthesis process (console calls run in Slicer's own interpreter).
+        self.worker = WorkerClient(launchWorker or launchSlicerWorker)
+
+    def startWorkerIfInstalled(self) -> bool:
+        """Start the worker process unless a package is missing (then the first Apply installs
+        first); True when a worker is (now) running."""
+        try:
+            if self.dependencyInstaller.problems():
+                return False
+            self.worker.start()
+        except Exception as exc:  # the panel works without it: Apply will report the problem
+            logging.warning("MRISynthesis: the synthesis process could not be started: %s", exc)
+            return False
+        return True
+
+    def stopWorker(self) -> None:
+        """End the idle worker process (it exits when its input closes)."""
+        self.worker.stop()
 
     def getParameterNode(self):
         return MRISynthesisParameterNode(super().getParameterNode())
@@ -556,23 +599,16 @@ class MRISynthesisLogic(ScriptedLoadableModuleLogic):
 #
 
 
-class MRISynthesisTest(ScriptedLoadableModuleTest):
+class MRISynthesisTest(dependencies.SelfTestGuard, ScriptedLoadableModuleTest):
     """Self-test in a real Slicer: small generated volumes, a small random model. It never
-    installs anything: without the Python packages it is skipped with the list."""
+    installs anything. Without the Python packages every test is skipped in setUp with the
+    list of what is missing (SelfTestGuard: ctest runs the test_* methods through unittest;
+    Reload and Test calls runTest, which reports "skipped" instead of failing)."""
 
-    def setUp(self):
+    selfTests = ("test_SynthesisGeometryAndValues", "test_BackgroundJobAndCancel", "test_ErrorLeavesSceneUnchanged")
+
+    def setUpTest(self):  # after SelfTestGuard.setUp's check of the packages
         slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        missing = MRISynthesisLogic().missingRequirements()
-        if missing:
-            self.skipTest("MRISynthesis needs Python packages that are not installed: " + "; ".join(missing))
-        self.setUp()
-        self.test_SynthesisGeometryAndValues()
-        self.setUp()
-        self.test_BackgroundJobAndCancel()
-        self.setUp()
-        self.test_ErrorLeavesSceneUnchanged()
 
     def _volume(self, name, shape, ijkToRAS, seed):
         import numpy as np
@@ -635,17 +671,25 @@ class MRISynthesisTest(ScriptedLoadableModuleTest):
         logic = self._logic()
         t1 = self._volume("t1", (24, 20, 6), np.eye(4), 0)
         request = logic.sceneLogic.prepare(t1=t1, model=self._bundle(1), device="cpu")
-        job = SynthesisJob(logic.sceneLogic, request)
         before = slicer.mrmlScene.GetNumberOfNodes()
-        job.cancel("self-test")
-        job.start()
-        self.assertIsNone(job.finish(timeout=60))
-        self.assertFalse(job.running)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
-        job = SynthesisJob(logic.sceneLogic, request)
-        job.start()
-        output = job.finish(timeout=120)
-        self.assertEqual(output.GetName(), "t1 synthetic FLAIR")
+        try:
+            # In the worker process (PythonSlicer), as the panel runs it; cancelled at once.
+            job = SynthesisJob(logic.sceneLogic, request, logic.worker)
+            job.start()
+            job.cancel("self-test")
+            self.assertIsNone(job.finish())
+            self.assertFalse(job.running)
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+            job = SynthesisJob(logic.sceneLogic, request, logic.worker)
+            job.start()
+            deadline = time.monotonic() + 120
+            while job.poll():
+                self.assertLess(time.monotonic(), deadline, "the synthesis process did not finish")
+                time.sleep(0.05)
+            output = job.finish()
+            self.assertEqual(output.GetName(), "t1 synthetic FLAIR")
+        finally:
+            logic.worker.kill()
         self.delayDisplay("Test passed")
 
     def test_ErrorLeavesSceneUnchanged(self):

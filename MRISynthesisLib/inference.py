@@ -224,6 +224,13 @@ def prepare_generator(net: torch.nn.Module, device: torch.device, precision: str
 _GENERATORS: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
 _GENERATORS_KEPT = 2
 _GENERATORS_LOCK = threading.Lock()
+_GENERATOR_BUILDS = [0]
+
+
+def generator_builds() -> int:
+    """How many networks ``cached_generator`` has built in this process (a reused one is not
+    counted): long-lived callers such as the worker process report it."""
+    return _GENERATOR_BUILDS[0]
 
 
 def cached_generator(bundle: ModelBundle, device: Union[str, torch.device] = "cpu",
@@ -244,6 +251,7 @@ def cached_generator(bundle: ModelBundle, device: Union[str, torch.device] = "cp
             return net
     net = prepare_generator(bundle.build_generator(device), device, precision)
     with _GENERATORS_LOCK:
+        _GENERATOR_BUILDS[0] += 1
         _GENERATORS[key] = net
         while len(_GENERATORS) > _GENERATORS_KEPT:
             _GENERATORS.popitem(last=False)

@@ -140,14 +140,18 @@ def _method(cls, name):
 
 def test_widget_scene_rules():
     """Statically (Qt cannot run here): no parameter node or pre-fill outside the shown module,
-    a run is cancelled on scene close / module exit, the result is shown, outputs are new."""
+    a run is cancelled on scene close and module cleanup but not on leaving the module (an idle
+    worker is ended then, a busy one when its run finishes), the result is shown, outputs are new."""
     setup = _method("MRISynthesisWidget", "setup")
     assert "getParameterNode" not in setup and "initializeParameterNode" not in setup and "NodeAddedEvent" not in setup
     assert "NodeAddedEvent" in _method("MRISynthesisWidget", "enter")
     exit_ = _method("MRISynthesisWidget", "exit")
-    assert "_cancelRun" in exit_ and "NodeAddedEvent" in exit_
+    assert "_cancelRun" not in exit_ and "NodeAddedEvent" in exit_ and "stopWorker" in exit_
+    assert "stopWorker" in _method("MRISynthesisWidget", "_finishRun")
+    assert "startWorkerIfInstalled" in _method("MRISynthesisWidget", "enter")
     assert "_cancelRun" in _method("MRISynthesisWidget", "onSceneStartClose")
-    assert "_cancelRun" in _method("MRISynthesisWidget", "cleanup")
+    assert "_cancelRun" in _method("MRISynthesisWidget", "cleanup") and "worker.kill" in _method(
+        "MRISynthesisWidget", "cleanup")
     assert "ApplyRun(" in _method("MRISynthesisWidget", "onApplyButton")
     assert "isEntered" in _method("MRISynthesisWidget", "_prefill")
     assert "isEntered" in _method("MRISynthesisWidget", "onSceneEndClose")

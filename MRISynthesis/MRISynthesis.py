@@ -144,6 +144,7 @@ class MRISynthesisParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode  # None: each Apply creates a new volume
     saveBrainMask: bool = False  # also keep the brain mask used, as a label map
     maskOutputVolume: vtkMRMLLabelMapVolumeNode  # None: each Apply creates a new label map
+    saveUncertainty: bool = False  # also the test-time-augmentation spread, as a new volume
     decidedInputs: str = ""  # comma-separated selectors already set once: never pre-filled again
 
 
@@ -557,7 +558,8 @@ class MRISynthesisLogic(ScriptedLoadableModuleLogic):
         return self.sceneLogic.prepare(**inputs, mask=p.maskVolume, brainMask=p.brainMask, model=state.model,
                                        device=p.device, precision=p.precision, outputNode=p.outputVolume,
                                        saveMask=p.saveBrainMask,
-                                       maskOutputNode=p.maskOutputVolume if p.saveBrainMask else None)
+                                       maskOutputNode=p.maskOutputVolume if p.saveBrainMask else None,
+                                       uncertainty=p.saveUncertainty)
 
     def synthesize(self, t1=None, t2=None, t1c=None, mask=None, model=None, device="auto",
                    precision=DEFAULT_PRECISION, outputNode=None, progressCallback=None, cancel=None,

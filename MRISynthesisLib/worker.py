@@ -93,11 +93,13 @@ def _volume_from_entry(entry: dict) -> Volume:
 
 def request_message(request_id: int, folder: str, volumes: Dict[str, Volume], mask, bundle_path: str,
                     device: str = "auto", precision: str = "auto", batch_size: int = 4,
-                    reference: str = "t1") -> dict:
+                    reference: str = "t1", uncertainty: bool = False) -> dict:
     """Write the inputs into ``folder`` and return the request for the worker. ``mask``:
-    "auto", "none" or a Volume (used as given)."""
+    "auto", "none" or a Volume (used as given); ``uncertainty``: also the test-time
+    augmentation spread (MRISynthesisLib.uncertainty)."""
     message = {"op": "synthesize", "id": request_id, "folder": folder, "bundle": str(bundle_path),
                "device": device, "precision": precision, "batch_size": int(batch_size), "reference": reference,
+               "uncertainty": bool(uncertainty),
                "inputs": {name: _volume_entry(folder, f"input_{name}", vol) for name, vol in volumes.items()}}
     if isinstance(mask, Volume):
         message["mask"] = _volume_entry(folder, "input_mask", mask)
@@ -114,15 +116,19 @@ class WorkerResult:
     volume: Volume
     brain_mask: Volume
     mask_decision: BrainMaskDecision
+    provenance: Optional[dict] = None  # how it was made (MRISynthesisLib.provenance)
+    uncertainty: Optional[Volume] = None  # the test-time-augmentation spread, when asked for
     seconds: float = 0.0
     generator_builds: int = 0
 
 
 def result_from_event(event: dict) -> WorkerResult:
     decision = event["mask_decision"]
+    spread = event.get("uncertainty")
     return WorkerResult(_volume_from_entry(event["output"]), _volume_from_entry(event["brain_mask"]),
                         BrainMaskDecision(None, decision["source"], decision["description"],
                                           decision.get("seconds", 0.0)),
+                        event.get("provenance"), None if spread is None else _volume_from_entry(spread),
                         event.get("seconds", 0.0), event.get("generator_builds", 0))
 
 
@@ -189,10 +195,14 @@ class _Worker:
         with context:
             result = synthesize_with_details(volumes, bundle, mask=mask, reference=message.get("reference", "t1"),
                                              device=device, precision=message["precision"],
-                                             batch_size=message["batch_size"], progress=progress)
+                                             batch_size=message["batch_size"], progress=progress,
+                                             uncertainty=bool(message.get("uncertainty")))
         del volumes
         decision = result.mask_decision
-        return {"event": "done", "id": request_id,
+        extra = {}
+        if result.uncertainty is not None:
+            extra["uncertainty"] = _volume_entry(folder, "uncertainty", result.uncertainty)
+        return {"event": "done", "id": request_id, "provenance": result.provenance, **extra,
                 "output": _volume_entry(folder, "output", result.volume),
                 "brain_mask": _volume_entry(folder, "brain_mask", Volume(result.brain_mask.array > 0,
                                                                          result.brain_mask.affine)),

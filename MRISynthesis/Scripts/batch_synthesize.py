@@ -232,7 +232,8 @@ def runSubject(args, logic, plan):
     if "mask" in found and not args.no_mask:
         mask = loadVolumeNode(scene, found["mask"], "mask")
     request = logic.prepare(**nodes, mask=mask, brainMask=args.brain_mask, saveMask=args.save_mask,
-                            model=args.model, device=args.device, precision=args.precision)
+                            model=args.model, device=args.device, precision=args.precision,
+                            uncertainty=args.uncertainty)
     result = logic.compute(request)  # MRISynthesisLib.inference.SynthesisResult
     # The record names the subject's files (the nodes' voxels were read from them).
     sourceFiles = {m: found[m] for m in wanted}
@@ -257,22 +258,6 @@ def runSubject(args, logic, plan):
     if mask is not None:
         decision += f" (the subject's file {os.path.basename(found['mask'])})"
     return "OK", f"{'+'.join(wanted)} -> {written}; {decision}"
-
-
-def uncertaintySynthesis(volumes, bundlePath, device="auto", **kwargs):
-    """The scene logic's synthesis with the uncertainty map (SynthesisSceneLogic's
-    ``synthesizeFunction``); "cuda:N" runs on GPU N."""
-    import contextlib
-
-    import torch
-    from MRISynthesisLib.inference import synthesize_with_details
-
-    context = contextlib.nullcontext()
-    if device.startswith("cuda:"):
-        context = torch.cuda.device(int(device.split(":")[1]))
-        device = "cuda"
-    with context:
-        return synthesize_with_details(volumes, bundlePath, device=device, uncertainty=True, **kwargs)
 
 
 def main(argv=None):
@@ -300,9 +285,8 @@ def main(argv=None):
         root = args.output_dir if args.output_dir is not None else args.input_dir
         print(f"BIDS dataset: writing the derivative {write_derivative_description(root, MRISynthesisLib.__version__)}",
               flush=True)
-    # One logic for all subjects: the network is built once. With --uncertainty the
-    # synthesis runs through MRISynthesisLib with the map asked for (its own network cache).
-    logic = SynthesisSceneLogic(synthesizeFunction=uncertaintySynthesis if args.uncertainty else None)
+    # One logic for all subjects: the network is built once.
+    logic = SynthesisSceneLogic()
     failures = 0
     for plan in plans:
         start = time.time()

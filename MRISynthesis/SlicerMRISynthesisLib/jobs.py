@@ -69,7 +69,8 @@ class SynthesisJob:
             self._id = self.worker.new_id()
             r = self.request
             self.worker.send(request_message(self._id, self._folder, r.volumes, r.mask, r.bundlePath,
-                                             device=r.device, precision=r.precision, batch_size=r.batchSize))
+                                             device=r.device, precision=r.precision, batch_size=r.batchSize,
+                                             uncertainty=r.uncertainty))
         except Exception as exc:
             self.error = exc
             self.state = FAILED
@@ -266,6 +267,9 @@ class ApplyRun:
             return self._finish(None, f"Cancelled ({self.job.cancelReason}); the scene is unchanged.")
         self.result = self.job.result
         saved = f" Brain mask saved as '{self.result.maskOutput.GetName()}'." if self.result.maskOutput else ""
+        if self.result.uncertaintyOutput is not None:
+            saved += (f" Test-time-augmentation spread saved as '{self.result.uncertaintyOutput.GetName()}' "
+                      "(where the output changes under small input changes; not a confidence map).")
         return self._finish(output, f"Done: {output.GetName()}. {_sentence(self.result.maskDecision.description)}"
                                     f"{saved}")
 

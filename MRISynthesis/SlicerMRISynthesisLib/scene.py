@@ -35,6 +35,7 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
+from MRISynthesisLib import provenance
 from MRISynthesisLib.brainmask import BRAIN_MASK_MODES, BrainMaskDecision
 from MRISynthesisLib.errors import BundleError, InputError
 from MRISynthesisLib.subjects import subject_files
@@ -119,6 +120,45 @@ def outputName(referenceNode) -> str:
 
 def maskOutputName(referenceNode) -> str:
     return f"{referenceNode.GetName()} brain mask"
+
+
+def uncertaintyOutputName(referenceNode) -> str:
+    return f"{referenceNode.GetName()} synthetic FLAIR TTA spread"
+
+
+def markNode(node, record: Optional[dict]) -> None:
+    """Say on a volume node that it is synthetic and how it was made: the provenance keys of
+    MRISynthesisLib.provenance.header_keys as node attributes (``MRISynthesis.*``), and a NRRD
+    storage node unless it has a storage node already: Slicer's NRRD storage node writes every
+    node attribute into the NRRD header (and reads them back), so File > Save keeps the marks
+    (Slicer's default volume writer would drop them). ``provenance.record_from_header_keys``
+    reads them back from the node or the saved header."""
+    if record is None:
+        return
+    wasModifying = node.StartModify()
+    for key, value in provenance.header_keys(record).items():
+        node.SetAttribute(key, value)
+    node.EndModify(wasModifying)
+    scene = node.GetScene()
+    if node.GetStorageNode() is None and scene is not None:
+        storage = scene.AddNewNodeByClass("vtkMRMLNRRDStorageNode")
+        storage.SetUseCompression(True)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+
+
+def nodeRecord(node) -> Optional[dict]:
+    """The provenance record a node carries (None for an acquired volume)."""
+    return provenance.record_from_header_keys({name: node.GetAttribute(name) for name in node.GetAttributeNames()})
+
+
+def nodeSourceFile(node) -> Optional[str]:
+    """The file a node's voxels were read from, if it still holds exactly them (the record then
+    names the file and its SHA-256 besides the voxels' digest)."""
+    storage = node.GetStorageNode() if node is not None else None
+    if storage is None or node.GetModifiedSinceRead():
+        return None
+    name = storage.GetFileName()
+    return name if name and os.path.isfile(name) else None
 
 
 # ----------------------------------------------------------------------------- models
@@ -398,6 +438,8 @@ class SynthesisRequest:
     inputNodes: Tuple = ()  # every node the result depends on
     saveMask: bool = False  # also put the brain mask used into a label map
     maskOutputNode: object = None  # None (with saveMask): a new label map "<T1 name> brain mask"
+    uncertainty: bool = False  # also the test-time-augmentation spread, as a new volume
+    sourceFiles: Dict[str, str] = field(default_factory=dict)  # {modality or "mask": file the node was read from}
 
     @property
     def sceneNodes(self) -> Tuple:
@@ -413,6 +455,8 @@ class SceneResult:
     output: object
     maskOutput: object
     maskDecision: BrainMaskDecision
+    uncertaintyOutput: object = None  # the test-time-augmentation spread, when asked for
+    provenance: Optional[dict] = None  # how it was made: also on each node as MRISynthesis.* attributes
 
 
 class SynthesisSceneLogic:
@@ -480,7 +524,7 @@ class SynthesisSceneLogic:
     def prepare(self, t1=None, t2=None, t1c=None, mask=None, model: Optional[str] = None, device: str = "auto",
                 precision: str = DEFAULT_PRECISION, outputNode=None, batchSize: int = 4,
                 brainMask: str = DEFAULT_BRAIN_MASK, saveMask: bool = False,
-                maskOutputNode=None) -> SynthesisRequest:
+                maskOutputNode=None, uncertainty: bool = False) -> SynthesisRequest:
         """Check the nodes and copy their voxels (main thread). Raises InputError/BundleError."""
         nodes = {"t1": t1, "t2": t2, "t1c": t1c}
         given = {m: n for m, n in nodes.items() if n is not None}
@@ -517,9 +561,12 @@ class SynthesisSceneLogic:
         self.log.info("Synthesising FLAIR from %s with %s on %s (%s); brain mask: %s",
                       " + ".join(MODALITY_LABELS[m] for m in given), bundlePath, device, precision,
                       f"given ('{mask.GetName()}')" if mask is not None else brainMask)
+        sourceFiles = {m: nodeSourceFile(n) for m, n in (*given.items(), ("mask", mask))}
         return SynthesisRequest(volumes, maskSpec, str(bundlePath), device, precision, batchSize, t1, outputNode,
                                 tuple(n for n in inputs if n is not None),
-                                saveMask=bool(saveMask or maskOutputNode is not None), maskOutputNode=maskOutputNode)
+                                saveMask=bool(saveMask or maskOutputNode is not None), maskOutputNode=maskOutputNode,
+                                uncertainty=bool(uncertainty),
+                                sourceFiles={m: f for m, f in sourceFiles.items() if f is not None})
 
     def compute(self, request: SynthesisRequest, progressCallback=None, cancel=None):
         """Decide the brain mask (extraction included) and run the network (any thread;
@@ -528,6 +575,8 @@ class SynthesisSceneLogic:
         reference = request.volumes["t1"]
         kwargs = dict(mask=request.mask, reference="t1", precision=request.precision, batch_size=request.batchSize,
                       progress=progressCallback, cancel=cancel)
+        if request.uncertainty:
+            kwargs["uncertainty"] = True
         if self._synthesize is not None:
             result = self._synthesize(request.volumes, request.bundlePath, device=request.device, **kwargs)
         else:
@@ -560,23 +609,45 @@ class SynthesisSceneLogic:
 
     def store(self, request: SynthesisRequest, result) -> SceneResult:
         """Put the result into the scene (main thread), only now that synthesis succeeded:
-        the FLAIR and, when asked for, the brain mask used as a label map (1 = brain). If
-        storing the mask fails, a FLAIR node created here is removed again."""
+        the FLAIR and, when asked for, the brain mask used as a label map (1 = brain) and the
+        test-time-augmentation spread, each marked with its provenance (``markNode``: the
+        record names the input files the nodes were read from). If storing a second volume
+        fails, the nodes created here are removed again."""
         scene = self.scene or request.referenceNode.GetScene()
-        created = request.outputNode is None
-        output = self._storeVolume(scene, result.volume.array, request.referenceNode, request.outputNode,
-                                   "vtkMRMLScalarVolumeNode", outputName(request.referenceNode), np.float32)
-        maskOutput = None
-        if request.saveMask:
-            try:
+        record = getattr(result, "provenance", None)
+        if record is not None and request.sourceFiles:
+            record = provenance.attach_source_files(record, request.sourceFiles)
+        created = []
+        try:
+            output = self._storeVolume(scene, result.volume.array, request.referenceNode, request.outputNode,
+                                       "vtkMRMLScalarVolumeNode", outputName(request.referenceNode), np.float32)
+            if request.outputNode is None:
+                created.append(output)
+            markNode(output, record)
+            maskOutput = None
+            if request.saveMask:
                 maskOutput = self._storeVolume(scene, result.brain_mask.array > 0, request.referenceNode,
                                                request.maskOutputNode, "vtkMRMLLabelMapVolumeNode",
                                                maskOutputName(request.referenceNode), np.uint8)
-            except Exception:
-                if created:
-                    scene.RemoveNode(output)
-                raise
-        return SceneResult(output, maskOutput, result.mask_decision)
+                if request.maskOutputNode is None:
+                    created.append(maskOutput)
+                markNode(maskOutput, record and provenance.record_for_kind(record, provenance.KIND_MASK))
+            uncertaintyOutput = None
+            spread = getattr(result, "uncertainty", None)
+            if request.uncertainty and spread is not None:
+                uncertaintyOutput = self._storeVolume(scene, spread.array, request.referenceNode, None,
+                                                      "vtkMRMLScalarVolumeNode",
+                                                      uncertaintyOutputName(request.referenceNode), np.float32)
+                created.append(uncertaintyOutput)
+                markNode(uncertaintyOutput, record and provenance.record_for_kind(record, provenance.KIND_UNCERTAINTY))
+        except Exception:
+            for node in created:
+                storage = node.GetStorageNode()
+                scene.RemoveNode(node)
+                if storage is not None:
+                    scene.RemoveNode(storage)
+            raise
+        return SceneResult(output, maskOutput, result.mask_decision, uncertaintyOutput, record)
 
     @staticmethod
     def _storeVolume(scene, array: np.ndarray, referenceNode, node, className: str, name: str, dtype):

@@ -387,7 +387,8 @@ def test_apply_run_extracts_in_the_worker_and_reports_the_mask_decision(head, tm
     bundle = str(make_bundle(tmp_path / "t1.safetensors", ("t1",)))
     logic = SynthesisSceneLogic(scene)
     worker = WorkerClient(worker_fakes.launcher(MRISYNTHESIS_TEST_BRAIN=mask_file))
-    run = ApplyRun(logic, logic.prepare(t1=t1, model=bundle, device="cpu", saveMask=True), scene, worker)
+    run = ApplyRun(logic, logic.prepare(t1=t1, model=bundle, device="cpu", saveMask=True, uncertainty=True), scene,
+                   worker)
     poll_until_done(run)
     assert not run.failed, run.message
     assert "Brain mask: extracted from t1 with deepbet" in run.message and "\n" not in run.message
@@ -395,6 +396,16 @@ def test_apply_run_extracts_in_the_worker_and_reports_the_mask_decision(head, tm
     assert run.result.maskDecision.source == "extracted (deepbet)" and run.result.output is run.output
     np.testing.assert_array_equal(slicer_array(run.result.maskOutput).transpose(2, 1, 0) > 0,
                                   np.load(mask_file))
+    # Made in the worker process, marked in the scene (issue 19): provenance and the TTA spread.
+    from MRISynthesisLib import provenance
+    from SlicerMRISynthesisLib.scene import nodeRecord
+
+    record = nodeRecord(run.output)
+    assert record["Synthetic"] is True and record["BrainMask"]["Source"] == "extracted (deepbet)"
+    assert nodeRecord(run.result.maskOutput)["Kind"] == provenance.KIND_MASK
+    spread = run.result.uncertaintyOutput
+    assert nodeRecord(spread)["Kind"] == provenance.KIND_UNCERTAINTY and "not a confidence map" in run.message
+    assert slicer_array(spread).max() > 0
     worker.kill()
 
 

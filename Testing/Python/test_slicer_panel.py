@@ -159,6 +159,7 @@ def test_widget_scene_rules():
         ast.parse((MODULE_DIR / "MRISynthesis.py").read_text()))
     prepare = _method("MRISynthesisLogic", "prepareFromParameterNode")
     assert "outputNode=p.outputVolume" in prepare
+    assert "uncertainty=p.saveUncertainty" in prepare  # the panel's TTA-spread checkbox (issue 19)
     assert "p.outputVolume =" not in ast.unparse(ast.parse((MODULE_DIR / "MRISynthesis.py").read_text()))
 
 

@@ -205,7 +205,58 @@ def test_existing_output_node_is_reused(scene, pair, bundles):
     assert out is existing and out.GetName() == "my result"
     assert out.GetImageData().GetDimensions() == SHAPE
     assert np.array_equal(ijkToRAS(out), OBLIQUE)
-    assert scene.GetNumberOfNodes() == count + 1  # only a display node was added
+    # Only its display node and the NRRD storage node that keeps the provenance marks on saving.
+    assert scene.GetNumberOfNodes() == count + 2
+    assert out.GetStorageNode().IsA("vtkMRMLNRRDStorageNode")
+
+
+def test_outputs_say_they_are_synthetic_and_the_marks_survive_saving_and_loading(tmp_path, pair, bundles):
+    """Issue 19: the FLAIR, the brain mask and the TTA spread carry their provenance as
+    MRISynthesis.* node attributes; Slicer's NRRD storage node writes them into the header,
+    MRISynthesisLib reads them back from the file, and loading it restores them."""
+    import json
+
+    from MRISynthesisLib import provenance
+    from SlicerMRISynthesisLib.scene import nodeRecord
+
+    t1, t2 = pair
+    saveVolumeNode(t1, tmp_path / "t1.nrrd")
+    scene = slicer.vtkMRMLScene()
+    t1_file = loadVolumeNode(scene, tmp_path / "t1.nrrd", "case t1")
+    t2_node = add_volume(scene, "case t2", volumeFromNode(t2).array, ijkToRAS(t2))  # no file behind it
+    result = SynthesisSceneLogic(scene).synthesizeWithDetails(t1=t1_file, t2=t2_node, model=bundles["t1t2"],
+                                                              device="cpu", saveMask=True, uncertainty=True)
+    record = nodeRecord(result.output)
+    assert record == result.provenance and record["Synthetic"] is True and record["ImageType"] == "synthetic FLAIR"
+    assert result.output.GetAttribute("MRISynthesis.Synthetic") == "true"
+    assert "not acquired" in result.output.GetAttribute("MRISynthesis.Statement")
+    sources = {e["Modality"]: e for e in record["SourceFiles"]}
+    assert sources["t1"]["Path"] == str(tmp_path / "t1.nrrd") and sources["t1"]["SHA256"] == \
+        provenance.file_sha256(tmp_path / "t1.nrrd")
+    assert sources["t2"]["Path"] is None and len(sources["t2"]["VoxelSHA256"]) == 64
+    assert record["GeneratedBy"][0]["Model"]["SHA256"] and record["Precision"] and record["Device"] == "cpu"
+    assert nodeRecord(result.maskOutput)["Kind"] == provenance.KIND_MASK
+    assert nodeRecord(result.uncertaintyOutput)["Kind"] == provenance.KIND_UNCERTAINTY
+    assert result.uncertaintyOutput.GetName() == "case t1 synthetic FLAIR TTA spread"
+    spread = volumeFromNode(result.uncertaintyOutput).array
+    assert spread.shape == volumeFromNode(result.output).array.shape and spread.min() >= 0 and spread.max() > 0
+    # File > Save: the node's own storage node writes the NRRD with the marks.
+    storage = result.output.GetStorageNode()
+    storage.SetFileName(str(tmp_path / "saved.nrrd"))
+    assert storage.WriteData(result.output)
+    header = (tmp_path / "saved.nrrd").read_bytes().split(b"\n\n")[0].decode()
+    assert "MRISynthesis.Synthetic:=true" in header
+    assert provenance.read_provenance(tmp_path / "saved.nrrd").record == record
+    # Loaded back (Slicer reads NRRD key/values into node attributes).
+    other = slicer.vtkMRMLScene()
+    node = other.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "loaded")
+    reader = other.AddNewNodeByClass("vtkMRMLNRRDStorageNode")
+    reader.SetFileName(str(tmp_path / "saved.nrrd"))
+    node.SetAndObserveStorageNodeID(reader.GetID())
+    assert reader.ReadData(node)
+    assert json.dumps(nodeRecord(node), sort_keys=True) == json.dumps(record, sort_keys=True)
+    # An acquired volume carries no record.
+    assert nodeRecord(t1_file) is None
 
 
 def test_nrrd_and_nifti_round_trip_through_storage_nodes(tmp_path, pair, bundles):

@@ -27,7 +27,7 @@ ended), both on the main thread.
 
 import shutil
 import tempfile
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import vtk
 

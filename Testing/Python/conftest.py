@@ -85,3 +85,23 @@ def subject_files(tmp_path):
         files[name] = tmp_path / f"{name}.nii.gz"
         save_volume(vol, files[name])
     return files
+
+
+def pid_alive(pid: int) -> bool:
+    """Running (a zombie, ended but not yet reaped by its parent, is not): for the tests that
+    check by process id that no process of a run is left."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def wait_gone(pids, limit=10.0):
+    """Wait until none of ``pids`` runs (fails after ``limit`` seconds)."""
+    import time
+
+    end = time.monotonic() + limit
+    while any(pid_alive(p) for p in pids):
+        assert time.monotonic() < end, f"processes still alive: {[p for p in pids if pid_alive(p)]}"
+        time.sleep(0.02)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from conftest import pid_alive
 from MRISynthesisLib import processes
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX process groups (Windows: taskkill, not testable here)")
@@ -27,15 +28,6 @@ SLEEPER = textwrap.dedent("""
     print("child started", flush=True)
     time.sleep(120)
 """)
-
-
-def pid_alive(pid: int) -> bool:
-    """Running (a zombie, ended but not reaped by its parent, is not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def wait_until(condition, limit=10.0):

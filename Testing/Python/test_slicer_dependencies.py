@@ -6,7 +6,6 @@ that, like the CTK launcher, starts the interpreter as a child (no qt/slicer fak
 
 import ast
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,7 +13,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import unittest
 import weakref
 from pathlib import Path
 
@@ -25,6 +23,7 @@ MODULE_DIR = REPO / "MRISynthesis"
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
+from conftest import pid_alive  # noqa: E402
 from MRISynthesisLib import processes  # noqa: E402
 from MRISynthesisLib.errors import Cancelled  # noqa: E402
 from SlicerMRISynthesisLib import dependencies as deps  # noqa: E402
@@ -151,14 +150,6 @@ def _slow_pip(args=None):
     code = "import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', 'import time; print(1, " \
            "flush=True); time.sleep(60)']))"
     return processes.popen_new_group([sys.executable, "-c", code], stdin=False)
-
-
-def pid_alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def run_job(job, limit=60.0):

@@ -19,14 +19,13 @@ if str(MODULE_DIR) not in sys.path:
 slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
 
 import worker_fakes  # noqa: E402
-from conftest import make_bundle  # noqa: E402
+from conftest import make_bundle, wait_gone  # noqa: E402
 from slicer_testdata import brain_like  # noqa: E402
 from MRISynthesisLib.inference import synthesize as core_synthesize  # noqa: E402
 from MRISynthesisLib.worker import WorkerClient  # noqa: E402
 from SlicerMRISynthesisLib import dependencies as deps  # noqa: E402
 from SlicerMRISynthesisLib.jobs import CANCELLED, DONE, FAILED, ApplyRun, SceneWatcher, SynthesisJob  # noqa: E402
 from test_slicer_dependencies import FakeEnvironment, _slow_pip  # noqa: E402
-from test_slicer_worker import wait_gone  # noqa: E402
 from SlicerMRISynthesisLib.scene import SynthesisSceneLogic, updateNodeFromArray  # noqa: E402
 
 AFFINE = np.array([[0.0, -1.1, 0.0, 30.0], [0.9, 0.0, 0.0, -12.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])

@@ -24,7 +24,7 @@ if str(MODULE_DIR) not in sys.path:
 slicer = pytest.importorskip("slicer", reason="the PyPI slicer-core package is needed (pip install slicer-core)")
 
 import worker_fakes  # noqa: E402
-from conftest import make_bundle  # noqa: E402
+from conftest import make_bundle, wait_gone  # noqa: E402
 from slicer_testdata import brain_like  # noqa: E402
 from MRISynthesisLib.models import shipped_bundles  # noqa: E402
 from MRISynthesisLib.volumes import Volume  # noqa: E402
@@ -41,28 +41,6 @@ def gil_holding_sleep():
         return ctypes.PyDLL(None).usleep
     except (OSError, AttributeError):
         pytest.skip("usleep from the C library is needed to hold the GIL while waiting")
-
-
-def pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (ended, not yet reaped by its parent) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
-
-
-def wait_gone(pids, limit=10.0):
-    end = time.time() + limit
-    while any(pid_exists(p) for p in pids):
-        assert time.time() < end, f"processes still alive: {[p for p in pids if pid_exists(p)]}"
-        time.sleep(0.02)
 
 
 def test_protocol_lines_and_a_served_request(tmp_path, one_thread):

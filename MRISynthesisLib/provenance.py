@@ -255,7 +255,7 @@ def nifti_descrip(record: dict) -> str:
     generated = record["GeneratedBy"][0]
     model = generated["Model"]
     what = {KIND_SYNTHETIC: record["ImageType"], KIND_MASK: "brain mask for synthetic",
-            KIND_UNCERTAINTY: "uncertainty of synthetic"}[record.get("Kind", KIND_SYNTHETIC)]
+            KIND_UNCERTAINTY: "TTA spread of synthetic"}[record.get("Kind", KIND_SYNTHETIC)]
     if record.get("Kind", KIND_SYNTHETIC) != KIND_SYNTHETIC:
         what += " " + record["ImageType"].rsplit(" ", 1)[-1]
     head = f"{PROGRAM} {what} v{generated['Version']}"
@@ -272,7 +272,7 @@ def nifti_intent_name(record: dict) -> str:
     "uncertainty"."""
     kind = record.get("Kind", KIND_SYNTHETIC)
     text = record["ImageType"] if kind == KIND_SYNTHETIC else {KIND_MASK: "brain mask",
-                                                               KIND_UNCERTAINTY: "uncertainty"}[kind]
+                                                               KIND_UNCERTAINTY: "TTA spread"}[kind]
     return _fit(text, INTENT_NAME_BYTES + 1)[:INTENT_NAME_BYTES]
 
 

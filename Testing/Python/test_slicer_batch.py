@@ -335,7 +335,7 @@ def test_batch_uncertainty_and_marks_in_nrrd_and_bids(subjects, bids, tmp_path):
                  "--subjects", "sub-01", "--uncertainty")
     assert result.returncode == 0, result.stdout + result.stderr
     path = derivative(tmp_path / "bidsout", "sub-01", "sub-01", f"desc-{UNCERTAINTY_DESC}_FLAIR")
-    assert load_volume(path).array.max() > 0 and _nifti_intent(path) == b"uncertainty"
+    assert load_volume(path).array.max() > 0 and _nifti_intent(path) == b"TTA spread"
     assert json.loads(path.with_suffix("").with_suffix(".json").read_text())["Kind"] == "uncertainty"
 
 

@@ -95,7 +95,7 @@ def test_cli_writes_the_marked_map_and_the_same_synthetic_image(capsys, tmp_path
     assert json.loads((tmp_path / "o.json").read_text())["Uncertainty"] == record["Uncertainty"]
     import nibabel as nib
 
-    assert bytes(nib.load(str(tmp_path / "u.nii.gz")).header["intent_name"]).rstrip(b"\0") == b"uncertainty"
+    assert bytes(nib.load(str(tmp_path / "u.nii.gz")).header["intent_name"]).rstrip(b"\0") == b"TTA spread"
     code = main(["info", str(tmp_path / "u.nii.gz")])
     assert code == 0 and "UNCERTAINTY OF A SYNTHETIC FLAIR" in capsys.readouterr().out
 

@@ -540,9 +540,16 @@ class Run:
                     sums[-1] += n
                     global_step += 1
                     window.append([float(v.detach()) for v in values])
-                    if dist_.main and cfg["val_every"] and global_step % cfg["val_every"] == 0:
-                        self.curve_point(global_step, epoch + (step + 1) / len(batches), cfg["lr"] * factor, window)
+                    if cfg["val_every"] and global_step % cfg["val_every"] == 0:
+                        if dist_.main:
+                            self.curve_point(global_step, epoch + (step + 1) / len(batches), cfg["lr"] * factor,
+                                             window)
                         window = []
+                        if step + 1 < len(batches):
+                            # With each curve point a mid-epoch checkpoint: a killed run loses at most
+                            # val_every steps (an epoch of all slices is 30-45 min on one CPU thread).
+                            rngs = dist_.gather(rng_state())
+                            self.save_checkpoint(self.checkpoint_state(epoch, step + 1, sums, history, rngs))
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(D=f"{float(loss_D.detach()):.3f}", G=f"{float(loss_G.detach()):.3f}")

@@ -286,6 +286,14 @@ def test_learning_curve_points_survive_resume_and_leave_training_unchanged(gen_d
     assert [row["step"] for row in resumed] == [3, 6]
     assert resumed[1]["cpu_hours"] > resumed[0]["cpu_hours"]
     assert resumed[1]["val_psnr_masked"] == pytest.approx(curve[1]["val_psnr_masked"], abs=1e-9)
+    # Killed without a checkpoint of its own after step 7: the curve point at step 6 (the 2nd of
+    # epoch 2) saved one, and the resumed run ends with the same weights as the uninterrupted one.
+    with pytest.raises(trainer.StopTraining):
+        small_run(gen_data, tmp_path / "killed", val_every=3, stop_after_steps=7, stop_mode="crash")
+    assert (load_ckpt(tmp_path / "killed")["epoch"], load_ckpt(tmp_path / "killed")["step"]) == (1, 2)
+    trainer.train({"out": tmp_path / "killed", "resume": True, "no_progress": True})
+    assert_same_state(load_ckpt(run), load_ckpt(tmp_path / "killed"))
+    assert [row["step"] for row in json.loads((tmp_path / "killed" / "curve.json").read_text())] == [3, 6]
     with pytest.raises(InputError, match="val-every"):
         small_run(gen_data, tmp_path / "bad", val_every=-1)
 

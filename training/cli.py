@@ -77,7 +77,9 @@ def add_train(sub) -> None:
     g.add_argument("--max-val-slices", type=int, help="validate on at most this many slices (evenly spaced)")
     g.add_argument("--val-every", type=int,
                    help="also validate every N steps: RUN/curve.csv (figures against steps and CPU hours), "
-                        "curve.png, curve_samples.png (default 0: once per epoch only)")
+                        "curve.png, curve_samples.png, and a mid-epoch checkpoint (default 500; 0: once per "
+                        "epoch only; each point costs a pass over the validation slices: cap them with "
+                        "--max-val-slices)")
     g = p.add_argument_group("runs")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -64,7 +64,7 @@ DEFAULTS = dict(
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
     seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
-    max_val_slices=None, val_every=0, resume=False, no_progress=False, stop_after_steps=None, stop_mode="interrupt",
+    max_val_slices=None, val_every=500, resume=False, no_progress=False, stop_after_steps=None, stop_mode="interrupt",
 )
 # The L1 weights each reduction defaults to: pix2pix's 100 on a per-pixel mean, or the
 # paper's 0.1 on a per-image sum (see docs/training.md, "Loss reduction").

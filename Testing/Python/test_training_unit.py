@@ -257,7 +257,7 @@ def test_generated_run_sigint_resume_is_bit_exact(gen_data, tmp_path, monkeypatc
 
 def test_learning_curve_points_survive_resume_and_leave_training_unchanged(gen_data, tmp_path):
     # 2 epochs x 4 steps; a curve point every 3 steps: steps 3 and 6.
-    plain = small_run(gen_data, tmp_path / "plain")
+    plain = small_run(gen_data, tmp_path / "plain", val_every=0)
     assert not (tmp_path / "plain" / "curve.csv").exists()
     with_curve = small_run(gen_data, tmp_path / "curve", val_every=3)
     run = tmp_path / "curve"

@@ -64,8 +64,8 @@ STATEMENT = ("SYNTHETIC IMAGE: computed by MRISynthesis, a neural network, from 
 MASK_STATEMENT = ("Brain mask used by MRISynthesis to synthesise an image (1 = brain); outside it the synthetic "
                   "image is background.")
 UNCERTAINTY_STATEMENT = ("Map computed by MRISynthesis, not acquired: the spread of the synthetic image over "
-                         "test-time augmentations (docs/uncertainty.md says what it measured against the real error "
-                         "and its limits). Not a calibrated confidence.")
+                         "test-time augmentations. Not a confidence map: it did not predict the real error better "
+                         "than the image's own gradient (docs/uncertainty.md).")
 
 # NIfTI-1 header: descrip is char[80], intent_name char[16] (nibabel keeps them NUL-padded).
 DESCRIP_BYTES = 80
@@ -230,7 +230,7 @@ def record_for_kind(record: dict, kind: str) -> dict:
     elif kind == KIND_UNCERTAINTY:
         if "Uncertainty" not in out:
             raise ValueError("the synthesis made no uncertainty map")
-        out.update(Synthetic=True, ImageType=f"uncertainty of a synthetic {target}", Statement=UNCERTAINTY_STATEMENT,
+        out.update(Synthetic=True, ImageType=f"TTA spread of a synthetic {target}", Statement=UNCERTAINTY_STATEMENT,
                    Description=f"{out['Uncertainty'].get('Name', 'uncertainty')} of the {target} synthesised with "
                                f"{model}: {out['Uncertainty'].get('Statistic', '')}".rstrip(": "),
                    IntensityScale="the synthetic image's units (0 outside the brain mask)")
@@ -411,8 +411,10 @@ class ProvenanceReport:
                   f"device:        {r['Device']}, precision {r['Precision']}"]
         if r.get("Uncertainty"):
             u = r["Uncertainty"]
-            lines.append(f"uncertainty:   {u.get('Name', '')}: {u.get('Method', '')}, {u.get('NetworkPasses', '?')} "
-                         f"network passes")
+            lines.append(f"uncertainty:   {u.get('Name', '')} over {', '.join(u.get('Augmentations', []))} "
+                         f"({u.get('NetworkPasses', '?')} network passes)")
+            if u.get("Validation"):
+                lines.append(f"               {u['Validation']}")
         if self.descrip is not None or self.intent_name is not None:
             lines.append(f"NIfTI header:  descrip {self.descrip!r}, intent_name {self.intent_name!r}")
         lines.append(f"read from:     {', '.join(self.found_in)}")

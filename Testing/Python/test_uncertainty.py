@@ -91,13 +91,13 @@ def test_cli_writes_the_marked_map_and_the_same_synthetic_image(capsys, tmp_path
     assert u.shape == load_volume(subject_files["t1"]).shape and u.array.min() >= 0 and u.array.max() > 0
     record = json.loads((tmp_path / "u.json").read_text())
     assert record["Kind"] == "uncertainty" and record["Uncertainty"]["Name"] == unc.NAME
-    assert "Not a calibrated confidence" in record["Statement"]
+    assert "Not a confidence map" in record["Statement"] and "not a confidence map" in record["Uncertainty"]["Validation"]
     assert json.loads((tmp_path / "o.json").read_text())["Uncertainty"] == record["Uncertainty"]
     import nibabel as nib
 
     assert bytes(nib.load(str(tmp_path / "u.nii.gz")).header["intent_name"]).rstrip(b"\0") == b"TTA spread"
     code = main(["info", str(tmp_path / "u.nii.gz")])
-    assert code == 0 and "UNCERTAINTY OF A SYNTHETIC FLAIR" in capsys.readouterr().out
+    assert code == 0 and "TTA SPREAD OF A SYNTHETIC FLAIR" in capsys.readouterr().out
 
 
 def test_validation_measures():

@@ -97,3 +97,17 @@ def test_derivative_path_and_description(bids_root):
     # The derivatives folder is not walked as subjects.
     assert all("derivatives" not in s.folder for s in bids_subjects(bids_root))
     assert np.all([s.subject != "mrisynthesis" for s in bids_subjects(bids_root)])
+
+
+def test_derivative_paths_of_the_other_outputs(bids_root):
+    from MRISynthesisLib.provenance import sidecar_path
+    from MRISynthesisLib.subjects import UNCERTAINTY_DESC
+
+    flair = bids_derivative_path(bids_root, "02", "a")
+    spread = bids_derivative_path(bids_root, "02", "a", desc=UNCERTAINTY_DESC)
+    assert spread == flair.replace("desc-synthetic_FLAIR", f"desc-{UNCERTAINTY_DESC}_FLAIR") != flair
+    assert sidecar_path(flair) == flair[: -len(".nii.gz")] + ".json"  # BIDS: same name, .json
+    with pytest.raises(ValueError, match="alphanumeric"):
+        bids_derivative_path(bids_root, "02", desc="tta-spread")
+    description = json.loads(open(write_derivative_description(bids_root / "fresh", __version__)).read())
+    assert "not acquired" in description["Description"] and "SHA-256" in description["Description"]

@@ -176,5 +176,11 @@ def test_scale_free_psnr_ignores_the_intensity_scale():
     b = subject_metrics(real, 0.5 * noisy + 100, brain)
     assert b["psnr_masked"] < a["psnr_masked"] - 3  # the plain brain PSNR is hurt by the scale
     assert b["psnr_masked_scale_free"] == pytest.approx(a["psnr_masked_scale_free"], abs=1e-6)
-    assert a["psnr_masked_scale_free"] >= a["psnr_masked"] - 1e-9  # the fit can only help
+    # The line is the least-squares one: it can only lower the pooled brain error.
+    from MRISynthesisLib.metrics import scale_free_fit
+
+    assert scale_free_fit(real, 0.5 * real + 100, brain) == pytest.approx((2.0, -200.0), rel=1e-9)
+    slope, offset = scale_free_fit(real, 0.5 * noisy + 100, brain)
+    fitted = slope * (0.5 * noisy + 100) + offset
+    assert np.mean((fitted - real)[brain] ** 2) <= np.mean((noisy - real)[brain] ** 2) + 1e-9
     assert {"sharpness", "gmsd", "gmsd_masked"} <= set(a)

@@ -266,7 +266,6 @@ def test_learning_curve_points_survive_resume_and_leave_training_unchanged(gen_d
     for row in curve:
         for key in ("val_psnr_masked", "val_psnr_masked_scale_free", "val_sharpness", "val_gmsd_masked", "loss_G_L1"):
             assert np.isfinite(row[key]), key
-        assert row["val_psnr_masked_scale_free"] >= row["val_psnr_masked"] - 1e-6
     assert 0 < curve[0]["cpu_hours"] < curve[1]["cpu_hours"]
     assert (run / "curve.csv").read_text().splitlines()[0].startswith("step,epoch,cpu_hours,wall_hours,lr")
     for name in ("curve.png", "curve_samples.png", "curve_samples/step_0000003.npy", "curve_samples/step_0000006.npy"):

@@ -81,6 +81,9 @@ def parseArguments(argv=None):
     parser.add_argument("--uncertainty", action="store_true",
                         help="also write the per-voxel uncertainty map (test-time-augmentation spread) beside each "
                              "output; one extra network pass per augmentation (docs/uncertainty.md)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace results (and their sidecars) left by an earlier run; without it an existing "
+                             "result stops the run before any subject is read")
     parser.add_argument("--subjects", default=None,
                         help="comma-separated subject folder names, or BIDS sub-X / sub-X_ses-Y (default: all)")
     return parser.parse_args(argv)
@@ -144,7 +147,22 @@ def validateArguments(args):
         raise ArgumentError(f"cannot create the output folder {outputRoot}: {exc.strerror or exc}") from None
     if not os.access(outputRoot, os.W_OK):
         raise ArgumentError(f"the output folder {outputRoot} is not writable")
+    if not args.overwrite:
+        existing = [f for plan in plans for f in _planOutputs(args, plan) if os.path.exists(f)]
+        if existing:
+            more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+            raise ArgumentError(f"{existing[0]}{more} already exist (an earlier run's results); pass --overwrite to "
+                                "replace them, or choose another --output-dir")
     return plans
+
+
+def _planOutputs(args, plan):
+    """Every file a subject's run writes: its volumes and their JSON sidecars."""
+    from MRISynthesisLib.provenance import output_files
+
+    volumes = [plan.outputPath] + ([plan.maskPath] if args.save_mask else []) + \
+        ([plan.uncertaintyPath] if args.uncertainty else [])
+    return [f for v in volumes for f in output_files(v)]
 
 
 def _chosen(args, names, what):

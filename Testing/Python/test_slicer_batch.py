@@ -113,6 +113,24 @@ def test_batch_exit_zero_when_all_succeed_and_nrrd_output(subjects, tmp_path):
     np.testing.assert_allclose(flair.affine, AFFINE, atol=1e-5)
 
 
+def test_batch_never_overwrites_an_earlier_run_unless_asked(subjects, tmp_path):
+    bundle = make_bundle(tmp_path / "m.safetensors", ("t1",))
+    out = tmp_path / "out"
+    args = ("--input-dir", subjects, "--output-dir", out, "--model", bundle, "--subjects", "c", "--device", "cpu")
+    assert run(*args).returncode == 0
+    flair, sidecar = out / "c_flair.nii.gz", out / "c_flair.json"
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in (flair, sidecar)}
+    result = run(*args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"{flair} and 1 more already exist" in result.stderr and "--overwrite" in result.stderr
+    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in (flair, sidecar)} == before  # untouched
+    sidecar.unlink()  # a lone sidecar is an earlier run's result too
+    assert run(*args).returncode == 2 and flair.stat().st_mtime_ns == before[flair][0]
+    result = run(*args, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert flair.stat().st_mtime_ns != before[flair][0] and sidecar.is_file()
+
+
 def test_batch_bad_arguments(subjects, tmp_path):
     result = run("--input-dir", tmp_path / "nowhere", "--output-dir", tmp_path / "out")
     assert result.returncode == 2 and "input folder not found" in result.stderr

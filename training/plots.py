@@ -53,20 +53,29 @@ def plot_samples(sources, target, synthetic, pseudo, source_names, target_name, 
     if pseudo is not None:
         cols.append(("pseudo-target (LAF)", np.asarray(pseudo, dtype=np.float32)))
     cols.append((f"synthetic {target_name}", synthetic))
-    rows = len(target)
-    fig, axes = plt.subplots(rows, len(cols), figsize=(2.6 * len(cols), 2.6 * rows + 0.4), squeeze=False)
-    for r in range(rows):
-        for c, (name, images) in enumerate(cols):
+    rows = [[(name, images[r]) for name, images in cols] for r in range(len(target))]
+    _slice_grid(rows, subject_names, path, panel_size=(2.6, 2.6), title=title)
+
+
+def _slice_grid(rows, row_labels, path, panel_size=(2.4, 2.5), title="") -> None:
+    """A grid of axial slices in [-1, 1]: ``rows`` of (column title, image); titles on the
+    first row, ``row_labels`` on the first column."""
+    width, height = panel_size
+    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(width * len(rows[0]), height * len(rows) + 0.4),
+                             squeeze=False)
+    for r, panels in enumerate(rows):
+        for c, (name, image) in enumerate(panels):
             ax = axes[r, c]
             # Axial slices in RAS order (X, Y): transpose and flip so anterior is up.
-            ax.imshow(np.flipud(images[r].T), cmap="gray", vmin=-1, vmax=1)
+            ax.imshow(np.flipud(np.asarray(image, dtype=np.float32).T), cmap="gray", vmin=-1, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(name, fontsize=9)
             if c == 0:
-                ax.set_ylabel(subject_names[r], fontsize=8)
-    fig.suptitle(title)
+                ax.set_ylabel(row_labels[r], fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
 
@@ -99,18 +108,6 @@ def plot_curve(curve, path) -> None:
 def plot_curve_samples(real, steps, images, subject_names, target_name, path) -> None:
     """Validation slices at a few steps: one row per slice, the real target then the synthetic
     image at each step (all in [-1, 1])."""
-    rows, cols = len(real), len(steps) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.5 * rows + 0.3), squeeze=False)
-    for r in range(rows):
-        panels = [(f"real {target_name}", real[r])] + [(f"step {s}", im[r]) for s, im in zip(steps, images)]
-        for c, (title, image) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(np.flipud(np.asarray(image, dtype=np.float32).T), cmap="gray", vmin=-1, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-            if c == 0:
-                ax.set_ylabel(subject_names[r], fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    rows = [[(f"real {target_name}", real[r])] + [(f"step {s}", im[r]) for s, im in zip(steps, images)]
+            for r in range(len(real))]
+    _slice_grid(rows, subject_names, path)

@@ -116,6 +116,19 @@ def choose_threads(requested: Optional[int] = None) -> ThreadChoice:
     return ThreadChoice(cpus, "one usable CPU" if cpus == 1 else f"{cpus} usable CPUs")
 
 
+def device_choice(device: str):
+    """(torch device name, device the core takes, context to run it in) for a device choice
+    that may name one GPU, as the Slicer module and the worker process offer ("auto", "cpu",
+    "cuda", "cuda:N"): the core runs on "cuda" = the current GPU, which is per thread, so
+    "cuda:N" becomes "cuda" inside ``torch.cuda.device(N)``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cuda"):
+        return "cpu", "cpu", contextlib.nullcontext()
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    return f"cuda:{index}", "cuda", torch.cuda.device(index)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is an error."""
     if device not in DEVICES:

@@ -165,11 +165,7 @@ class _Worker:
         return self.bundles[key]
 
     def synthesize(self, message: dict) -> dict:
-        import contextlib
-
-        import torch
-
-        from .inference import generator_builds, synthesize_with_details
+        from .inference import device_choice, generator_builds, synthesize_with_details
 
         start = time.perf_counter()
         request_id, folder = message["id"], message["folder"]
@@ -177,14 +173,7 @@ class _Worker:
         mask = message["mask"]
         if isinstance(mask, dict):
             mask = _volume_from_entry(mask)
-        device = message["device"]
-        context = contextlib.nullcontext()
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda:"):
-            # The core takes "cuda" = the current device; make the chosen GPU current.
-            context = torch.cuda.device(int(device.split(":")[1]))
-            device = "cuda"
+        _, device, context = device_choice(message["device"])
         self.emit({"event": "stage", "id": request_id, "text": "loading the model"})
         bundle = self.bundle(message["bundle"])
         self.emit({"event": "stage", "id": request_id, "text": "finding the brain"})

@@ -34,7 +34,7 @@ import vtk
 from MRISynthesisLib.errors import InputError, MRISynthesisError
 from MRISynthesisLib.worker import WorkerClient, WorkerError, request_message, result_from_event
 
-PENDING, STARTING, RUNNING, DONE, FAILED, CANCELLED = "pending", "starting", "running", "done", "failed", "cancelled"
+PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
 
 
 class SynthesisJob:
@@ -42,11 +42,10 @@ class SynthesisJob:
     return at once (no wait on the worker); ``cancel`` kills the worker's process tree, and
     the next job starts a new worker."""
 
-    def __init__(self, sceneLogic, request, worker: WorkerClient, temporaryFolder: Optional[str] = None):
+    def __init__(self, sceneLogic, request, worker: WorkerClient):
         self.sceneLogic = sceneLogic
         self.request = request
         self.worker = worker
-        self.temporaryFolder = temporaryFolder
         self.state = PENDING
         self.progress: Tuple[int, int] = (0, 0)
         self.stage = ""
@@ -65,7 +64,7 @@ class SynthesisJob:
         self.state = RUNNING
         try:
             self.worker.start()
-            self._folder = tempfile.mkdtemp(prefix="MRISynthesis-", dir=self.temporaryFolder)
+            self._folder = tempfile.mkdtemp(prefix="MRISynthesis-")
             self._id = self.worker.new_id()
             r = self.request
             self.worker.send(request_message(self._id, self._folder, r.volumes, r.mask, r.bundlePath,

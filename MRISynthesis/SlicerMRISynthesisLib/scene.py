@@ -587,22 +587,9 @@ class SynthesisSceneLogic:
         return result
 
     def _computeWithCachedGenerator(self, request: SynthesisRequest, kwargs):
-        import contextlib
+        from MRISynthesisLib.inference import device_choice, synthesize_with_details
 
-        import torch
-        from MRISynthesisLib.inference import synthesize_with_details
-
-        device = request.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda"):
-            index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
-            torchDevice, coreDevice = f"cuda:{index}", "cuda"
-            # The core takes "cuda" = the current device, which is per thread.
-            deviceContext = torch.cuda.device(index)
-        else:
-            torchDevice = coreDevice = "cpu"
-            deviceContext = contextlib.nullcontext()
+        torchDevice, coreDevice, deviceContext = device_choice(request.device)
         bundle, generator = self.generatorCache.get(request.bundlePath, torchDevice, request.precision)
         with deviceContext:
             return synthesize_with_details(request.volumes, bundle, device=coreDevice, generator=generator, **kwargs)

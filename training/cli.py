@@ -51,6 +51,10 @@ def add_train(sub) -> None:
                         "channels (default 0: the paper's single slice)")
     g.add_argument("--style-init", choices=("kaiming", "normal"),
                    help="init of the SPE and its MLP: He/fan-in (default, MUNIT's) or N(0, 0.02) (the paper's)")
+    g.add_argument("--init-from", metavar="MODEL",
+                   help="warm start: a bundle (.safetensors), run folder or training checkpoint of another source "
+                        "set with the same architecture and width; shared sources keep their weights, new ones start "
+                        "at zero weight (training/warm_start.py)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="total epochs, split in half: constant lr, then linear decay")
     g.add_argument("--epochs-constant", type=int, help="epochs at constant lr (default 100)")

@@ -63,7 +63,7 @@ class Subject:
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Run options that hold a file or folder (named portably in provenance, cards and reports).
-PATH_OPTIONS = ("data", "out", "cache_dir", "split", "groups_file")
+PATH_OPTIONS = ("data", "out", "cache_dir", "split", "groups_file", "init_from")
 
 
 def portable_path(path) -> str:

@@ -1,0 +1,168 @@
+"""Warm start (``train --init-from``): a new run's networks start from a trained model of
+another source set, e.g. T1 -> FLAIR or T1+T2+T1c -> FLAIR from the T1+T2 model, so the
+decoder, the style path and each shared source encoder do not relearn what the other
+model already knows.
+
+The weights are mapped source by source:
+- a source both models take keeps its own shared encoder (SRE), its Cat-Conv input block,
+  its LAF weight and its input channels of the discriminator (pix2pix: of the U-Net's
+  first convolution);
+- a source only the new model takes gets a copy of the encoder of ``t1`` (else of the
+  first source), but a zero Cat-Conv block, LAF weight and input channels: the new run
+  starts as exactly the old model's function and learns how much of the new source to use;
+- a source only the old model takes is dropped with its blocks;
+- every other weight (Cat-Conv's bias, the style path, the decoder, the rest of the
+  discriminator) is copied as it is.
+The architecture, width, LAF grid, style path and 2.5D context must match. The optimiser
+starts fresh. From a bundle, which holds only the generator, the discriminator starts
+fresh; from a run folder or training checkpoint, both networks are taken.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from MRISynthesisLib.errors import InputError
+from MRISynthesisLib.networks import ModelConfig
+
+MATCHING_FIELDS = ("architecture", "base_width", "laf_grid", "specific_encoder", "adain_scale", "context_slices",
+                   "image_size")
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class TrainedModel:
+    """What a warm start reads: the generator (and discriminator, where kept) of a trained
+    model with its source list and configuration."""
+
+    def __init__(self, config: ModelConfig, sources: Sequence[str], G: dict, D: Optional[dict], origin: str,
+                 d_width: Optional[int] = None):
+        self.config, self.sources, self.G, self.D, self.origin = config, list(sources), G, D, origin
+        self.d_width = d_width
+
+
+def load_trained_model(path) -> TrainedModel:
+    """A bundle (.safetensors), a training checkpoint, or a run folder holding one."""
+    from MRISynthesisLib.bundle import BundleError, load_bundle
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise InputError(f"--init-from: no model bundle or training checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        try:
+            bundle = load_bundle(path)
+        except BundleError as exc:
+            raise InputError(f"--init-from: {exc}") from None
+        return TrainedModel(bundle.model, bundle.sources, dict(bundle.state_dict), None, path.name)
+    from .trainer import model_config  # the trainer imports this module lazily
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip and torch errors all mean "not a checkpoint"
+        raise InputError(f"--init-from: {path} is neither a model bundle nor a readable checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != "mrisynthesis-training-checkpoint":
+        raise InputError(f"--init-from: {path} is not a training checkpoint of this package")
+    cfg = state["config"]
+    return TrainedModel(model_config(cfg), cfg["sources"].split(","), state["G"], state["D"], path.parent.name,
+                        d_width=cfg["d_width"])
+
+
+def source_map(new_sources: Sequence[str], old_sources: Sequence[str]) -> List[Optional[int]]:
+    """For each new source, the index of the same source in the old model, or None."""
+    return [old_sources.index(s) if s in old_sources else None for s in new_sources]
+
+
+def remap_blocks(old: torch.Tensor, new_shape, dim: int, block: int, mapping: List[Optional[int]],
+                 trailing: int = 0) -> torch.Tensor:
+    """``old`` with its per-source blocks of ``block`` entries along ``dim`` rearranged for
+    the new sources (``mapping``: old index or None = zeros); ``trailing`` entries after the
+    source blocks (the discriminator's target channel) are kept."""
+    out = torch.zeros(new_shape, dtype=old.dtype)
+    for new_i, old_i in enumerate(mapping):
+        if old_i is not None:
+            out.narrow(dim, new_i * block, block).copy_(old.narrow(dim, old_i * block, block))
+    if trailing:
+        out.narrow(dim, len(mapping) * block, trailing).copy_(old.narrow(dim, old.shape[dim] - trailing, trailing))
+    return out
+
+
+def check_compatible(new: ModelConfig, old: ModelConfig) -> None:
+    differ = [f"{f} {getattr(old, f)!r} (new run: {getattr(new, f)!r})" for f in MATCHING_FIELDS
+              if getattr(new, f) != getattr(old, f)]
+    if differ:
+        raise InputError("--init-from: the trained model differs from this run in " + ", ".join(differ))
+
+
+def map_generator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new_config: ModelConfig,
+                  new_sources: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The new generator's state dict, mapped from ``old`` (module docstring)."""
+    mapping = source_map(new_sources, old.sources)
+    fallback = old.sources.index("t1") if "t1" in old.sources else 0
+    per_source = new_config.slices_per_source
+    out = {}
+    for key, target in new_state.items():
+        encoder = re.match(r"shared_encoders\.(\d+)\.(.+)", key)
+        if encoder:
+            i = int(encoder.group(1))
+            old_i = mapping[i] if mapping[i] is not None else fallback
+            value = old.G[f"shared_encoders.{old_i}.{encoder.group(2)}"]
+        elif key == "cat_conv.weight":
+            value = remap_blocks(old.G[key], target.shape, 1, 4 * new_config.base_width, mapping)
+        elif key == "laf.weight":
+            value = remap_blocks(old.G[key], target.shape, 2, 1, mapping)
+        elif key == "model.model.0.weight" and new_config.architecture == "pix2pix_unet":
+            value = remap_blocks(old.G[key], target.shape, 1, per_source, mapping)
+        else:
+            value = old.G[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise InputError(f"--init-from: weight {key} has shape {tuple(value.shape)} in the trained model, "
+                             f"this run needs {tuple(target.shape)}")
+        out[key] = value.to(target.dtype)
+    return out
+
+
+def map_discriminator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new_config: ModelConfig,
+                      new_sources: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The new discriminator's state dict: its first convolution takes the sources' channels
+    then the target's (``PatchDiscriminator``), remapped; the rest copied."""
+    mapping = source_map(new_sources, old.sources)
+    out = {}
+    for key, target in new_state.items():
+        if key == "model.0.weight":
+            value = remap_blocks(old.D[key], target.shape, 1, new_config.slices_per_source, mapping, trailing=1)
+        else:
+            value = old.D[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise InputError(f"--init-from: discriminator weight {key} has shape {tuple(value.shape)} in the trained "
+                             f"model, this run needs {tuple(target.shape)} (a different --d-width?)")
+        out[key] = value.to(target.dtype)
+    return out
+
+
+def warm_start(G: torch.nn.Module, D: torch.nn.Module, path, new_config: ModelConfig,
+               new_sources: Sequence[str]) -> str:
+    """Load the mapped weights into ``G`` (and ``D`` where the source holds one); returns a
+    one-line description for the log."""
+    old = load_trained_model(path)
+    check_compatible(new_config, old.config)
+    G.load_state_dict(map_generator(G.state_dict(), old, new_config, new_sources))
+    kept = [s for s in new_sources if s in old.sources]
+    added = [s for s in new_sources if s not in old.sources]
+    dropped = [s for s in old.sources if s not in new_sources]
+    parts = [f"warm start from {old.origin} ({'+'.join(old.sources)}): kept {','.join(kept) or 'no source'}"]
+    if added:
+        parts.append(f"added {','.join(added)} (encoder copied from "
+                     f"{'t1' if 't1' in old.sources else old.sources[0]}, zero weight)")
+    if dropped:
+        parts.append(f"dropped {','.join(dropped)}")
+    if old.D is not None:
+        D.load_state_dict(map_discriminator(D.state_dict(), old, new_config, new_sources))
+        parts.append("discriminator taken")
+    else:
+        parts.append("discriminator fresh (a bundle holds none)")
+    return "; ".join(parts)

@@ -244,6 +244,8 @@ def test_training_bench_quick(capsys):
     from training.cli import main as training_main
 
     assert training_main(["bench", "--quick", "--width", "4", "--models", "fdgan-m1", "--precision", "fp32",
-                          "--repeats", "1", "--warmup", "0"]) == 0
+                          "--memory-format", "contiguous", "channels_last", "--repeats", "1", "--warmup", "0"]) == 0
     printed = capsys.readouterr().out
     assert "training.trainer.train_step" in printed and "fdgan-m1" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("fdgan-m1")]
+    assert [row.split()[2] for row in rows] == ["contiguous", "channels_last"]

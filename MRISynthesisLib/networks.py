@@ -414,6 +414,17 @@ class PatchDiscriminator(nn.Module):
         """Logits (no sigmoid): train with BCEWithLogitsLoss, the numerically safe sigmoid/BCE."""
         return self.model(torch.cat([sources, target], dim=1))
 
+    def forward_with_features(self, sources: torch.Tensor, target: torch.Tensor):
+        """Logits and the activation after each LeakyReLU (the features pix2pixHD's
+        feature-matching loss compares)."""
+        features = []
+        x = torch.cat([sources, target], dim=1)
+        for layer in self.model:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                features.append(x)
+        return x, features
+
 
 # --------------------------------------------------------------------------- factories
 

@@ -71,6 +71,8 @@ def add_train(sub) -> None:
                    help="weight of background pixels in both L1 terms (default 1: the paper's uniform L1; "
                         "the brain has weight 1)")
     g.add_argument("--gdl-weight", type=float, help="weight of a gradient-difference loss on G(x) (default 0: off)")
+    g.add_argument("--fm-weight", type=float, help="weight of pix2pixHD's discriminator feature-matching loss on G(x) "
+                                                  "(default 0: off; pix2pixHD uses 10)")
     g.add_argument("--gan-weight", type=float, help="weight of the adversarial term in G's loss (default 1)")
     g.add_argument("--augment", action="store_true",
                    help="random flips, rotations (10 deg), scaling (10%%) and per-source gamma/bias/scale jitter")

@@ -56,6 +56,7 @@ def _recipe(config: dict) -> str:
     """The recipe options that differ between runs (docs/recipe_study.md), as CLI options."""
     options = [f"--background-weight {config.get('background_weight', 1.0):g}",
                f"--gdl-weight {config.get('gdl_weight', 0.0):g}", f"--gan-weight {config.get('gan_weight', 1.0):g}",
+               f"--fm-weight {config.get('fm_weight', 0.0):g}",
                f"--intensity-reference {config.get('intensity_reference', 'percentile')}"]
     if config.get("augment"):
         options.append("--augment")

@@ -6,6 +6,10 @@ so that the paper's setting stays available (docs/training.md, "Recipe study"):
   brain, and in it the lesions, get a small share of the gradient.
 - ``gradient_difference``: the gradient-difference loss (Mathieu et al. 2016), the
   paper's named future work for sharper tumour borders (``--gdl-weight``).
+- ``feature_matching``: pix2pixHD's discriminator feature-matching loss (Wang et al. 2018):
+  L1 between D's features of the real and of the synthetic pair, layer by layer
+  (``--fm-weight``); it rewards the local statistics D sees (texture, edges) rather than one
+  "real or not" bit, and trains stably beside a strong L1.
 - ``augment``: random left-right flips, small rotations and scalings (one geometric
   transform per slice, applied to sources, target and mask alike) and per-source
   intensity jitter (gamma, a smooth multiplicative bias field, scale) on the sources only
@@ -50,6 +54,13 @@ def gradient_difference(prediction: torch.Tensor, target: torch.Tensor) -> torch
     dx = ((p[..., :, 1:] - p[..., :, :-1]).abs() - (t[..., :, 1:] - t[..., :, :-1]).abs()).abs().mean()
     dy = ((p[..., 1:, :] - p[..., :-1, :]).abs() - (t[..., 1:, :] - t[..., :-1, :]).abs()).abs().mean()
     return 0.5 * (dx + dy)
+
+
+def feature_matching(fake_features, real_features) -> torch.Tensor:
+    """Mean over D's layers of the mean |feature(fake) - feature(real)|; the real features
+    are targets (no gradient)."""
+    losses = [(f.float() - r.detach().float()).abs().mean() for f, r in zip(fake_features, real_features)]
+    return torch.stack(losses).mean()
 
 
 @dataclass(frozen=True)

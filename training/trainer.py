@@ -60,7 +60,7 @@ DEFAULTS = dict(
     adain_scale="one_plus_delta", style_init="kaiming", context_slices=0, init_from=None,
     epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
-    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, augment=False, intensity_reference="percentile",
+    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0, augment=False, intensity_reference="percentile",
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
     seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
@@ -113,8 +113,8 @@ def resolve_config(given: dict) -> dict:
             cfg[key] = DEFAULT_LAMBDA[cfg["l1_reduction"]]
     if cfg["intensity_reference"] not in INTENSITY_REFERENCES:
         raise InputError(f"--intensity-reference must be one of {INTENSITY_REFERENCES}")
-    if cfg["background_weight"] < 0 or cfg["gdl_weight"] < 0 or cfg["gan_weight"] < 0:
-        raise InputError("--background-weight, --gdl-weight and --gan-weight must be >= 0")
+    if min(cfg["background_weight"], cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"]) < 0:
+        raise InputError("--background-weight, --gdl-weight, --gan-weight and --fm-weight must be >= 0")
     if cfg["d_width"] is None:
         cfg["d_width"] = cfg["width"]
     if cfg["batch_size"] < 1 or cfg["width"] < 1 or cfg["d_width"] < 1:
@@ -162,11 +162,12 @@ class Objective:
     background_weight: float = 1.0
     gdl_weight: float = 0.0
     gan_weight: float = 1.0
+    fm_weight: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Objective":
         return cls(cfg["l1_reduction"], cfg["lambda1"], cfg["lambda2"], cfg["background_weight"],
-                   cfg["gdl_weight"], cfg["gan_weight"])
+                   cfg["gdl_weight"], cfg["gan_weight"], cfg.get("fm_weight", 0.0))
 
 
 def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Objective):
@@ -195,16 +196,23 @@ def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Ob
     for p in D_plain.parameters():
         p.requires_grad_(False)
     opt_G.zero_grad(set_to_none=True)
-    with autocast():
-        pred = D_plain(x, fake)
-        loss_gan = bce(pred.float(), torch.ones_like(pred, dtype=torch.float32))
     o = objective
+    with autocast():
+        if o.fm_weight:
+            pred, fake_features = D_plain.forward_with_features(x, fake)
+            with torch.no_grad():
+                _, real_features = D_plain.forward_with_features(x, y)
+        else:
+            pred = D_plain(x, fake)
+        loss_gan = bce(pred.float(), torch.ones_like(pred, dtype=torch.float32))
     loss_l1 = recipe.weighted_l1(fake, y, brain, o.background_weight, o.l1_reduction)
     loss_pseudo = (recipe.weighted_l1(out.pseudo_target, y, brain, o.background_weight, o.l1_reduction)
                    if out.pseudo_target is not None else torch.zeros((), device=x.device))
     loss_G = o.gan_weight * loss_gan + o.lambda1 * loss_l1 + o.lambda2 * loss_pseudo
     if o.gdl_weight:
         loss_G = loss_G + o.gdl_weight * recipe.gradient_difference(fake, y)
+    if o.fm_weight:
+        loss_G = loss_G + o.fm_weight * recipe.feature_matching(fake_features, real_features)
     loss_G.backward()
     opt_G.step()
     return loss_D, loss_G, loss_gan, loss_l1, loss_pseudo

@@ -1,4 +1,4 @@
-"""training/recipe.py: weighted L1, gradient-difference loss and augmentation."""
+"""training/recipe.py: weighted L1, gradient-difference loss, feature matching and augmentation."""
 
 import pytest
 import torch
@@ -23,6 +23,38 @@ def test_gradient_difference_sees_edges_not_offsets():
     assert float(recipe.gradient_difference(target + 0.3, target)) < 1e-6
     blurred = torch.nn.functional.avg_pool2d(target, 3, 1, 1, count_include_pad=False)
     assert float(recipe.gradient_difference(blurred, target)) > 0.01
+
+
+def test_feature_matching_compares_the_discriminators_layers():
+    from MRISynthesisLib.networks import build_discriminator, init_weights
+    from training.trainer import Objective, train_step
+
+    torch.manual_seed(0)
+    D = init_weights(build_discriminator(2, 8)).eval()
+    x, y = torch.rand(2, 2, 64, 64), torch.rand(2, 1, 64, 64)
+    logits, features = D.forward_with_features(x, y)
+    assert torch.equal(logits, D(x, y)) and len(features) == 4  # one per LeakyReLU
+    assert float(recipe.feature_matching(features, features)) == 0.0
+    _, other = D.forward_with_features(x, y.flip(-1))
+    fake = [f.detach().clone().requires_grad_(True) for f in other]
+    loss = recipe.feature_matching(fake, features)
+    loss.backward()
+    assert float(loss) > 0 and all(f.grad is not None for f in fake)
+    # In the training step it adds to G's loss and nothing to D's.
+    from MRISynthesisLib.networks import ModelConfig, build_generator, init_generator
+    from contextlib import nullcontext
+
+    def step(fm):
+        torch.manual_seed(1)
+        G = init_generator(build_generator(ModelConfig(num_sources=2, base_width=4, image_size=64)))
+        D = init_weights(build_discriminator(2, 4))
+        opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+        brain = torch.ones(2, 1, 64, 64, dtype=torch.bool)
+        return train_step(G, D, D, opt_G, opt_D, x * 2 - 1, y * 2 - 1, brain, nullcontext, Objective(fm_weight=fm))
+
+    plain, matched = step(0.0), step(10.0)
+    assert float(plain[0]) == float(matched[0])  # loss_D
+    assert float(matched[1]) > float(plain[1])  # loss_G gains the feature term
 
 
 def test_augment_is_deterministic_bounded_and_keeps_background():

@@ -365,10 +365,11 @@ def test_ablations_through_the_command_line(gen_data, tmp_path, extra, expected)
 
 
 def test_recipe_options_train_and_resume_bit_exact(gen_data, tmp_path):
-    """Augmentation, background-weighted L1, gradient-difference loss and GAN weight: a run
-    killed mid-way and resumed ends with the same weights (augmentation is seeded per step)."""
+    """Augmentation, background-weighted L1, gradient-difference loss, GAN weight and feature
+    matching: a run killed mid-way and resumed ends with the same weights (augmentation is
+    seeded per step)."""
     recipe_opts = dict(architecture="fdgan", width=2, augment=True, background_weight=0.1, gdl_weight=1.0,
-                       gan_weight=0.5)
+                       gan_weight=0.5, fm_weight=10.0)
     full = small_run(gen_data, tmp_path / "full", **recipe_opts)
     assert not full["stopped"]
     config = json.loads((tmp_path / "full" / "config.json").read_text())
@@ -381,6 +382,8 @@ def test_recipe_options_train_and_resume_bit_exact(gen_data, tmp_path):
     assert plain["history"][-1]["loss_G"] != full["history"][-1]["loss_G"]
     with pytest.raises(InputError, match="background-weight"):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "background_weight": -1})
+    with pytest.raises(InputError, match="fm-weight"):
+        trainer.resolve_config({"data": tmp_path, "out": tmp_path, "fm_weight": -1})
     with pytest.raises(InputError, match="context_slices"):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "context_slices": -1})
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,evaluate,export,subjects,model-card,bench} ...``."""
+"""Command line: ``python -m training {train,evaluate,export,subjects,model-card,bench,targets} ...``."""
 
 from __future__ import annotations
 
@@ -148,6 +148,13 @@ def add_bench(sub) -> None:
                                  description=doc.split("\n\n")[0]))
 
 
+def add_targets(sub) -> None:
+    from .targets import __doc__ as doc, add_arguments
+
+    add_arguments(sub.add_parser("targets", help="check the shipped T1+T2 model's quality targets on an evaluation",
+                                 description=doc.split("\n\n")[0]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +164,7 @@ def main(argv=None) -> int:
     add_subjects(sub)
     add_model_card(sub)
     add_bench(sub)
+    add_targets(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -192,6 +200,10 @@ def main(argv=None) -> int:
             from .evaluate import evaluate_cli
 
             return evaluate_cli(args)
+        if args.command == "targets":
+            from .targets import targets_cli
+
+            return targets_cli(args)
         if args.command == "bench":
             from .benchmark import bench_cli
 

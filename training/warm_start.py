@@ -98,6 +98,14 @@ def check_compatible(new: ModelConfig, old: ModelConfig) -> None:
         raise InputError("--init-from: the trained model differs from this run in " + ", ".join(differ))
 
 
+def fitted(value: torch.Tensor, target: torch.Tensor, what: str) -> torch.Tensor:
+    """``value`` in ``target``'s dtype, refused by name when its shape differs."""
+    if tuple(value.shape) != tuple(target.shape):
+        raise InputError(f"--init-from: {what} has shape {tuple(value.shape)} in the trained model, "
+                         f"this run needs {tuple(target.shape)}")
+    return value.to(target.dtype)
+
+
 def map_generator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new_config: ModelConfig,
                   new_sources: Sequence[str]) -> Dict[str, torch.Tensor]:
     """The new generator's state dict, mapped from ``old`` (module docstring)."""
@@ -119,10 +127,7 @@ def map_generator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new_con
             value = remap_blocks(old.G[key], target.shape, 1, per_source, mapping)
         else:
             value = old.G[key]
-        if tuple(value.shape) != tuple(target.shape):
-            raise InputError(f"--init-from: weight {key} has shape {tuple(value.shape)} in the trained model, "
-                             f"this run needs {tuple(target.shape)}")
-        out[key] = value.to(target.dtype)
+        out[key] = fitted(value, target, f"weight {key}")
     return out
 
 
@@ -137,10 +142,7 @@ def map_discriminator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new
             value = remap_blocks(old.D[key], target.shape, 1, new_config.slices_per_source, mapping, trailing=1)
         else:
             value = old.D[key]
-        if tuple(value.shape) != tuple(target.shape):
-            raise InputError(f"--init-from: discriminator weight {key} has shape {tuple(value.shape)} in the trained "
-                             f"model, this run needs {tuple(target.shape)} (a different --d-width?)")
-        out[key] = value.to(target.dtype)
+        out[key] = fitted(value, target, f"discriminator weight {key} (a different --d-width?)")
     return out
 
 

@@ -37,6 +37,7 @@ from .volumes import masked_values
 
 
 INTENSITY_REFERENCES = ("percentile", "median")
+RESIZE_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class PreprocessingConfig:
     # low + median_span * (median - low)] -> [-1, 1] (lesion-robust, see above).
     intensity_reference: str = "percentile"
     median_span: float = 2.5
+    # How slices are resized onto the network's grid (SliceResizer.forward). Bundles made
+    # before this setting existed were trained on bilinear slices; the trainer now defaults
+    # to bicubic, which keeps the detail that bilinear upsampling blurs away.
+    resize_interpolation: str = "bilinear"
 
     def __post_init__(self):
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
@@ -61,6 +66,9 @@ class PreprocessingConfig:
                              f"got {self.intensity_reference!r}")
         if not self.median_span > 1.0:
             raise ValueError("median_span must be > 1")
+        if self.resize_interpolation not in RESIZE_INTERPOLATIONS:
+            raise ValueError(f"resize_interpolation must be one of {RESIZE_INTERPOLATIONS}, "
+                             f"got {self.resize_interpolation!r}")
 
     def window_text(self) -> str:
         """The normalisation window in words, for `mrisynthesis info` and the model cards."""
@@ -171,12 +179,18 @@ class AxialReorientation:
 # ------------------------------------------------------------------------- in-plane size
 
 
+# Below this ratio of slice-grid to network-grid pixels the inverse resize filters out what
+# the coarser grid cannot hold (aliasing); above it, filtering only blurs (240/256 = 0.94).
+STRONG_REDUCTION = 0.75
+
+
 class SliceResizer:
     """Pad slices (X, Y) to a square physical field of view, resize to image_size, and back."""
 
     def __init__(self, shape: Sequence[int], spacing: Sequence[float], config: PreprocessingConfig):
         self.shape = tuple(int(n) for n in shape)
         self.size = config.image_size
+        self.mode = config.resize_interpolation
         extent = max(self.shape[0] * spacing[0], self.shape[1] * spacing[1], config.min_field_of_view_mm)
         self.padded = tuple(max(n, int(round(extent / s))) for n, s in zip(self.shape, spacing))
         self.pad_before = tuple((p - n) // 2 for p, n in zip(self.padded, self.shape))
@@ -189,16 +203,22 @@ class SliceResizer:
         if x.shape[-2:] == (self.size, self.size):
             return x
         downsampling = px > self.size or py > self.size
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                             antialias=downsampling)
+        x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False, antialias=downsampling)
+        # Bicubic overshoots at edges; the network's slices stay in [-1, 1] as normalised.
+        return x.clamp_(-1.0, 1.0) if self.mode == "bicubic" else x
 
     def inverse(self, slices: torch.Tensor) -> torch.Tensor:
-        """(N, C, size, size) -> (N, C, X, Y)."""
+        """(N, C, size, size) -> (N, C, X, Y). Bicubic, low-pass filtered only where the slice
+        grid is much coarser than the network's: a bilinear, antialiased 240 -> 256 -> 240
+        round trip alone leaves a real FLAIR with 0.75 of its sharpness, this inverse with
+        0.85 (docs/learning_curves.md). Bicubic overshoots at edges: callers clip to [-1, 1]
+        (``SliceStack.finish``)."""
         (px, py), (bx, by) = self.padded, self.pad_before
         x = slices
         if (px, py) != (self.size, self.size):
-            x = F.interpolate(x, size=(px, py), mode="bilinear", align_corners=False,
-                              antialias=px < self.size or py < self.size)
+            reduction = min(px, py) / self.size
+            x = F.interpolate(x, size=(px, py), mode="bicubic", align_corners=False,
+                              antialias=reduction < STRONG_REDUCTION)
         return x[..., bx : bx + self.shape[0], by : by + self.shape[1]]
 
 

@@ -35,6 +35,9 @@ def add_train(sub) -> None:
     g.add_argument("--intensity-reference", choices=("percentile", "median"),
                    help="normalisation window: brain 0.5-99.5th percentiles (default) or 0.5th percentile to "
                         "2.5 x (median - low), which large bright lesions hardly move")
+    g.add_argument("--resize-interpolation", choices=("bicubic", "bilinear"),
+                   help="how slices are resized onto the network's 256x256 grid: bicubic (default) or bilinear "
+                        "(the bundles made before this option); stored in the bundle")
     g.add_argument("--cache-dir", help="preprocessed-slice cache (default RUN/cache; share it between runs)")
     g = p.add_argument_group("model")
     g.add_argument("--architecture", choices=("fdgan", "pix2pix_unet"), help="generator (default fdgan)")

@@ -223,8 +223,11 @@ def _cache_key(subject: Subject, modalities: Sequence[str], preprocessing: Prepr
         path = subject.files[key].resolve()
         st = path.stat()
         files[key] = [str(path), st.st_size, st.st_mtime_ns]
+    settings = preprocessing.to_dict()
+    if settings["resize_interpolation"] == "bilinear":  # as before the setting existed: the same keys
+        del settings["resize_interpolation"]
     blob = json.dumps({"version": CACHE_VERSION, "files": files, "modalities": list(modalities),
-                       "preprocessing": preprocessing.to_dict(), "slices": slices_per_subject,
+                       "preprocessing": settings, "slices": slices_per_subject,
                        # Only when set, so that the 2D entries keep their keys.
                        **({"context": context} if context else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

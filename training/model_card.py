@@ -15,6 +15,7 @@ from typing import Optional
 from MRISynthesisLib.preprocessing import PreprocessingConfig
 
 from .data import portable_path
+from .trainer import preprocessing_config, saved_config
 
 KNOWN_LIMITS = """\
 - Trained briefly ({hours:.1f} h, device above): base width {width} (the paper uses 64) and
@@ -69,19 +70,20 @@ def _recipe(config: dict) -> str:
 def _normalisation(pre: PreprocessingConfig) -> str:
     why = (" (lesion-robust: a large bright lesion moves the upper percentiles of a FLAIR, hardly its median)"
            if pre.intensity_reference == "median" else "")
-    return (f"per volume, {pre.window_text()}{why}, clipped; background -1. The output is on "
+    return (f"per volume, {pre.window_text()}{why}, clipped; background -1; slices resized to the network's "
+            f"grid {pre.resize_interpolation}, back bicubic. The output is on "
             f"0-{pre.output_max:g}: 0 = background, {pre.output_max:g} = the upper end of that window in a "
             "real FLAIR normalised the same way.")
 
 
 def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = saved_config(json.loads((run_dir / "config.json").read_text()))
     split = json.loads((run_dir / "split.json").read_text())
     history = json.loads((run_dir / "log.json").read_text())
     history = history.get("history", history) if isinstance(history, dict) else history
     evaluation = json.loads(Path(evaluation_json).read_text())
-    pre = PreprocessingConfig(intensity_reference=config.get("intensity_reference", "percentile"))
+    pre = preprocessing_config({"intensity_reference": "percentile", **config})
     sources = config["sources"].split(",")
     train_subjects = split.get("train_usable", split.get("train", []))
     val_subjects = split.get("val_usable", split.get("val", []))

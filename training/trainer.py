@@ -39,7 +39,7 @@ from MRISynthesisLib.inference import autocast_context, resolve_device
 from MRISynthesisLib.metrics import aggregate, subject_metrics
 from MRISynthesisLib.networks import (ModelConfig, build_discriminator, build_generator, count_parameters, init_generator,
                                       init_weights)
-from MRISynthesisLib.preprocessing import INTENSITY_REFERENCES, PreprocessingConfig, to_output_scale
+from MRISynthesisLib.preprocessing import INTENSITY_REFERENCES, RESIZE_INTERPOLATIONS, PreprocessingConfig, to_output_scale
 
 from . import data as data_mod
 from . import recipe
@@ -61,6 +61,7 @@ DEFAULTS = dict(
     epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
     background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0, augment=False, intensity_reference="percentile",
+    resize_interpolation="bicubic",
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
     seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
@@ -113,6 +114,8 @@ def resolve_config(given: dict) -> dict:
             cfg[key] = DEFAULT_LAMBDA[cfg["l1_reduction"]]
     if cfg["intensity_reference"] not in INTENSITY_REFERENCES:
         raise InputError(f"--intensity-reference must be one of {INTENSITY_REFERENCES}")
+    if cfg["resize_interpolation"] not in RESIZE_INTERPOLATIONS:
+        raise InputError(f"--resize-interpolation must be one of {RESIZE_INTERPOLATIONS}")
     if min(cfg["background_weight"], cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"]) < 0:
         raise InputError("--background-weight, --gdl-weight, --gan-weight and --fm-weight must be >= 0")
     if cfg["d_width"] is None:
@@ -131,6 +134,22 @@ def resolve_config(given: dict) -> dict:
         raise InputError("--stop-mode must be interrupt or crash")
     model_config(cfg)  # validates architecture / grid
     return cfg
+
+
+# Options added after runs were saved whose default differs from what those runs did: a
+# saved configuration without them gets the value it trained with.
+SAVED_BEFORE = {"resize_interpolation": "bilinear"}
+
+
+def saved_config(cfg: dict) -> dict:
+    """A run's saved configuration (config.json, a checkpoint's) with the options it predates."""
+    return {**SAVED_BEFORE, **cfg}
+
+
+def preprocessing_config(cfg: dict) -> PreprocessingConfig:
+    """The preprocessing a run trains with, stored in its bundle."""
+    return PreprocessingConfig(intensity_reference=cfg["intensity_reference"],
+                               resize_interpolation=cfg["resize_interpolation"])
 
 
 def model_config(cfg: dict) -> ModelConfig:
@@ -346,7 +365,7 @@ class Run:
         self.sources = cfg["sources"].split(",")
         self.target = cfg["target"]
         self.modalities = self.sources + [self.target]
-        self.preprocessing = PreprocessingConfig(intensity_reference=cfg["intensity_reference"])
+        self.preprocessing = preprocessing_config(cfg)
         self.log_file = self.dir / "train.log"
 
     def log(self, message: str) -> None:
@@ -796,7 +815,7 @@ def train(given: dict) -> dict:
         cfg_path = out / "config.json"
         if not (out / CHECKPOINT).is_file() or not cfg_path.is_file():
             raise InputError(f"--resume: no checkpoint in {out}")
-        saved = json.loads(cfg_path.read_text())
+        saved = saved_config(json.loads(cfg_path.read_text()))
         explicit = {k: v for k, v in given.items() if k not in ("out",)}
         merged = dict(saved)
         requested = resolve_config({**saved, **explicit})
@@ -848,7 +867,7 @@ def export_run(run_dir, out, half_precision: bool = False, checkpoint=None,
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     if state.get("format") != "mrisynthesis-training-checkpoint":
         raise InputError(f"{ckpt} is not a training checkpoint of this package")
-    cfg = dict(state["config"])
+    cfg = saved_config(state["config"])
     dist_ = Distributed("cpu") if int(os.environ.get("WORLD_SIZE", "1")) == 1 else None
     if dist_ is None:
         raise InputError("export runs in a single process; do not start it under torchrun")

@@ -448,3 +448,17 @@ def test_evaluate_lesion_figures(tmp_path):
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Lesions (1 subjects with labels: les (ground truth))" in report
     assert report.index("## Brain (masked)") < report.index("## Whole slice")
+
+
+def test_new_runs_resize_bicubic_and_runs_saved_before_the_option_keep_bilinear(gen_data, tmp_path):
+    fresh = small_run(gen_data, tmp_path / "fresh", epochs=1)
+    assert load_bundle(fresh["bundle"]).preprocessing.resize_interpolation == "bicubic"
+    old = tmp_path / "old"
+    small_run(gen_data, old, epochs=2, stop_after_steps=2)
+    config = json.loads((old / "config.json").read_text())
+    del config["resize_interpolation"]  # as a run saved before the option wrote it
+    (old / "config.json").write_text(json.dumps(config))
+    resumed = trainer.train({"out": old, "resume": True, "no_progress": True})
+    assert load_bundle(resumed["bundle"]).preprocessing.resize_interpolation == "bilinear"
+    with pytest.raises(InputError, match="resize-interpolation"):
+        trainer.resolve_config({"data": tmp_path, "out": tmp_path, "resize_interpolation": "nearest"})

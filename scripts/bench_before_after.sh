@@ -18,7 +18,7 @@ git worktree add --detach "$WORK/before" "$REV" >/dev/null 2>&1
 for i in $(seq 1 "$ROUNDS"); do
   for tree in before after; do
     root="$WORK/before"; [ $tree = after ] && root="$PWD"
-    rm -f "$WORK/$tree.nii.gz"
+    rm -f "$WORK/$tree.nii.gz" "$WORK/$tree.json"  # the output and its sidecar
     start=$(date +%s.%N)
     (cd "$root" && PYTHONPATH="$root" "$PY" -m MRISynthesisLib predict --t1 "$CASE/t1.nii.gz" \
         --t2 "$CASE/t2.nii.gz" --model "$MODEL" -o "$WORK/$tree.nii.gz" > "$WORK/$tree.log" 2>&1) \

@@ -10,6 +10,8 @@
 # Usage: bash scripts/learning_curves.sh DATA_DIRS [RUNS_DIR] [LANES]
 #   DATA_DIRS: ../shared/data and the subjects ../shared/more-data/stage.py writes, joined with ':'.
 # Resumable: run it again after a stop (a session's end, Ctrl-C, a kill); finished runs are skipped.
+# STOP_AT=N: stop at global step N with a checkpoint there (scripts/train_default_models.sh
+# branches the shipped T1+T2 model from the paper model's curve at step 14,000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: learning_curves.sh DATA_DIRS [RUNS_DIR] [LANES]}

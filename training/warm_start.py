@@ -49,6 +49,7 @@ def load_trained_model(path) -> TrainedModel:
     from MRISynthesisLib.bundle import BundleError, load_bundle
 
     path = Path(path)
+    origin = path.name  # the run folder's name, or the file's
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
@@ -58,7 +59,7 @@ def load_trained_model(path) -> TrainedModel:
             bundle = load_bundle(path)
         except BundleError as exc:
             raise InputError(f"--init-from: {exc}") from None
-        return TrainedModel(bundle.model, bundle.sources, dict(bundle.state_dict), None, path.name)
+        return TrainedModel(bundle.model, bundle.sources, dict(bundle.state_dict), None, origin)
     from .trainer import model_config  # the trainer imports this module lazily
 
     try:
@@ -68,7 +69,7 @@ def load_trained_model(path) -> TrainedModel:
     if not isinstance(state, dict) or state.get("format") != "mrisynthesis-training-checkpoint":
         raise InputError(f"--init-from: {path} is not a training checkpoint of this package")
     cfg = state["config"]
-    return TrainedModel(model_config(cfg), cfg["sources"].split(","), state["G"], state["D"], path.parent.name,
+    return TrainedModel(model_config(cfg), cfg["sources"].split(","), state["G"], state["D"], origin,
                         d_width=cfg["d_width"])
 
 

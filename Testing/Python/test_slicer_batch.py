@@ -220,7 +220,10 @@ def test_batch_ctrl_c_exits_130(tmp_path):
     bundle = make_bundle(tmp_path / "m.safetensors", ("t1",))
     process = subprocess.Popen([sys.executable, str(SCRIPT), "--input-dir", str(root), "--output-dir",
                                 str(tmp_path / "out"), "--model", str(bundle), "--device", "cpu"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # Ctrl-C as at a terminal, even when this test runs with SIGINT
+                               # ignored (started in the background, under nohup).
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = process.stdout.readline()
     assert first.startswith("s00: OK"), first + process.stderr.read()
     process.send_signal(signal.SIGINT)

@@ -177,6 +177,7 @@ def assert_same_state(a, b):
 
 
 def test_generated_run_sigint_resume_is_bit_exact(gen_data, tmp_path, monkeypatch):
+    handler_before = signal.getsignal(signal.SIGINT)  # ignored when the tests run in the background
     full = small_run(gen_data, tmp_path / "full")
     assert not full["stopped"] and len(full["history"]) == 2
     run = tmp_path / "full"
@@ -211,7 +212,7 @@ def test_generated_run_sigint_resume_is_bit_exact(gen_data, tmp_path, monkeypatc
     assert part["stopped"]
     state = load_ckpt(tmp_path / "part")
     assert (state["epoch"], state["step"]) == (1, 2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
     with pytest.raises(InputError, match="--resume"):
         small_run(gen_data, tmp_path / "part")
     with pytest.raises(InputError, match="width"):

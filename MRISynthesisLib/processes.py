@@ -172,7 +172,10 @@ def process_tree_alive(process: Union[subprocess.Popen, int]) -> bool:
         _reap_killers()
         return leaderRunning if leaderRunning is not None else _windows_pid_alive(pid)
     if sys.platform.startswith("linux") and os.path.isdir("/proc/self"):
-        return bool(_linux_session_members(pid))
+        alive = bool(_linux_session_members(pid))
+        if not alive and leaderRunning:
+            process.poll()  # the leader exited between poll and the scan: reap it, so returncode is set
+        return alive
     try:
         os.killpg(pid, 0)
     except ProcessLookupError:

@@ -31,18 +31,12 @@ SCALE_FREE = "psnr_masked_scale_free"
 
 
 def paired(per_subject: dict, a: str, b: str, key: str) -> dict:
-    """Mean difference a - b over the subjects both have, with the paired t-test's p and n."""
-    pairs = [(s[a][key], s[b][key]) for s in per_subject.values()
-             if a in s and b in s and key in s[a] and key in s[b]
-             and math.isfinite(s[a][key]) and math.isfinite(s[b][key])]
-    if not pairs:
-        return {"n": 0, "mean_difference": math.nan, "p": math.nan}
-    diffs = [x - y for x, y in pairs]
-    p = math.nan
-    if len(pairs) > 1:
-        from scipy.stats import ttest_rel
-        p = float(ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
-    return {"n": len(pairs), "mean_difference": sum(diffs) / len(diffs), "p": p}
+    """Mean difference a - b over the subjects both have, with the paired t-test's p and n
+    (``evaluate.ttests``, as in the report); NaN where fewer than 2 subjects pair."""
+    from .evaluate import ttests
+
+    entry = ttests(per_subject, [a, b], [key])[0][key]
+    return {k: math.nan if entry[k] is None else entry[k] for k in ("n", "mean_difference", "p")}
 
 
 def check(metrics: dict, model: str, shipped: str, baseline: str) -> list:

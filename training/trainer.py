@@ -186,7 +186,7 @@ class Objective:
     @classmethod
     def from_config(cls, cfg: dict) -> "Objective":
         return cls(cfg["l1_reduction"], cfg["lambda1"], cfg["lambda2"], cfg["background_weight"],
-                   cfg["gdl_weight"], cfg["gan_weight"], cfg.get("fm_weight", 0.0))
+                   cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"])
 
 
 def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Objective):

@@ -38,10 +38,8 @@ class TrainedModel:
     """What a warm start reads: the generator (and discriminator, where kept) of a trained
     model with its source list and configuration."""
 
-    def __init__(self, config: ModelConfig, sources: Sequence[str], G: dict, D: Optional[dict], origin: str,
-                 d_width: Optional[int] = None):
+    def __init__(self, config: ModelConfig, sources: Sequence[str], G: dict, D: Optional[dict], origin: str):
         self.config, self.sources, self.G, self.D, self.origin = config, list(sources), G, D, origin
-        self.d_width = d_width
 
 
 def load_trained_model(path) -> TrainedModel:
@@ -69,8 +67,7 @@ def load_trained_model(path) -> TrainedModel:
     if not isinstance(state, dict) or state.get("format") != "mrisynthesis-training-checkpoint":
         raise InputError(f"--init-from: {path} is not a training checkpoint of this package")
     cfg = state["config"]
-    return TrainedModel(model_config(cfg), cfg["sources"].split(","), state["G"], state["D"], origin,
-                        d_width=cfg["d_width"])
+    return TrainedModel(model_config(cfg), cfg["sources"].split(","), state["G"], state["D"], origin)
 
 
 def source_map(new_sources: Sequence[str], old_sources: Sequence[str]) -> List[Optional[int]]:

@@ -4,7 +4,7 @@
 # (issue 20), the pix2pix baseline (T1+T2) and the per-voxel linear baseline; check the T1+T2
 # targets (python -m training targets; a missed one is reported, not fatal); write the model
 # cards and reports under docs/, and export the shipped fp16 bundles (card and evaluation in
-# their provenance) into Resources/Models.
+# their provenance) into Resources/Models, and the README's quality table.
 # Usage: bash scripts/finalize_default_models.sh DATA_DIRS [RUNS_DIR] [NAME ...]
 #        (NAME: t1_t2_to_flair, t1_t2_t1c_to_flair, t1_to_flair; default all three;
 #         t1_t2_to_flair also exports pix2pix_t1_t2_to_flair)
@@ -51,3 +51,6 @@ if [[ "$ONLY" == *" t1_t2_to_flair "* ]]; then
 fi
 finalize t1_t2_t1c_to_flair fdgan_t1_t2_t1c --baseline linear
 finalize t1_to_flair fdgan_t1 --baseline linear
+# The README's quality table, from the reports just written.
+$PY -m training quality-table docs/evaluation/t1_t2_to_flair docs/evaluation/t1_to_flair \
+    docs/evaluation/t1_t2_t1c_to_flair --readme README.md

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,evaluate,export,subjects,model-card,bench,targets} ...``."""
+"""Command line: ``python -m training {train,evaluate,export,subjects,model-card,bench,targets,quality-table} ...``."""
 
 from __future__ import annotations
 
@@ -158,6 +158,13 @@ def add_targets(sub) -> None:
                                  description=doc.split("\n\n")[0]))
 
 
+def add_quality_table(sub) -> None:
+    from .quality_table import __doc__ as doc, add_arguments
+
+    add_arguments(sub.add_parser("quality-table", help="the README's quality table from the shipped models' evaluations",
+                                 description=doc.split("\n\n")[0]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +175,7 @@ def main(argv=None) -> int:
     add_model_card(sub)
     add_bench(sub)
     add_targets(sub)
+    add_quality_table(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -207,6 +215,10 @@ def main(argv=None) -> int:
             from .targets import targets_cli
 
             return targets_cli(args)
+        if args.command == "quality-table":
+            from .quality_table import quality_table_cli
+
+            return quality_table_cli(args)
         if args.command == "bench":
             from .benchmark import bench_cli
 

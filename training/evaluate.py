@@ -357,11 +357,14 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(stats: dict, key: str) -> str:
-    if key not in stats:
+def format_stat(stats: dict, key: str, digits: Optional[int] = None) -> str:
+    """"mean ± std" of ``stats[key]`` (a summary entry), "-" where it is absent; dB figures
+    with 2 decimals, the others with 3 unless ``digits`` says."""
+    if not stats or not stats.get(key):
         return "-"
     mean, std = stats[key]["mean"], stats[key]["std"]
-    digits = 2 if key.startswith("psnr") else 3
+    if digits is None:
+        digits = 2 if key.startswith("psnr") else 3
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -388,13 +391,13 @@ def render_report(results: dict, labels) -> str:
                   "| Method | PSNR (dB) | SSIM | NRMSE |", "|---|---|---|---|"]
         for l in labels:
             stats = results["summary"][l]
-            lines.append(f"| {l} | " + " | ".join(_fmt(stats, k) for k in keys) + " |")
+            lines.append(f"| {l} | " + " | ".join(format_stat(stats, k) for k in keys) + " |")
     lines += ["", "## Sharpness and edges (blur-sensitive; mean ± std over subjects)", "",
               "| Method | scale-free brain PSNR (dB) | sharpness (1 = as real) | brain GMSD (lower = better) |",
               "|---|---|---|---|"]
     for l in labels:
         stats = results["summary"][l]
-        lines.append(f"| {l} | " + " | ".join(_fmt(stats, k) for k in SHARPNESS) + " |")
+        lines.append(f"| {l} | " + " | ".join(format_stat(stats, k) for k in SHARPNESS) + " |")
     lesion_subjects = results.get("lesion_labels", {})
     if lesion_subjects:
         lines += ["", f"## Lesions ({len(lesion_subjects)} subjects with labels: "
@@ -403,7 +406,7 @@ def render_report(results: dict, labels) -> str:
         for l in labels:
             stats = results["summary"][l]
             n = stats.get("lesion_conspicuity", {}).get("n", 0)
-            lines.append(f"| {l} | {_fmt(stats, 'lesion_conspicuity')} | {_fmt(stats, 'psnr_lesion')} | {n} |")
+            lines.append(f"| {l} | {format_stat(stats, 'lesion_conspicuity')} | {format_stat(stats, 'psnr_lesion')} | {n} |")
     if results["ttests"]:
         shown = (*MASKED, *SHARPNESS, *LESION, "psnr")
         lines += ["", "## Paired t-tests over subjects (p-value (mean difference A - B), n subjects)", "",

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
 
 from MRISynthesisLib.preprocessing import PreprocessingConfig
 
 from .data import portable_path
+from .evaluate import format_stat
 from .trainer import preprocessing_config, saved_config
 
 KNOWN_LIMITS = """\
@@ -35,12 +35,6 @@ KNOWN_LIMITS = """\
   a substitute for an acquired one in diagnosis.
 - Intensities are relative (0-1000 scale, see above), not quantitative.
 """
-
-
-def _fmt(stats: Optional[dict], digits: int) -> str:
-    if not stats:
-        return "-"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def _devices(run_dir: Path, history) -> list:
@@ -141,16 +135,16 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
         "(conspicuity 1 = lesions as conspicuous as in the real FLAIR); whole-slice figures last, they mostly "
         f"measure the background (report: [docs/evaluation/{name}/report.md](../evaluation/{name}/report.md)).",
         "",
-        "| method | brain PSNR (dB) | brain SSIM | brain NRMSE | lesion conspicuity | lesion PSNR (dB) | "
-        "whole-slice PSNR (dB) | whole-slice SSIM |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | brain PSNR (dB) | brain SSIM | brain NRMSE | scale-free brain PSNR (dB) | sharpness (1 = as real) "
+        "| brain GMSD | lesion conspicuity | lesion PSNR (dB) | whole-slice PSNR (dB) | whole-slice SSIM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    columns = (("psnr_masked", 2), ("ssim_masked", 3), ("nrmse_masked", 3), ("psnr_masked_scale_free", 2),
+               ("sharpness", 2), ("gmsd_masked", 3), ("lesion_conspicuity", 2), ("psnr_lesion", 2), ("psnr", 2),
+               ("ssim", 3))
     for method, stats in evaluation["summary"].items():
         shown = f"**{method}** (this model)" if method == label else method
-        lines.append(f"| {shown} | {_fmt(stats.get('psnr_masked'), 2)} | {_fmt(stats.get('ssim_masked'), 3)} | "
-                     f"{_fmt(stats.get('nrmse_masked'), 3)} | {_fmt(stats.get('lesion_conspicuity'), 2)} | "
-                     f"{_fmt(stats.get('psnr_lesion'), 2)} | {_fmt(stats.get('psnr'), 2)} | "
-                     f"{_fmt(stats.get('ssim'), 3)} |")
+        lines.append(f"| {shown} | " + " | ".join(format_stat(stats, key, digits) for key, digits in columns) + " |")
     lines += ["", "Each model is scored against the real FLAIR normalised the way that model normalises "
               "(its own units: a bundle made before the median reference, `previous_*`, used the brain "
               "percentiles); the linear baseline is fit in this model's units."]

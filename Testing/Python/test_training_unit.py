@@ -394,7 +394,8 @@ def test_model_card_from_run_and_evaluation(gen_data, tmp_path):
     small_run(gen_data, run, architecture="fdgan", epochs=1)
     evaluation = tmp_path / "metrics.json"
     stats = {"psnr_masked": {"mean": 17.5, "std": 1.25, "n": 2}, "ssim_masked": {"mean": 0.5, "std": 0.01, "n": 2},
-             "lesion_conspicuity": {"mean": 0.97, "std": 0.2, "n": 1}, "psnr": {"mean": 21.5, "std": 1.0, "n": 2}}
+             "lesion_conspicuity": {"mean": 0.97, "std": 0.2, "n": 1}, "psnr": {"mean": 21.5, "std": 1.0, "n": 2},
+             "sharpness": {"mean": 0.912, "std": 0.04, "n": 2}}
     ttest = {"a": "t2 baseline", "b": "fdgan", "psnr_masked": {"n": 2, "t": 3.0, "p": 0.2, "mean_difference": -1.5}}
     evaluation.write_text(json.dumps({"subjects": ["sub3", "sub2"], "slices_per_subject": 80, "ttests": [ttest],
                                       "summary": {"fdgan": stats, "t2 baseline": stats}}))
@@ -406,8 +407,10 @@ def test_model_card_from_run_and_evaluation(gen_data, tmp_path):
     assert card.startswith("# Model card: `t1_t2_to_flair`")
     assert "feature-disentanglement GAN" in card and "base width 4" in card
     assert ", ".join(split["train_usable"]) in card
-    # Brain figures first, then lesion and whole-slice figures; the paired test from this model's side.
-    assert "| **fdgan** (this model) | 17.50 ± 1.25 | 0.500 ± 0.010 | - | 0.97 ± 0.20 | - | 21.50 ± 1.00 |" in card
+    # Brain figures first (with the blur-sensitive ones), then lesion and whole-slice figures;
+    # an absent figure is "-"; the paired test from this model's side.
+    assert ("| **fdgan** (this model) | 17.50 ± 1.25 | 0.500 ± 0.010 | - | - | 0.91 ± 0.04 | - | 0.97 ± 0.20 | - "
+            "| 21.50 ± 1.00 | - |") in card
     assert "vs t2 baseline: +1.50 dB, n = 2, p = 0.2" in card
     assert "Device: cpu x1" in card and "`--background-weight 1`" in card and "--intensity-reference percentile" in card
     assert "## Known limits" in card and "L1 reduction `mean`" in card

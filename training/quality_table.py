@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from MRISynthesisLib.errors import InputError
 
@@ -144,15 +143,3 @@ def quality_table_cli(args) -> int:
     print(f"quality table written into {path}")
     return 0
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m training quality-table", description=__doc__))
-    try:
-        return quality_table_cli(parser.parse_args(argv))
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -66,14 +66,33 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PATH_OPTIONS = ("data", "out", "cache_dir", "split", "groups_file", "init_from")
 
 
+# The subjects ../shared/more-data/stage.py writes wherever its user puts them: named by
+# what they are, not by that folder (the manifest lists them; absent on other machines).
+STAGED_MANIFEST = PROJECT_ROOT.parent / "shared" / "more-data" / "manifest.json"
+STAGED_NAME = "../shared/more-data (staged)"
+
+
+def _is_staged_more_data(folder: Path) -> bool:
+    """True for a folder of subjects that are all (and only) ones the more-data manifest lists."""
+    try:
+        staged = {entry["folder"] for entry in json.loads(Path(STAGED_MANIFEST).read_text())}
+        subjects = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(subjects) and subjects <= staged
+
+
 def portable_path(path) -> str:
     """How cards, reports and bundle provenance name a file or folder: relative to the
     project folder when it lies beside or inside it (``../shared/data``, ``docs/split.json``,
-    ``../data-extra``, ``runs/t1t2``), else ``<elsewhere>/NAME``: never an absolute path of the
-    machine that made them. Several folders joined with os.pathsep are named one by one."""
+    ``runs/t1t2``), ``STAGED_NAME`` for the staged more-data subjects wherever they are, else
+    ``<elsewhere>/NAME``: never an absolute path of the machine that made them. Several
+    folders joined with os.pathsep are named one by one."""
     text = str(path)
     if os.pathsep in text:
         return ":".join(portable_path(p) for p in text.split(os.pathsep) if p)
+    if Path(text).is_dir() and _is_staged_more_data(Path(text)):
+        return STAGED_NAME
     resolved = Path(text).resolve()
     try:
         relative = os.path.relpath(resolved, PROJECT_ROOT)

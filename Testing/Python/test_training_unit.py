@@ -431,6 +431,29 @@ def test_portable_path_names_folders_relative_to_the_project_never_absolute(tmp_
     assert portable_path("/nowhere/near/the/project/extra") == "<elsewhere>/extra"
 
 
+def test_portable_path_names_the_staged_more_data_subjects_wherever_they_are(tmp_path, monkeypatch):
+    from training import data as data_mod
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps([{"folder": "brats18-a", "file": "t1.nii.gz"}, {"folder": "brats18-a", "file": "t2.nii.gz"},
+                                    {"folder": "brats18-b", "file": "t1.nii.gz"}]))
+    monkeypatch.setattr(data_mod, "STAGED_MANIFEST", manifest)
+    staged = tmp_path / "anywhere" / "extra"
+    (staged / "brats18-a").mkdir(parents=True)
+    (staged / "brats18-b").mkdir()
+    shared = data_mod.PROJECT_ROOT.parent / "shared" / "data"
+    assert data_mod.portable_path(f"{shared}{os.pathsep}{staged}") == "../shared/data:" + data_mod.STAGED_NAME
+    # Some of them is still them; one subject the manifest does not list, or none, is not.
+    (staged / "brats18-b").rmdir()
+    assert data_mod.portable_path(staged) == data_mod.STAGED_NAME
+    (staged / "other").mkdir()
+    assert data_mod.portable_path(staged) == "<elsewhere>/extra"
+    assert data_mod.portable_path(tmp_path / "empty") == "<elsewhere>/empty"
+    monkeypatch.setattr(data_mod, "STAGED_MANIFEST", tmp_path / "absent.json")
+    (staged / "other").rmdir()
+    assert data_mod.portable_path(staged) == "<elsewhere>/extra"
+
+
 def test_evaluate_lesion_figures(tmp_path):
     """A bright lesion in the real FLAIR: the T2 baseline (no lesion) scores conspicuity
     about 0, a prediction equal to the FLAIR scores 1; reported per subject with n."""

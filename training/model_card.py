@@ -146,8 +146,8 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
         shown = f"**{method}** (this model)" if method == label else method
         lines.append(f"| {shown} | " + " | ".join(format_stat(stats, key, digits) for key, digits in columns) + " |")
     lines += ["", "Each model is scored against the real FLAIR normalised the way that model normalises "
-              "(its own units: a bundle made before the median reference, `previous_*`, used the brain "
-              "percentiles); the linear baseline is fit in this model's units."]
+              "(its bundle's intensity reference; `previous_*` is the bundle this one replaced); the linear "
+              "baseline is fit in this model's units. The scale-free brain PSNR does not depend on the units."]
     tests = [t for t in evaluation.get("ttests", []) if label in (t["a"], t["b"]) and "psnr_masked" in t]
     if tests:
         lines += ["", "Paired t-tests over subjects, brain PSNR (this model minus the other):", ""]

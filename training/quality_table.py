@@ -107,10 +107,10 @@ def replace_between_markers(text: str, table: str, where: str = "the README") ->
     """``text`` with the block between BEGIN and END replaced by ``table``."""
     if text.count(BEGIN) != 1 or text.count(END) != 1:
         raise InputError(f"{where} needs exactly one pair of quality-table markers ({BEGIN} ... {END})")
+    if text.index(END) < text.index(BEGIN):
+        raise InputError(f"{where}: the quality-table end marker comes before its begin marker")
     head, rest = text.split(BEGIN)
     _, tail = rest.split(END)
-    if END in head:
-        raise InputError(f"{where}: the quality-table end marker comes before its begin marker")
     return f"{head}{BEGIN}\n{table}\n{END}{tail}"
 
 

@@ -61,6 +61,8 @@ def test_readme_block_replaced_and_nothing_else(tmp_path):
         replace_between_markers("no markers here", "| new |")
     with pytest.raises(InputError, match="markers"):
         replace_between_markers(text + BEGIN, "| new |")
+    with pytest.raises(InputError, match="before its begin"):
+        replace_between_markers(f"{END}\n{BEGIN}\n", "| new |")
 
 
 def test_command_line_writes_the_readme(tmp_path, capsys):

@@ -33,27 +33,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from MRISynthesisLib.inference import synthesize_with_details  # noqa: E402
+from MRISynthesisLib.metrics import scale_free_fit  # noqa: E402
 
 EDGE_QUANTILE = 0.8
 
 
-def psnr_scale_free(real: np.ndarray, fake: np.ndarray, brain: np.ndarray) -> float:
-    x, y = fake[brain], real[brain]
-    a, b = np.polyfit(x, y, 1)
-    data_range = np.percentile(y, 99.5) - np.percentile(y, 0.5)
-    return 10 * np.log10(data_range ** 2 / np.mean((a * x + b - y) ** 2))
+def scale_free_error(real: np.ndarray, fake: np.ndarray, brain: np.ndarray) -> tuple:
+    """(squared error of the scale-free mapped synthetic inside the brain, 0 elsewhere;
+    the PSNR in dB over the brain, peak = the real FLAIR's 0.5-99.5 percentile range)."""
+    a, b = scale_free_fit(real, fake, brain)
+    err = np.zeros_like(real)
+    err[brain] = (a * fake[brain] + b - real[brain]) ** 2
+    data_range = np.percentile(real[brain], 99.5) - np.percentile(real[brain], 0.5)
+    return err, 10 * np.log10(data_range ** 2 / err[brain].mean())
 
 
 def decompose(real: np.ndarray, fake: np.ndarray, brain: np.ndarray, lesion: np.ndarray) -> dict:
-    x, y = fake[brain], real[brain]
-    a, b = np.polyfit(x, y, 1)
-    err = np.zeros_like(real)
-    err[brain] = (a * x + b - y) ** 2
+    err, psnr = scale_free_error(real, fake, brain)
     gradient = np.hypot(ndimage.sobel(real, 0), ndimage.sobel(real, 1))
     edge = brain & (gradient >= np.quantile(gradient[brain], EDGE_QUANTILE))
     lesion = brain & lesion
     total = err[brain].sum()
-    return {"psnr_scale_free": psnr_scale_free(real, fake, brain),
+    return {"psnr_scale_free": psnr,
             "lesion_voxels": lesion.sum() / brain.sum(), "lesion_error": err[lesion].sum() / total,
             "gain_without_lesion_error_db": 10 * np.log10(total / err[brain & ~lesion].sum()),
             "edge_voxels": edge.sum() / brain.sum(), "edge_error": err[edge].sum() / total}
@@ -77,10 +78,11 @@ def main(argv=None) -> int:
         real = nib.load(files["flair"]).get_fdata().astype(np.float64)
         lesion = nib.load(files["seg"]).get_fdata() > 0
         skull_stripped = nib.load(files["t1"]).get_fdata() > 0
-        print(f"{subject:20s} for scale, the real FLAIR: shifted by one voxel "
-              f"{psnr_scale_free(real, np.roll(real, 1, axis=0), skull_stripped):5.2f} dB, blurred sigma 1 "
-              f"{psnr_scale_free(real, ndimage.gaussian_filter(real, (1, 1, 0)), skull_stripped):5.2f} dB, sigma 2 "
-              f"{psnr_scale_free(real, ndimage.gaussian_filter(real, (2, 2, 0)), skull_stripped):5.2f} dB", flush=True)
+        shifted, blur1, blur2 = (scale_free_error(real, fake, skull_stripped)[1]
+                                 for fake in (np.roll(real, 1, axis=0), ndimage.gaussian_filter(real, (1, 1, 0)),
+                                              ndimage.gaussian_filter(real, (2, 2, 0))))
+        print(f"{subject:20s} for scale, the real FLAIR: shifted by one voxel {shifted:5.2f} dB, "
+              f"blurred sigma 1 {blur1:5.2f} dB, sigma 2 {blur2:5.2f} dB", flush=True)
         for name, bundle in models.items():
             result = synthesize_with_details({"t1": files["t1"], "t2": files["t2"]}, bundle, mask="none")
             d = decompose(real, np.asarray(result.volume.array, dtype=np.float64),

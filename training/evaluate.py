@@ -357,6 +357,11 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def slices_phrase(slices_per_subject: Optional[int]) -> str:
+    """What a report, card or table was measured on: 0/None = every brain slice."""
+    return f"the middle {slices_per_subject} brain slices" if slices_per_subject else "every brain slice"
+
+
 def format_stat(stats: dict, key: str, digits: Optional[int] = None) -> str:
     """"mean ± std" of ``stats[key]`` (a summary entry), "-" where it is absent; dB figures
     with 2 decimals, the others with 3 unless ``digits`` says."""
@@ -373,7 +378,7 @@ def render_report(results: dict, labels) -> str:
              f"- data: `{results['data']}` ({results['subjects_from']})",
              f"- subjects ({len(results['subjects'])}): {', '.join(results['subjects'])}",
              "- skipped: " + (", ".join(f"{k} (lacks {', '.join(v)})" for k, v in results["skipped"].items()) or "none"),
-             f"- slices: middle {results['slices_per_subject'] or 'all'} brain slices per subject, "
+             f"- slices: {slices_phrase(results['slices_per_subject'])} of each subject, "
              f"axial, on the {results['reference_grid']} grid",
              f"- date: {results['date']}", ""]
     for m in results["methods"]:

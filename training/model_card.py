@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 from MRISynthesisLib.preprocessing import PreprocessingConfig
 
 from .data import portable_path
-from .evaluate import format_stat
+from .evaluate import format_stat, slices_phrase
 from .trainer import preprocessing_config, saved_config
 
 KNOWN_LIMITS = """\
-- Trained briefly ({hours:.1f} h, device above): base width {width} (the paper uses 64) and
+- Trained briefly ({hours:.1f} h{warm}, device above): base width {width} (the paper uses 64) and
   {epochs} epochs (the paper 200) on {n_train} subjects. It is a small model trained briefly; the
   paper-sized model needs a GPU (`python -m training train` with the defaults).
 - Training data: adult glioma/metastasis cases (BraTS 2018-2023, TCGA via BraTS-Toolkit)
@@ -26,15 +27,22 @@ KNOWN_LIMITS = """\
   other field strengths or sequences (e.g. 3D FLAIR vs 2D) are outside what it saw.
 - 2D axial, slice by slice: no through-plane consistency; thick-slice clinical scans work
   but each slice is synthesised on its own.
-- Trained on the middle {slices} brain slices of each subject: the top and bottom of the brain
-  (slices with little brain) are outside what it saw and come out worse, below a linear fit
-  of the inputs on some subjects (the figures above are on the middle 80 brain slices).
-- Lesions are rendered less conspicuous than in a real FLAIR (lesion conspicuity above; 1 =
-  as in the real FLAIR): small or subtle FLAIR lesions can be missed or blurred, and tumour
-  borders are softer than in a real FLAIR. A synthetic FLAIR is not
-  a substitute for an acquired one in diagnosis.
+{slices_limit}
+- Lesion conspicuity varies from subject to subject (mean ± std above; 1 = as in the real
+  FLAIR): small or subtle FLAIR lesions can be missed or blurred, and tumour borders can be
+  softer than in a real FLAIR. A synthetic FLAIR is not a substitute for an acquired one in
+  diagnosis.
 - Intensities are relative (0-1000 scale, see above), not quantitative.
 """
+
+
+def _slices_limit(trained: Optional[int], evaluated: Optional[int]) -> str:
+    """The known limit that follows from which slices the model saw and was scored on."""
+    if not trained:
+        return f"- Trained on every brain slice of each subject (figures above: {slices_phrase(evaluated)})."
+    return (f"- Trained on the middle {trained} brain slices of each subject: the top and bottom of the brain\n"
+            "  (slices with little brain) are outside what it saw and come out worse, below a linear fit\n"
+            f"  of the inputs on some subjects (figures above: {slices_phrase(evaluated)}).")
 
 
 def _devices(run_dir: Path, history) -> list:
@@ -99,7 +107,7 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
         f"- Training subjects ({len(train_subjects)}): {', '.join(train_subjects)}.",
         f"- Validation subjects ({len(val_subjects)}): {', '.join(val_subjects) or 'none with these modalities'}.",
         f"- Held-out test subjects ({len(test_subjects)}): {', '.join(test_subjects)}.",
-        f"- Slices: the middle {config['slices_per_subject']} axial brain slices per subject, 256x256.",
+        f"- Slices: {slices_phrase(config['slices_per_subject'])} of each subject, axial, 256x256.",
         (f"- Model: base width {config['width']}, LAF grid {config['laf_grid']}x{config['laf_grid']}, "
          f"specific encoder {'off' if config.get('no_specific_encoder') else 'on'}; "
          if config["architecture"] == "fdgan" else f"- Model: U-Net, base width {config['width']}; ")
@@ -108,7 +116,9 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
         f"- Schedule: {len(history)} epochs ({config['epochs_constant']} at lr {config['lr']:g}, "
         f"{config['epochs_decay']} linear decay), batch {config['batch_size']}, Adam betas "
         f"({config['beta1']}, {config['beta2']}), {config['precision']} autocast, seed {config['seed']}; "
-        f"{hours:.1f} h of training.",
+        f"{hours:.1f} h of training"
+        + (f", warm-started from the weights of `{Path(config['init_from']).name}` (another run's checkpoint; "
+           "its hours are not counted here)" if config.get("init_from") else "") + ".",
         f"- Device: {'; '.join(_devices(run_dir, history))}.",
         f"- Loss: GAN (BCE, weight {config.get('gan_weight', 1.0):g}) + {config['lambda1']:g} L1(G)"
         + (f" + {config['lambda2']:g} L1(LAF pseudo-target)" if config["architecture"] == "fdgan" else "")
@@ -130,7 +140,7 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
         "",
         "## Held-out evaluation",
         f"`python -m training evaluate` on the test subjects of `docs/split.json` (never seen in training), "
-        f"middle {evaluation['slices_per_subject'] or 'all'} brain slices, output units; mean ± std over subjects. "
+        f"{slices_phrase(evaluation['slices_per_subject'])} of each subject, output units; mean ± std over subjects. "
         "Brain figures first (inside the brain mask); lesion figures over the subjects with a lesion label "
         "(conspicuity 1 = lesions as conspicuous as in the real FLAIR); whole-slice figures last, they mostly "
         f"measure the background (report: [docs/evaluation/{name}/report.md](../evaluation/{name}/report.md)).",
@@ -157,7 +167,9 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
             lines.append(f"- vs {other}: {sign * r['mean_difference']:+.2f} dB, n = {r['n']}, p = {r['p']:.3g}")
     lines += ["", "## Known limits",
               KNOWN_LIMITS.format(width=config["width"], epochs=len(history), n_train=len(train_subjects),
-                                  hours=hours, slices=config["slices_per_subject"] or "all")]
+                                  hours=hours, warm=", plus a warm start" if config.get("init_from") else "",
+                                  slices_limit=_slices_limit(config["slices_per_subject"],
+                                                             evaluation["slices_per_subject"]))]
     return "\n".join(lines)
 
 

@@ -419,6 +419,16 @@ def test_model_card_from_run_and_evaluation(gen_data, tmp_path):
     provenance = load_bundle(run / "model.safetensors").provenance
     assert str(gen_data) not in json.dumps(provenance) and str(tmp_path) not in json.dumps(provenance)
     assert provenance["data"] == "<elsewhere>/data" and provenance["options"]["out"] == "<elsewhere>/run"
+    # What it saw and was scored on, and a warm start, come from the run, not fixed text.
+    assert "Slices: the middle 4 brain slices of each subject" in card and "the middle 80 brain slices of each" in card
+    assert "Trained on the middle 4 brain slices" in card and "warm-started" not in card
+    config = json.loads((run / "config.json").read_text())
+    config.update(slices_per_subject=None, init_from=str(tmp_path / "elsewhere" / "epoch2.pt"))
+    (run / "config.json").write_text(json.dumps(config))
+    from training.model_card import render_model_card
+    card = render_model_card(run, evaluation, "fdgan", "t1_t2_to_flair")
+    assert "Slices: every brain slice of each subject" in card and "Trained on every brain slice" in card
+    assert "warm-started from the weights of `epoch2.pt`" in card and str(tmp_path) not in card
 
 
 def test_portable_path_names_folders_relative_to_the_project_never_absolute(tmp_path):

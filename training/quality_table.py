@@ -81,13 +81,18 @@ def render(reports: Sequence[Tuple[str, dict]]) -> str:
                              f"it has {', '.join(labels)}")
     absent = False
     described = sorted({(m.get("subjects_from", "subjects"), slices_phrase(m.get("slices_per_subject"))) for _, m in reports})
+    # Reports on different slices: each row says which (a reader cannot tell them apart otherwise).
+    mixed = len({slices for _, slices in described}) > 1
     lines.append("Measured on " + "; ".join(f"the {origin} ({slices})" for origin, slices in described)
+                 + (", as each row says" if mixed else "")
                  + ". Mean ± std over subjects; lesion figures over the subjects with lesion labels.")
     lines += ["", "| inputs -> FLAIR | subjects | method | " + " | ".join(t for _, t in COLUMNS) + " |",
               "|---|---|---|" + "---|" * len(COLUMNS)]
     for shipped, metrics in reports:
         inputs = _inputs(metrics)
         n = f"{len(metrics['subjects'])} ({len(metrics.get('lesion_labels') or {})} with lesion labels)"
+        if mixed:
+            n += f", {slices_phrase(metrics.get('slices_per_subject'))}"
         for method in metrics["methods"]:
             stats = metrics["summary"].get(method["label"], {})
             cells = [format_stat(stats, key) for key, _ in COLUMNS]

@@ -42,6 +42,17 @@ def test_rows_figures_and_absent_figures(tmp_path):
     assert "every brain slice" in table and "test subjects of docs/split.json" in table
     # A figure a report lacks shows as "-", and the table says why.
     assert "| - |" in rows[1] and "no such figure" in table
+    assert "3 (2 with lesion labels) |" in rows[0]  # one kind of slices: not repeated per row
+
+
+def test_rows_on_different_slices_say_which(tmp_path):
+    folder = report(tmp_path / "t1_to_flair", "t1_to_flair")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "slices_per_subject": 80}))
+    table = render([load_report(report(tmp_path / "t1_t2_to_flair", "t1_t2_to_flair")), load_report(folder)])
+    rows = [line for line in table.splitlines() if line.startswith("| T1")]
+    assert all("every brain slice" in row for row in rows[:2]) and all("the middle 80 brain slices" in row for row in rows[2:])
+    assert "as each row says" in table
 
 
 def test_a_report_must_evaluate_the_model_it_is_named_after(tmp_path):

@@ -38,9 +38,10 @@ KNOWN_LIMITS = """\
 
 def _slices_limit(trained: Optional[int], evaluated: Optional[int]) -> str:
     """The known limit that follows from which slices the model saw and was scored on."""
+    seen = f"- Trained on {slices_phrase(trained)} of each subject"
     if not trained:
-        return f"- Trained on every brain slice of each subject (figures above: {slices_phrase(evaluated)})."
-    return (f"- Trained on the middle {trained} brain slices of each subject: the top and bottom of the brain\n"
+        return f"{seen} (figures above: {slices_phrase(evaluated)})."
+    return (f"{seen}: the top and bottom of the brain\n"
             "  (slices with little brain) are outside what it saw and come out worse, below a linear fit\n"
             f"  of the inputs on some subjects (figures above: {slices_phrase(evaluated)}).")
 

@@ -28,6 +28,11 @@ Blur-sensitive figures (brain PSNR hardly sees blur once intensity errors domina
   the least-squares line fitted over the subject's brain voxels, so the choice of intensity
   scale does not count.
 
+A failure the averages hide (a T1-only model once rendered whole frontal lobes black):
+- blanked brain = the percentage of a subject's brain voxels where the real image is above
+  ``BLANK_REAL`` of its 0.5-99.5th brain-percentile range and the synthetic one below
+  ``BLANK_SYNTHETIC`` of that same range: tissue drawn as if it were background or CSF.
+
 Per-slice values are averaged per subject (``subject_metrics``), then mean +- std over
 subjects (``aggregate``). Slices are compared in the same units (e.g. both normalised
 with the same preprocessing); metrics are only defined where the real slice is not
@@ -95,7 +100,8 @@ def slice_metrics(real, fake, mask=None) -> dict:
 
 def subject_metrics(real_slices: Iterable, fake_slices: Iterable, masks: Optional[Iterable] = None) -> dict:
     """Mean of the per-slice metrics over one subject's slices (first axis = slice), with
-    GMSD per slice and, given masks, sharpness and scale-free brain PSNR over the subject."""
+    GMSD per slice and, given masks, sharpness, blanked brain and scale-free brain PSNR
+    over the subject."""
     masks = [None] * len(real_slices) if masks is None else masks
     kept = [i for i, r in enumerate(real_slices) if np.any(np.asarray(r))]
     if not kept:
@@ -123,6 +129,7 @@ def subject_metrics(real_slices: Iterable, fake_slices: Iterable, masks: Optiona
     result["num_slices"] = len(per_slice)
     if brains is not None:
         result["sharpness"] = sharpness(reals, fakes, brains)
+        result["blanked_brain"] = blanked_brain(reals, fakes, brains)
     return result
 
 
@@ -135,6 +142,23 @@ def robust_unit(volume: np.ndarray, brain: np.ndarray, low: float = 0.5, high: f
     """``volume`` mapped so that its brain's ``low``/``high`` percentiles become 0/1."""
     lo, hi = np.percentile(volume[brain], [low, high])
     return (volume - lo) / (hi - lo if hi > lo else 1.0)
+
+
+BLANK_REAL = 0.2
+BLANK_SYNTHETIC = 0.05
+
+
+def blanked_brain(real, fake, brain) -> float:
+    """Percentage of ``brain`` where ``real`` is tissue (above BLANK_REAL of its robust brain
+    range) and ``fake`` (same units) is black (below BLANK_SYNTHETIC of that range); NaN
+    without brain."""
+    real, fake, brain = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64), np.asarray(brain, bool)
+    if not brain.any():
+        return math.nan
+    lo, hi = np.percentile(real[brain], [0.5, 99.5])
+    span = hi - lo if hi > lo else 1.0
+    blank = brain & (real > lo + BLANK_REAL * span) & (fake < lo + BLANK_SYNTHETIC * span)
+    return float(100.0 * blank.sum() / brain.sum())
 
 
 def inplane_gradient_magnitude(slices: np.ndarray) -> np.ndarray:

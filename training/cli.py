@@ -79,6 +79,9 @@ def add_train(sub) -> None:
     g.add_argument("--gan-weight", type=float, help="weight of the adversarial term in G's loss (default 1)")
     g.add_argument("--augment", action="store_true",
                    help="random flips, rotations (10 deg), scaling (10%%) and per-source gamma/bias/scale jitter")
+    g.add_argument("--augment-contrast", type=float,
+                   help="with --augment: also squeeze/spread each source's tissue contrast around its brain median "
+                        "by a power law with exponent in [exp(-C), exp(C)] (default 0: off; training/recipe.py)")
     g.add_argument("--seed", type=int, help="seed for the split, initialisation and data order (default 0)")
     g.add_argument("--precision", choices=("fp32", "bf16"), help="fp32 (default) or bf16 autocast")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
@@ -126,6 +129,9 @@ def add_export(sub) -> None:
                                         "(held_out_evaluation)")
     p.add_argument("--evaluation-label", help="this model's method label in --evaluation (default: its "
                                               "architecture's label, e.g. fdgan)")
+    p.add_argument("--max-blanked-brain", type=float,
+                   help="refuse to export when, on any subject of --evaluation, the model renders more than this "
+                        "percentage of the brain black where the real image shows tissue (needs --evaluation-label)")
 
 
 def add_subjects(sub) -> None:
@@ -201,6 +207,12 @@ def main(argv=None) -> int:
                     if args.evaluation_label not in extra["held_out_evaluation"].get("summary", {}):
                         parser.error(f"--evaluation-label {args.evaluation_label!r} is not a method of {args.evaluation}")
                     extra["evaluation_label"] = args.evaluation_label
+            if getattr(args, "max_blanked_brain", None) is not None:
+                if "evaluation_label" not in extra:
+                    parser.error("--max-blanked-brain needs --evaluation and --evaluation-label")
+                from .evaluate import check_blanked_brain
+
+                check_blanked_brain(extra["held_out_evaluation"], args.evaluation_label, args.max_blanked_brain)
             print(export_run(args.run, args.out, args.half, args.checkpoint, extra_provenance=extra))
             return 0
         if args.command == "model-card":

@@ -42,6 +42,7 @@ MASKED = tuple(f"{m}_masked" for m in METRIC_NAMES)
 LESION = ("lesion_conspicuity", "psnr_lesion")
 # Blur-sensitive figures (MRISynthesisLib.metrics): brain PSNR hardly sees blur.
 SHARPNESS = ("psnr_masked_scale_free", "sharpness", "gmsd_masked")
+BLANKED = "blanked_brain"  # tissue rendered black (MRISynthesisLib.metrics.blanked_brain)
 LINEAR_MAX_VOXELS = 200_000  # per subject, for the least-squares fit
 # The evaluation protocol: the middle 80 brain slices of each subject (the top and bottom
 # slices hold a few voxels of brain each, and a per-slice mean would weigh them as much).
@@ -373,6 +374,32 @@ def format_stat(stats: dict, key: str, digits: Optional[int] = None) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def worst_blanked(results: dict, label: str):
+    """(subject, blanked brain %) of the subject where ``label`` blanks most tissue, or None
+    when the evaluation predates the measure."""
+    values = [(s, v[label][BLANKED]) for s, v in results["per_subject"].items()
+              if label in v and math.isfinite(v[label].get(BLANKED, math.nan))]
+    return max(values, key=lambda sv: sv[1]) if values else None
+
+
+def check_blanked_brain(results: dict, label: str, limit: float) -> None:
+    """InputError unless ``label`` blanks at most ``limit`` % of every subject's brain."""
+    worst = worst_blanked(results, label)
+    if worst is None:
+        raise InputError(f"the evaluation has no blanked-brain figure for {label!r}: run `python -m training "
+                         "evaluate` again with this version")
+    if worst[1] > limit:
+        raise InputError(f"{label} renders {worst[1]:.2f} % of {worst[0]}'s brain black where the real image shows "
+                         f"tissue (limit {limit:g} %): not exported")
+
+
+def format_blanked(results: dict, label: str) -> str:
+    worst = worst_blanked(results, label)
+    if worst is None:
+        return "-"
+    return f"{results['summary'][label][BLANKED]['mean']:.2f} ({worst[1]:.2f}, {worst[0]})"
+
+
 def render_report(results: dict, labels) -> str:
     lines = [f"# Evaluation: {', '.join(labels)}", "",
              f"- data: `{results['data']}` ({results['subjects_from']})",
@@ -398,11 +425,13 @@ def render_report(results: dict, labels) -> str:
             stats = results["summary"][l]
             lines.append(f"| {l} | " + " | ".join(format_stat(stats, k) for k in keys) + " |")
     lines += ["", "## Sharpness and edges (blur-sensitive; mean ± std over subjects)", "",
-              "| Method | scale-free brain PSNR (dB) | sharpness (1 = as real) | brain GMSD (lower = better) |",
-              "|---|---|---|---|"]
+              "| Method | scale-free brain PSNR (dB) | sharpness (1 = as real) | brain GMSD (lower = better) "
+              "| blanked brain (%, worst subject) |",
+              "|---|---|---|---|---|"]
     for l in labels:
         stats = results["summary"][l]
-        lines.append(f"| {l} | " + " | ".join(format_stat(stats, k) for k in SHARPNESS) + " |")
+        lines.append(f"| {l} | " + " | ".join(format_stat(stats, k) for k in SHARPNESS)
+                     + f" | {format_blanked(results, l)} |")
     lesion_subjects = results.get("lesion_labels", {})
     if lesion_subjects:
         lines += ["", f"## Lesions ({len(lesion_subjects)} subjects with labels: "
@@ -432,8 +461,8 @@ def render_report(results: dict, labels) -> str:
     per_subject_tables = (
         ("brain PSNR dB / brain SSIM / lesion conspicuity / lesion PSNR dB",
          (("psnr_masked", 2), ("ssim_masked", 3), ("lesion_conspicuity", 2), ("psnr_lesion", 2))),
-        ("scale-free brain PSNR dB / sharpness / brain GMSD",
-         (("psnr_masked_scale_free", 2), ("sharpness", 2), ("gmsd_masked", 3))),
+        ("scale-free brain PSNR dB / sharpness / brain GMSD / blanked brain %",
+         (("psnr_masked_scale_free", 2), ("sharpness", 2), ("gmsd_masked", 3), (BLANKED, 2))),
         ("whole slice: PSNR dB / SSIM / NRMSE", (("psnr", 2), ("ssim", 3), ("nrmse", 3))),
     )
     for title, columns in per_subject_tables:

@@ -64,6 +64,8 @@ def _recipe(config: dict) -> str:
                f"--intensity-reference {config.get('intensity_reference', 'percentile')}"]
     if config.get("augment"):
         options.append("--augment")
+    if config.get("augment_contrast"):
+        options.append(f"--augment-contrast {config['augment_contrast']:g}")
     if config["architecture"] == "fdgan":
         options += [f"--adain-scale {config.get('adain_scale', 'direct')}",
                     f"--style-init {config.get('style_init', 'normal')}"]

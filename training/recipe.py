@@ -13,7 +13,12 @@ so that the paper's setting stays available (docs/training.md, "Recipe study"):
 - ``augment``: random left-right flips, small rotations and scalings (one geometric
   transform per slice, applied to sources, target and mask alike) and per-source
   intensity jitter (gamma, a smooth multiplicative bias field, scale) on the sources only
-  (``--augment``). Random numbers come from a generator seeded by (seed, epoch, step), so
+  (``--augment``). ``--augment-contrast C`` adds a tissue-contrast jitter: a power law
+  anchored at black and at the slice's brain median, exponent in [exp(-C), exp(C)], which
+  squeezes or spreads normal tissue around the median while the darkest voxels stay at -1.
+  Old scanners (BraTS 2013) give T1s whose grey/white contrast is about half the usual
+  after the median window; a T1-only model trained without this rendered whole lobes of
+  such scans black (docs/learning_curves.md, "T1: black regions"). Random numbers come from a generator seeded by (seed, epoch, step), so
   a resumed run sees the same augmentation as an uninterrupted one.
 
 Augmentation is written here with ``torch.nn.functional.affine_grid``/``grid_sample``
@@ -63,6 +68,18 @@ def feature_matching(fake_features, real_features) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def median_anchored_contrast(unit: torch.Tensor, brain: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``median * (unit / median) ** exponent`` per image and channel, with ``median`` the
+    median of ``unit`` (B, C, H, W, in [0, 1]) inside ``brain`` (B, 1, H, W): 0 and the
+    median stay where they are; an exponent below 1 squeezes the tissue around the median,
+    above 1 spreads it. Images without brain pass unchanged."""
+    inside = brain.expand_as(unit)
+    median = torch.where(inside, unit, torch.nan).flatten(2).nanmedian(dim=2).values[..., None, None]
+    has_brain = ~median.isnan()
+    median = torch.nan_to_num(median, nan=1.0).clamp_min(1e-3)
+    return torch.where(has_brain, median * (unit.clamp_min(0) / median) ** exponent, unit)
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     flip_probability: float = 0.5
@@ -71,6 +88,7 @@ class AugmentConfig:
     max_gamma: float = 0.3  # gamma in [exp(-g), exp(g)] on [0, 1]-rescaled sources
     max_intensity_scale: float = 0.1
     max_bias: float = 0.2  # multiplicative bias field in [1 - b, 1 + b], smooth (4x4 control grid)
+    max_contrast: float = 0.0  # exponent in [exp(-c), exp(c)] of the median-anchored power law; 0: off
 
 
 def augment_generator(seed: int, epoch: int, step: int) -> torch.Generator:
@@ -111,6 +129,11 @@ def augment(sources: torch.Tensor, target: torch.Tensor, brain: torch.Tensor, ge
 
     # Intensity jitter, per sample and source, inside the brain only.
     unit = (src + 1) / 2
+    if config.max_contrast > 0:  # drawn only when on, so runs without it keep their random stream
+        exponent = torch.exp(uniform(b, m, 1, 1) * config.max_contrast)
+        if slices_per_source > 1:
+            exponent = exponent.repeat_interleave(slices_per_source, dim=1)
+        unit = median_anchored_contrast(unit, brain_out, exponent)
     gamma = torch.exp(uniform(b, m, 1, 1) * config.max_gamma)
     scale = 1.0 + uniform(b, m, 1, 1) * config.max_intensity_scale
     coarse = 1.0 + uniform(b, m, 4, 4) * config.max_bias

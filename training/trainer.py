@@ -47,7 +47,7 @@ from . import recipe
 CHECKPOINT = "checkpoint.pt"
 LOSS_KEYS = ("loss_D", "loss_G", "loss_G_GAN", "loss_G_L1", "loss_G_L1_pseudo")
 VAL_METRICS = ("psnr", "ssim", "nrmse", "psnr_masked", "ssim_masked", "nrmse_masked",
-               "psnr_masked_scale_free", "sharpness", "gmsd", "gmsd_masked")
+               "psnr_masked_scale_free", "sharpness", "gmsd", "gmsd_masked", "blanked_brain")
 VAL_KEYS = tuple(f"val_{k}" for k in VAL_METRICS)
 CURVE_KEYS = ("step", "epoch", "cpu_hours", "wall_hours", "lr", "loss_G_L1", "loss_D", "loss_G_GAN", *VAL_KEYS)
 # Options that may change when resuming; everything else must match the saved run.
@@ -60,7 +60,8 @@ DEFAULTS = dict(
     adain_scale="one_plus_delta", style_init="kaiming", context_slices=0, init_from=None,
     epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
-    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0, augment=False, intensity_reference="percentile",
+    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0, augment=False, augment_contrast=0.0,
+    intensity_reference="percentile",
     resize_interpolation="bicubic",
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
@@ -118,6 +119,8 @@ def resolve_config(given: dict) -> dict:
         raise InputError(f"--resize-interpolation must be one of {RESIZE_INTERPOLATIONS}")
     if min(cfg["background_weight"], cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"]) < 0:
         raise InputError("--background-weight, --gdl-weight, --gan-weight and --fm-weight must be >= 0")
+    if cfg["augment_contrast"] < 0 or (cfg["augment_contrast"] > 0 and not cfg["augment"]):
+        raise InputError("--augment-contrast must be >= 0 and goes with --augment")
     if cfg["d_width"] is None:
         cfg["d_width"] = cfg["width"]
     if cfg["batch_size"] < 1 or cfg["width"] < 1 or cfg["d_width"] < 1:
@@ -534,6 +537,7 @@ class Run:
         global_step = sum(h["steps"] for h in history) + start_step
         window = []  # the training losses since the last curve point
         result = {"stopped": False}
+        augment_config = recipe.AugmentConfig(max_contrast=cfg["augment_contrast"])
         try:
             for epoch in range(start_epoch, n_epochs):
                 factor = lr_factor(epoch, cfg["epochs_constant"], cfg["epochs_decay"])
@@ -561,7 +565,7 @@ class Run:
                     brain = torch.from_numpy(self.train_data.masks(batches[step]))[:, None].to(device)
                     if cfg["augment"]:
                         x, y, brain = recipe.augment(x, y, brain, recipe.augment_generator(cfg["seed"], epoch, step),
-                                                     slices_per_source=self.model_config.slices_per_source)
+                                                     augment_config, slices_per_source=self.model_config.slices_per_source)
                     values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, brain, autocast, objective)
                     loss_D, loss_G = values[0], values[1]
                     n = len(batches[step])

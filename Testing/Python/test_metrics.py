@@ -184,3 +184,20 @@ def test_scale_free_psnr_ignores_the_intensity_scale():
     fitted = slope * (0.5 * noisy + 100) + offset
     assert np.mean((fitted - real)[brain] ** 2) <= np.mean((noisy - real)[brain] ** 2) + 1e-9
     assert {"sharpness", "gmsd", "gmsd_masked"} <= set(a)
+
+
+def test_blanked_brain_counts_tissue_drawn_black_and_not_dark_csf():
+    from MRISynthesisLib.metrics import blanked_brain
+
+    real, brain = _brain_volume()  # tissue at 200-850 inside the brain
+    real[:, 10:14, 10:14] = 0.0  # a dark (CSF-like) pocket in the real image
+    assert blanked_brain(real, real, brain) == 0.0
+    fake = real.copy()
+    fake[:, 6:24, 6:42] = 0.0  # the front half of the brain rendered black
+    front = brain[:, 6:24, 6:42].sum() - 6 * 16  # less the pocket, black in both
+    assert blanked_brain(real, fake, brain) == pytest.approx(100.0 * front / brain.sum(), rel=0.02)
+    # Blur or a dimmer image is not blanking; NaN without brain.
+    assert blanked_brain(real, 0.7 * real + 50, brain) == 0.0
+    assert math.isnan(blanked_brain(real, fake, np.zeros_like(brain)))
+    # It is one of the subject figures.
+    assert subject_metrics(real, fake, brain)["blanked_brain"] == pytest.approx(blanked_brain(real, fake, brain))

@@ -104,3 +104,36 @@ def test_augment_jitters_the_slices_of_one_source_alike():
                        recipe.augment(two, one, brain, recipe.augment_generator(0, 0, 0), slices_per_source=1)[0])
     with pytest.raises(ValueError, match="whole groups"):
         recipe.augment(sources[:, :5], one, brain, recipe.augment_generator(0, 0, 0), slices_per_source=3)
+
+
+def test_median_anchored_contrast_keeps_black_and_the_median_and_squeezes_tissue():
+    brain = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    brain[..., 2:14, 2:14] = True
+    unit = torch.where(brain, torch.rand(1, 2, 16, 16, generator=torch.Generator().manual_seed(1)), 0.0)
+    unit[0, :, 2, 2] = 0.0  # a black voxel inside the brain
+    out = recipe.median_anchored_contrast(unit, brain, torch.tensor([0.5, 2.0])[None, :, None, None])
+    inside = brain.expand_as(unit)
+    for c, squeezed in ((0, True), (1, False)):
+        before, after = unit[0, c][inside[0, c]], out[0, c][inside[0, c]]
+        assert after.min() == 0.0
+        assert torch.isclose(after.median(), before.median(), atol=1e-6)
+        iqr = [torch.quantile(v, 0.75) - torch.quantile(v, 0.25) for v in (before, after)]
+        assert (iqr[1] < 0.8 * iqr[0]) if squeezed else (iqr[1] > 1.2 * iqr[0])
+    # An image without brain passes through.
+    empty = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    assert torch.equal(recipe.median_anchored_contrast(unit, empty, torch.full((1, 2, 1, 1), 0.5)), unit)
+
+
+def test_augment_contrast_is_off_by_default_and_changes_only_sources_when_on():
+    b, s = 2, 32
+    brain = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    brain[..., 4:28, 4:28] = True
+    sources = torch.where(brain, torch.rand(b, 2, s, s) * 2 - 1, torch.full((b, 2, s, s), -1.0))
+    target = torch.where(brain, torch.rand(b, 1, s, s) * 2 - 1, torch.full((b, 1, s, s), -1.0))
+    plain = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0))
+    off = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0), recipe.AugmentConfig(max_contrast=0))
+    on = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0), recipe.AugmentConfig(max_contrast=0.7))
+    assert all(torch.equal(x, y) for x, y in zip(plain, off))
+    assert torch.equal(on[1], plain[1]) and torch.equal(on[2], plain[2])  # same geometry, same target
+    assert not torch.equal(on[0], plain[0])
+    assert on[0].min() >= -1 and on[0].max() <= 1 and torch.all(on[0][~on[2].expand_as(on[0])] == -1.0)

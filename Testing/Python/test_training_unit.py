@@ -330,6 +330,11 @@ def test_evaluate_baselines_on_generated_data(gen_data, tmp_path):
     assert results["methods"][1]["fit_on"] == "training subjects of the split"
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| Method | PSNR (dB) | SSIM | NRMSE |" in report
+    # Blanked brain: the mean and the worst subject (an exact prediction blanks nothing).
+    assert per["same"]["t2 baseline"]["blanked_brain"] == 0.0
+    worst = max(("lin2", "same"), key=lambda s: per[s]["t2 baseline"]["blanked_brain"])
+    mean = results["summary"]["t2 baseline"]["blanked_brain"]["mean"]
+    assert f"| {mean:.2f} ({per[worst]['t2 baseline']['blanked_brain']:.2f}, {worst}) |" in report
     for label in labels:
         assert f"| {label} | " in report
     assert "t2 baseline vs linear(t1+t2)" in report
@@ -369,12 +374,13 @@ def test_recipe_options_train_and_resume_bit_exact(gen_data, tmp_path):
     """Augmentation, background-weighted L1, gradient-difference loss, GAN weight and feature
     matching: a run killed mid-way and resumed ends with the same weights (augmentation is
     seeded per step)."""
-    recipe_opts = dict(architecture="fdgan", width=2, augment=True, background_weight=0.1, gdl_weight=1.0,
-                       gan_weight=0.5, fm_weight=10.0)
+    recipe_opts = dict(architecture="fdgan", width=2, augment=True, augment_contrast=0.5, background_weight=0.1,
+                       gdl_weight=1.0, gan_weight=0.5, fm_weight=10.0)
     full = small_run(gen_data, tmp_path / "full", **recipe_opts)
     assert not full["stopped"]
     config = json.loads((tmp_path / "full" / "config.json").read_text())
-    assert (config["augment"], config["background_weight"], config["style_init"]) == (True, 0.1, "kaiming")
+    assert (config["augment"], config["augment_contrast"], config["background_weight"], config["style_init"]) == (
+        True, 0.5, 0.1, "kaiming")
     with pytest.raises(trainer.StopTraining):
         small_run(gen_data, tmp_path / "crash", stop_after_steps=5, stop_mode="crash", **recipe_opts)
     trainer.train({"out": tmp_path / "crash", "resume": True, "no_progress": True})
@@ -385,6 +391,8 @@ def test_recipe_options_train_and_resume_bit_exact(gen_data, tmp_path):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "background_weight": -1})
     with pytest.raises(InputError, match="fm-weight"):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "fm_weight": -1})
+    with pytest.raises(InputError, match="goes with --augment"):
+        trainer.resolve_config({"data": tmp_path, "out": tmp_path, "augment_contrast": 0.5})
     with pytest.raises(InputError, match="context_slices"):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "context_slices": -1})
 
@@ -429,6 +437,27 @@ def test_model_card_from_run_and_evaluation(gen_data, tmp_path):
     card = render_model_card(run, evaluation, "fdgan", "t1_t2_to_flair")
     assert "Slices: every brain slice of each subject" in card and "Trained on every brain slice" in card
     assert "warm-started from the weights of `epoch2.pt`" in card and str(tmp_path) not in card
+
+
+def test_export_refuses_a_model_that_blanks_brain(gen_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    small_run(gen_data, run, architecture="fdgan", epochs=1)
+    evaluation = tmp_path / "metrics.json"
+    per_subject = {"sub2": {"fdgan": {"blanked_brain": 0.3}}, "sub3": {"fdgan": {"blanked_brain": 7.25}}}
+    evaluation.write_text(json.dumps({"subjects": ["sub2", "sub3"], "per_subject": per_subject, "ttests": [],
+                                      "summary": {"fdgan": {"blanked_brain": {"mean": 3.775, "std": 5.0, "n": 2}}}}))
+    out = tmp_path / "model.safetensors"
+    args = ["export", "--run", str(run), "--out", str(out), "--evaluation", str(evaluation), "--evaluation-label", "fdgan"]
+    assert training_main([*args, "--max-blanked-brain", "1"]) == 2
+    assert "fdgan renders 7.25 % of sub3's brain black" in capsys.readouterr().err and not out.exists()
+    assert training_main([*args, "--max-blanked-brain", "8"]) == 0 and out.is_file()
+    # An evaluation made before the figure existed cannot vouch for the model.
+    per_subject["sub3"]["fdgan"] = {}
+    del per_subject["sub2"]["fdgan"]["blanked_brain"]
+    evaluation.write_text(json.dumps({"subjects": ["sub2", "sub3"], "per_subject": per_subject, "ttests": [],
+                                      "summary": {"fdgan": {}}}))
+    assert training_main([*args, "--max-blanked-brain", "8"]) == 2
+    assert "no blanked-brain figure" in capsys.readouterr().err
 
 
 def test_portable_path_names_folders_relative_to_the_project_never_absolute(tmp_path):

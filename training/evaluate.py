@@ -377,7 +377,7 @@ def format_stat(stats: dict, key: str, digits: Optional[int] = None) -> str:
 def worst_blanked(results: dict, label: str):
     """(subject, blanked brain %) of the subject where ``label`` blanks most tissue, or None
     when the evaluation predates the measure."""
-    values = [(s, v[label][BLANKED]) for s, v in results["per_subject"].items()
+    values = [(s, v[label][BLANKED]) for s, v in results.get("per_subject", {}).items()
               if label in v and math.isfinite(v[label].get(BLANKED, math.nan))]
     return max(values, key=lambda sv: sv[1]) if values else None
 

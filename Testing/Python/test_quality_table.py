@@ -21,9 +21,11 @@ def report(folder: Path, shipped: str, sharpness=None) -> Path:
                   "lesion_conspicuity": {"mean": 0.97, "std": 0.2, "n": 2}},
         "linear(t1+t2)": {"psnr_masked": {"mean": 16.5, "std": 1.2, "n": 3}},
     }
+    per_subject = {}
     if sharpness is not None:
         summary[shipped]["sharpness"] = {"mean": sharpness, "std": 0.05, "n": 3}
-    metrics = {"subjects_from": "test subjects of docs/split.json", "slices_per_subject": 0,
+        per_subject = {s: {shipped: {"blanked_brain": v}} for s, v in zip("abc", (0.25, 3.125, 0.5))}
+    metrics = {"per_subject": per_subject, "subjects_from": "test subjects of docs/split.json", "slices_per_subject": 0,
                "subjects": ["a", "b", "c"], "lesion_labels": {"a": "seg", "b": "seg"}, "summary": summary,
                "methods": [{"label": shipped, "kind": "model", "sources": ["t1", "t2"]},
                            {"label": "linear(t1+t2)", "kind": "linear", "sources": ["t1", "t2"]}]}
@@ -37,6 +39,7 @@ def test_rows_figures_and_absent_figures(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| T1+T2")]
     assert len(rows) == 2
     assert "**`t1_t2_to_flair`**" in rows[0] and "18.23 ± 1.01" in rows[0] and "0.912 ± 0.050" in rows[0]
+    assert rows[0].endswith("| 3.12 |")  # blanked brain: the worst subject, not the mean
     assert "3 (2 with lesion labels)" in rows[0]
     assert "per-voxel linear fit" in rows[1] and "**" not in rows[1]
     assert "every brain slice" in table and "test subjects of docs/split.json" in table

@@ -66,6 +66,8 @@ def _recipe(config: dict) -> str:
         options.append("--augment")
     if config.get("augment_contrast"):
         options.append(f"--augment-contrast {config['augment_contrast']:g}")
+    if config.get("augment_blur"):
+        options.append(f"--augment-blur {config['augment_blur']:g}")
     if config["architecture"] == "fdgan":
         options += [f"--adain-scale {config.get('adain_scale', 'direct')}",
                     f"--style-init {config.get('style_init', 'normal')}"]

@@ -18,7 +18,10 @@ so that the paper's setting stays available (docs/training.md, "Recipe study"):
   squeezes or spreads normal tissue around the median while the darkest voxels stay at -1.
   Old scanners (BraTS 2013) give T1s whose grey/white contrast is about half the usual
   after the median window; a T1-only model trained without this rendered whole lobes of
-  such scans black (docs/learning_curves.md, "T1: black regions"). Random numbers come from a generator seeded by (seed, epoch, step), so
+  such scans black (docs/learning_curves.md, "T1: black regions"). ``--augment-blur S``
+  blurs each source in-plane by a Gaussian of sigma in [0, S] voxels, inside the brain only
+  (normalised convolution, so the brain's rim does not darken): the model told tissue from
+  CSF by texture, so smooth, low-resolution T1s came out with tissue drawn black. Random numbers come from a generator seeded by (seed, epoch, step), so
   a resumed run sees the same augmentation as an uninterrupted one.
 
 Augmentation is written here with ``torch.nn.functional.affine_grid``/``grid_sample``
@@ -80,6 +83,29 @@ def median_anchored_contrast(unit: torch.Tensor, brain: torch.Tensor, exponent: 
     return torch.where(has_brain, median * (unit.clamp_min(0) / median) ** exponent, unit)
 
 
+def blur_inside(unit: torch.Tensor, brain: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each image and channel of ``unit`` (B, C, H, W) blurred in-plane by a Gaussian of
+    ``sigma`` (B, C) voxels using only voxels inside ``brain`` (B, 1, H, W): a normalised
+    convolution, so background does not bleed in. Sigma 0 leaves the image as it is."""
+    b, c, h, w = unit.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=unit.device)
+    safe = sigma.clamp_min(1e-3).reshape(b * c, 1)
+    kernel = torch.exp(-0.5 * (offsets / safe) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B*C, K)
+    inside = brain.expand_as(unit).float().reshape(1, b * c, h, w)
+    values = unit.float().reshape(1, b * c, h, w) * inside
+
+    def separable(x):
+        x = F.conv2d(x, kernel[:, None, None, :], padding=(0, radius), groups=b * c)
+        return F.conv2d(x, kernel[:, None, :, None], padding=(radius, 0), groups=b * c)
+
+    blurred = separable(values) / separable(inside).clamp_min(1e-6)
+    blurred = blurred.reshape(b, c, h, w).to(unit.dtype)
+    keep = (sigma < 1e-3)[..., None, None] | ~brain.expand_as(unit)
+    return torch.where(keep, unit, blurred)
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     flip_probability: float = 0.5
@@ -89,6 +115,7 @@ class AugmentConfig:
     max_intensity_scale: float = 0.1
     max_bias: float = 0.2  # multiplicative bias field in [1 - b, 1 + b], smooth (4x4 control grid)
     max_contrast: float = 0.0  # exponent in [exp(-c), exp(c)] of the median-anchored power law; 0: off
+    max_blur: float = 0.0  # in-plane Gaussian blur of the sources, sigma in [0, max_blur] voxels; 0: off
 
 
 def augment_generator(seed: int, epoch: int, step: int) -> torch.Generator:
@@ -134,6 +161,11 @@ def augment(sources: torch.Tensor, target: torch.Tensor, brain: torch.Tensor, ge
         if slices_per_source > 1:
             exponent = exponent.repeat_interleave(slices_per_source, dim=1)
         unit = median_anchored_contrast(unit, brain_out, exponent)
+    if config.max_blur > 0:  # drawn only when on, like the contrast
+        sigma = torch.rand(b, m, generator=generator).mul(config.max_blur)
+        if slices_per_source > 1:
+            sigma = sigma.repeat_interleave(slices_per_source, dim=1)
+        unit = blur_inside(unit, brain_out, sigma.to(dev))
     gamma = torch.exp(uniform(b, m, 1, 1) * config.max_gamma)
     scale = 1.0 + uniform(b, m, 1, 1) * config.max_intensity_scale
     coarse = 1.0 + uniform(b, m, 4, 4) * config.max_bias

@@ -60,7 +60,8 @@ DEFAULTS = dict(
     adain_scale="one_plus_delta", style_init="kaiming", context_slices=0, init_from=None,
     epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
-    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0, augment=False, augment_contrast=0.0,
+    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0,
+    augment=False, augment_contrast=0.0, augment_blur=0.0,
     intensity_reference="percentile",
     resize_interpolation="bicubic",
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
@@ -119,8 +120,9 @@ def resolve_config(given: dict) -> dict:
         raise InputError(f"--resize-interpolation must be one of {RESIZE_INTERPOLATIONS}")
     if min(cfg["background_weight"], cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"]) < 0:
         raise InputError("--background-weight, --gdl-weight, --gan-weight and --fm-weight must be >= 0")
-    if cfg["augment_contrast"] < 0 or (cfg["augment_contrast"] > 0 and not cfg["augment"]):
-        raise InputError("--augment-contrast must be >= 0 and goes with --augment")
+    for key in ("augment_contrast", "augment_blur"):
+        if cfg[key] < 0 or (cfg[key] > 0 and not cfg["augment"]):
+            raise InputError(f"--{key.replace('_', '-')} must be >= 0 and goes with --augment")
     if cfg["d_width"] is None:
         cfg["d_width"] = cfg["width"]
     if cfg["batch_size"] < 1 or cfg["width"] < 1 or cfg["d_width"] < 1:
@@ -537,7 +539,7 @@ class Run:
         global_step = sum(h["steps"] for h in history) + start_step
         window = []  # the training losses since the last curve point
         result = {"stopped": False}
-        augment_config = recipe.AugmentConfig(max_contrast=cfg["augment_contrast"])
+        augment_config = recipe.AugmentConfig(max_contrast=cfg["augment_contrast"], max_blur=cfg["augment_blur"])
         try:
             for epoch in range(start_epoch, n_epochs):
                 factor = lr_factor(epoch, cfg["epochs_constant"], cfg["epochs_decay"])

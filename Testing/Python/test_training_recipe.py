@@ -137,3 +137,30 @@ def test_augment_contrast_is_off_by_default_and_changes_only_sources_when_on():
     assert torch.equal(on[1], plain[1]) and torch.equal(on[2], plain[2])  # same geometry, same target
     assert not torch.equal(on[0], plain[0])
     assert on[0].min() >= -1 and on[0].max() <= 1 and torch.all(on[0][~on[2].expand_as(on[0])] == -1.0)
+
+
+def test_blur_inside_smooths_the_brain_without_darkening_its_rim():
+    brain = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    brain[..., 8:24, 8:24] = True
+    flat = torch.where(brain, 0.6, 0.0).expand(1, 2, 32, 32).clone()
+    out = recipe.blur_inside(flat, brain, torch.tensor([[1.5, 0.0]]))
+    assert torch.allclose(out[brain.expand_as(out)], torch.tensor(0.6), atol=1e-5)  # no background bleeds in
+    textured = torch.where(brain, torch.rand(1, 2, 32, 32, generator=torch.Generator().manual_seed(0)), 0.0)
+    out = recipe.blur_inside(textured, brain, torch.tensor([[1.5, 0.0]]))
+    assert torch.equal(out[:, 1], textured[:, 1])  # sigma 0: unchanged
+    assert torch.equal(out[~brain.expand_as(out)], textured[~brain.expand_as(out)])
+    grad = lambda x: (x[..., 9:23, 10:23] - x[..., 9:23, 9:22]).abs().mean()  # noqa: E731
+    assert grad(out[:, 0]) < 0.5 * grad(textured[:, 0])
+
+
+def test_augment_blur_is_drawn_only_when_on():
+    b, s = 2, 32
+    brain = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    brain[..., 4:28, 4:28] = True
+    sources = torch.where(brain, torch.rand(b, 2, s, s) * 2 - 1, torch.full((b, 2, s, s), -1.0))
+    target = torch.where(brain, torch.rand(b, 1, s, s) * 2 - 1, torch.full((b, 1, s, s), -1.0))
+    plain = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0))
+    on = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0), recipe.AugmentConfig(max_blur=1.5))
+    assert torch.equal(on[1], plain[1]) and torch.equal(on[2], plain[2])
+    assert not torch.equal(on[0], plain[0])
+    assert on[0].min() >= -1 and on[0].max() <= 1 and torch.all(on[0][~on[2].expand_as(on[0])] == -1.0)

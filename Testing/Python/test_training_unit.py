@@ -374,7 +374,8 @@ def test_recipe_options_train_and_resume_bit_exact(gen_data, tmp_path):
     """Augmentation, background-weighted L1, gradient-difference loss, GAN weight and feature
     matching: a run killed mid-way and resumed ends with the same weights (augmentation is
     seeded per step)."""
-    recipe_opts = dict(architecture="fdgan", width=2, augment=True, augment_contrast=0.5, background_weight=0.1,
+    recipe_opts = dict(architecture="fdgan", width=2, augment=True, augment_contrast=0.5, augment_blur=1.0,
+                       background_weight=0.1,
                        gdl_weight=1.0, gan_weight=0.5, fm_weight=10.0)
     full = small_run(gen_data, tmp_path / "full", **recipe_opts)
     assert not full["stopped"]
@@ -391,8 +392,9 @@ def test_recipe_options_train_and_resume_bit_exact(gen_data, tmp_path):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "background_weight": -1})
     with pytest.raises(InputError, match="fm-weight"):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "fm_weight": -1})
-    with pytest.raises(InputError, match="goes with --augment"):
-        trainer.resolve_config({"data": tmp_path, "out": tmp_path, "augment_contrast": 0.5})
+    for key in ("augment_contrast", "augment_blur"):
+        with pytest.raises(InputError, match="goes with --augment"):
+            trainer.resolve_config({"data": tmp_path, "out": tmp_path, key: 0.5})
     with pytest.raises(InputError, match="context_slices"):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "context_slices": -1})
 

@@ -124,15 +124,17 @@ def test_median_anchored_contrast_keeps_black_and_the_median_and_squeezes_tissue
     assert torch.equal(recipe.median_anchored_contrast(unit, empty, torch.full((1, 2, 1, 1), 0.5)), unit)
 
 
-def test_augment_contrast_is_off_by_default_and_changes_only_sources_when_on():
+@pytest.mark.parametrize("option", [dict(max_contrast=0.7), dict(max_blur=1.5)])
+def test_augment_intensity_options_are_drawn_only_when_on_and_change_only_sources(option):
     b, s = 2, 32
     brain = torch.zeros(b, 1, s, s, dtype=torch.bool)
     brain[..., 4:28, 4:28] = True
     sources = torch.where(brain, torch.rand(b, 2, s, s) * 2 - 1, torch.full((b, 2, s, s), -1.0))
     target = torch.where(brain, torch.rand(b, 1, s, s) * 2 - 1, torch.full((b, 1, s, s), -1.0))
     plain = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0))
-    off = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0), recipe.AugmentConfig(max_contrast=0))
-    on = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0), recipe.AugmentConfig(max_contrast=0.7))
+    off = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0),
+                         recipe.AugmentConfig(**{k: 0.0 for k in option}))
+    on = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0), recipe.AugmentConfig(**option))
     assert all(torch.equal(x, y) for x, y in zip(plain, off))
     assert torch.equal(on[1], plain[1]) and torch.equal(on[2], plain[2])  # same geometry, same target
     assert not torch.equal(on[0], plain[0])
@@ -151,16 +153,3 @@ def test_blur_inside_smooths_the_brain_without_darkening_its_rim():
     assert torch.equal(out[~brain.expand_as(out)], textured[~brain.expand_as(out)])
     grad = lambda x: (x[..., 9:23, 10:23] - x[..., 9:23, 9:22]).abs().mean()  # noqa: E731
     assert grad(out[:, 0]) < 0.5 * grad(textured[:, 0])
-
-
-def test_augment_blur_is_drawn_only_when_on():
-    b, s = 2, 32
-    brain = torch.zeros(b, 1, s, s, dtype=torch.bool)
-    brain[..., 4:28, 4:28] = True
-    sources = torch.where(brain, torch.rand(b, 2, s, s) * 2 - 1, torch.full((b, 2, s, s), -1.0))
-    target = torch.where(brain, torch.rand(b, 1, s, s) * 2 - 1, torch.full((b, 1, s, s), -1.0))
-    plain = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0))
-    on = recipe.augment(sources, target, brain, recipe.augment_generator(0, 0, 0), recipe.AugmentConfig(max_blur=1.5))
-    assert torch.equal(on[1], plain[1]) and torch.equal(on[2], plain[2])
-    assert not torch.equal(on[0], plain[0])
-    assert on[0].min() >= -1 and on[0].max() <= 1 and torch.all(on[0][~on[2].expand_as(on[0])] == -1.0)

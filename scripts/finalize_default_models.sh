@@ -31,6 +31,7 @@ previous() {
   echo "previous_$1=$file"
 }
 blanked_gate() {  # label, metrics.json: fails (one line) when the label blanks too much brain
+  # (the check of `python -m training export --max-blanked-brain`, run before anything is written)
   $PY -c 'import json, sys
 from training.evaluate import check_blanked_brain
 from MRISynthesisLib.errors import InputError
@@ -39,28 +40,29 @@ try:
 except InputError as exc:
     sys.exit(f"finalize_default_models.sh: {exc}")' "$1" "$2" "$MAX_BLANKED_BRAIN"
 }
-export_bundle() {  # shipped name, run name, report folder
+export_bundle() {  # shipped name, run name, report folder (its evaluation)
+  # The gate comes first: a model it refuses leaves docs/ and Resources/ as they were.
   blanked_gate "$1" "$3/metrics.json"
   $PY -m training model-card --run "$RUNS/$2" --evaluation "$3/metrics.json" --label "$1" \
       --name "$1" --out "docs/model_cards/$1.md"
   $PY -m training export --run "$RUNS/$2" --out "Resources/Models/$1.safetensors" --half \
-      --model-card "docs/model_cards/$1.md" --evaluation "$3/metrics.json" --evaluation-label "$1" \
-      --max-blanked-brain "$MAX_BLANKED_BRAIN"
+      --model-card "docs/model_cards/$1.md" --evaluation "$3/metrics.json" --evaluation-label "$1"
 }
 finalize() {  # shipped name, run name, evaluate arguments...
   local name=$1 run=$2; shift 2
   [[ "$ONLY" == *" $name "* ]] || return 0
   local report=docs/evaluation/$name
-  if [ "${REUSE_EVALUATION:-0}" != 1 ]; then
-    # Into the run folder first: a model the gate refuses leaves docs/ as it was.
-    local fresh="$RUNS/$run/test_evaluation"
-    rm -rf "$fresh"
-    $PY -m training evaluate --model "$name=$RUNS/$run/model.safetensors" "$@" \
-        --model "$(previous "$name")" "${EVAL[@]}" --out "$fresh"
-    blanked_gate "$name" "$fresh/metrics.json"
-    rm -rf "$report" && cp -r "$fresh" "$report"
+  if [ "${REUSE_EVALUATION:-0}" = 1 ]; then
+    export_bundle "$name" "$run" "$report"
+    return
   fi
-  export_bundle "$name" "$run" "$report"
+  # Into the run folder first; docs/ gets the report only once the model has passed the gate.
+  local fresh="$RUNS/$run/test_evaluation"
+  rm -rf "$fresh"
+  $PY -m training evaluate --model "$name=$RUNS/$run/model.safetensors" "$@" \
+      --model "$(previous "$name")" "${EVAL[@]}" --out "$fresh"
+  export_bundle "$name" "$run" "$fresh"
+  rm -rf "$report" && cp -r "$fresh" "$report"
 }
 finalize t1_t2_to_flair fdgan_t1_t2 --model "pix2pix_t1_t2_to_flair=$RUNS/pix2pix_t1_t2/model.safetensors" \
     --baseline linear

@@ -21,8 +21,9 @@ so that the paper's setting stays available (docs/training.md, "Recipe study"):
   such scans black (docs/learning_curves.md, "T1: black regions"). ``--augment-blur S``
   blurs each source in-plane by a Gaussian of sigma in [0, S] voxels, inside the brain only
   (normalised convolution, so the brain's rim does not darken): the model told tissue from
-  CSF by texture, so smooth, low-resolution T1s came out with tissue drawn black. Random numbers come from a generator seeded by (seed, epoch, step), so
-  a resumed run sees the same augmentation as an uninterrupted one.
+  CSF by texture, so smooth, low-resolution T1s came out with tissue drawn black. Random
+  numbers come from a generator seeded by (seed, epoch, step), so a resumed run sees the
+  same augmentation as an uninterrupted one.
 
 Augmentation is written here with ``torch.nn.functional.affine_grid``/``grid_sample``
 rather than taken from torchvision/MONAI: torchvision's PyPI wheels are built against the

@@ -427,7 +427,7 @@ def synthesize_with_details(
 
     with clock("normalise"):
         stack = SliceStack([volumes[s].array for s in bundle.sources], ref.affine, bundle.preprocessing,
-                           mask=decision.array, names=bundle.sources)
+                           mask=decision.array, names=bundle.sources, modalities=bundle.sources)
     affine = ref.affine.copy()
     # Peak memory: from here on only the normalised channels are needed, and after the
     # network only the output; each input or copy kept alive is one more volume-sized array.

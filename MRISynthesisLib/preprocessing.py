@@ -8,6 +8,12 @@
    a large bright lesion moves the upper percentile (so normal brain comes out darker in
    one scan than another) but hardly the median, and headroom above normal brain keeps
    lesions unclipped.
+   Optionally (a bundle's ``histogram_landmarks``) a source's histogram is standardised
+   first (Nyul & Udupa 2000): its brain values at ``HISTOGRAM_PERCENTILES``, in window
+   units, are mapped piecewise linearly onto the landmarks stored in the bundle (the mean
+   over the model's training subjects). A scan with half the usual tissue contrast (an old
+   scanner's T1) otherwise reaches the network unlike anything it trained on, and T1 models
+   drew whole lobes of such scans black (docs/learning_curves.md, "T1: black regions").
 2. Orientation: volumes are reoriented from their affine to the closest RAS axis order so
    that slices along the third axis are truly axial whatever the storage order; the
    inverse puts results back in the file's own voxel order.
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,6 +44,9 @@ from .volumes import masked_values
 
 INTENSITY_REFERENCES = ("percentile", "median")
 RESIZE_INTERPOLATIONS = ("bilinear", "bicubic")
+# Brain-histogram landmarks of the standardisation (percentiles; the lower end of the window
+# is a fixed point below them, and the median, 50, maps onto the mean median).
+HISTOGRAM_PERCENTILES = (2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 98.0)
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,23 @@ class PreprocessingConfig:
     # before this setting existed were trained on bilinear slices; the trainer now defaults
     # to bicubic, which keeps the detail that bilinear upsampling blurs away.
     resize_interpolation: str = "bilinear"
+    # Per source modality, the landmarks (values at HISTOGRAM_PERCENTILES, in normalised units
+    # before clipping) its histogram is standardised onto; None or a missing modality: none.
+    # Stored as ((modality, landmarks), ...) so that the config stays immutable.
+    histogram_landmarks: Optional[Tuple[Tuple[str, Tuple[float, ...]], ...]] = None
 
     def __post_init__(self):
+        if self.histogram_landmarks is not None:
+            given = (self.histogram_landmarks.items() if isinstance(self.histogram_landmarks, dict)
+                     else self.histogram_landmarks)
+            landmarks = tuple(sorted((str(m), tuple(float(v) for v in values)) for m, values in given))
+            for modality, values in landmarks:
+                if len(values) != len(HISTOGRAM_PERCENTILES):
+                    raise ValueError(f"histogram_landmarks[{modality!r}]: {len(values)} values, expected "
+                                     f"{len(HISTOGRAM_PERCENTILES)} (at percentiles {HISTOGRAM_PERCENTILES})")
+                if not (values[0] > -1.0 and all(b > a for a, b in zip(values, values[1:]))):
+                    raise ValueError(f"histogram_landmarks[{modality!r}] must increase strictly from above -1")
+            object.__setattr__(self, "histogram_landmarks", landmarks or None)
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
             raise ValueError("need 0 <= lower_percentile < upper_percentile <= 100")
         if self.intensity_reference not in INTENSITY_REFERENCES:
@@ -70,15 +94,35 @@ class PreprocessingConfig:
             raise ValueError(f"resize_interpolation must be one of {RESIZE_INTERPOLATIONS}, "
                              f"got {self.resize_interpolation!r}")
 
-    def window_text(self) -> str:
-        """The normalisation window in words, for `mrisynthesis info` and the model cards."""
+    def _window_text(self) -> str:
         if self.intensity_reference == "median":
             return (f"brain {self.lower_percentile}th percentile -> -1, that percentile + {self.median_span:g} x "
                     "(brain median - that percentile) -> 1")
         return f"brain {self.lower_percentile}th percentile -> -1, {self.upper_percentile}th percentile -> 1"
 
+    def window_text(self) -> str:
+        """The normalisation in words, for `mrisynthesis info` and the model cards."""
+        text = self._window_text()
+        if self.histogram_landmarks:
+            text += (f"; {', '.join(m.upper() for m, _ in self.histogram_landmarks)} histogram standardised first "
+                     f"(brain percentiles {HISTOGRAM_PERCENTILES[0]:g}-{HISTOGRAM_PERCENTILES[-1]:g} mapped piecewise "
+                     "linearly onto the training subjects' mean)")
+        return text
+
+    def landmarks_for(self, modality: str) -> Optional[np.ndarray]:
+        """The landmarks a source of this modality is standardised onto, or None."""
+        for name, values in self.histogram_landmarks or ():
+            if name == modality:
+                return np.asarray(values, dtype=np.float64)
+        return None
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if self.histogram_landmarks is not None:
+            values["histogram_landmarks"] = {m: list(v) for m, v in self.histogram_landmarks}
+        else:  # bundles without it read as before (and older readers are not handed a new key)
+            del values["histogram_landmarks"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "PreprocessingConfig":
@@ -125,10 +169,11 @@ def intensity_window(array: np.ndarray, mask: Optional[np.ndarray], config: Prep
 
 def normalize_intensity(array: np.ndarray, mask: Optional[np.ndarray], config: PreprocessingConfig,
                         name: str = "volume", foreground: Optional[np.ndarray] = None,
-                        out: Optional[np.ndarray] = None) -> np.ndarray:
+                        out: Optional[np.ndarray] = None, landmarks: Optional[np.ndarray] = None) -> np.ndarray:
     """Map a volume to [-1, 1] robustly (see module docstring); float32 output, written
     into ``out`` when given (same shape; any memory layout). ``foreground``:
-    ``foreground_mask(array)`` when the caller already has it (computed once, not twice)."""
+    ``foreground_mask(array)`` when the caller already has it (computed once, not twice).
+    ``landmarks``: standardise the histogram onto these first (``config.landmarks_for``)."""
     if mask is None and foreground is None:
         foreground = foreground_mask(array)
     window = intensity_window(array, mask, config, name, foreground)
@@ -137,9 +182,44 @@ def normalize_intensity(array: np.ndarray, mask: Optional[np.ndarray], config: P
     out = np.subtract(array, np.float32(window.low), out=out, dtype=np.float32)
     out *= np.float32(2.0 / (window.high - window.low))
     out -= np.float32(1.0)
+    if landmarks is not None:
+        standardize_histogram(out, foreground if mask is None else mask, landmarks, name)
     np.clip(out, -1.0, 1.0, out=out)
     out[~(foreground if mask is None else mask)] = -1.0
     return out
+
+
+def histogram_landmarks(array: np.ndarray, mask: Optional[np.ndarray], config: PreprocessingConfig,
+                        name: str = "volume") -> np.ndarray:
+    """A raw volume's landmarks: its brain values at HISTOGRAM_PERCENTILES in normalised units
+    before clipping (the mean over a model's training subjects is what its bundle stores)."""
+    region = mask if mask is not None else foreground_mask(array)
+    window = intensity_window(array, mask, config, name, region)
+    values = np.percentile(masked_values(array, region), HISTOGRAM_PERCENTILES)
+    return (values - window.low) * (2.0 / (window.high - window.low)) - 1.0
+
+
+def standardize_histogram(normalized: np.ndarray, region: np.ndarray, landmarks: np.ndarray,
+                          name: str = "volume") -> None:
+    """Map ``normalized`` (unclipped window units, in place) piecewise linearly so that its
+    brain landmarks land on ``landmarks``; -1 (the window's lower end) stays fixed, and beyond
+    the outer landmarks the end segments' slopes continue (lesions keep their brightness
+    relative to the brightest normal tissue)."""
+    own = np.percentile(masked_values(normalized, region), HISTOGRAM_PERCENTILES)
+    xs, ys = [-1.0], [-1.0]
+    for x, y in zip(own, landmarks):  # ties (few distinct values) would give a vertical segment
+        if x > xs[-1] and y > ys[-1]:
+            xs.append(float(x))
+            ys.append(float(y))
+    if len(xs) < 4:
+        raise InputError(f"{name}: too few distinct intensities inside the brain to standardise its histogram")
+    xs, ys = np.asarray(xs), np.asarray(ys)
+    mapped = np.interp(normalized, xs, ys)
+    above = normalized > xs[-1]
+    mapped[above] = ys[-1] + (normalized[above] - xs[-1]) * ((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+    below = normalized < xs[0]
+    mapped[below] = ys[0] + (normalized[below] - xs[0]) * ((ys[1] - ys[0]) / (xs[1] - xs[0]))
+    normalized[...] = mapped
 
 
 def to_output_scale(normalized, config: PreprocessingConfig):
@@ -235,8 +315,12 @@ class SliceStack:
     """
 
     def __init__(self, arrays: Sequence[np.ndarray], affine: np.ndarray, config: PreprocessingConfig,
-                 mask: Optional[np.ndarray] = None, names: Optional[Sequence[str]] = None):
+                 mask: Optional[np.ndarray] = None, names: Optional[Sequence[str]] = None,
+                 modalities: Optional[Sequence[str]] = None):
+        """``modalities``: each array's modality, for the histogram standardisation of those
+        the config has landmarks for (None: no standardisation)."""
         names = list(names) if names is not None else [f"volume {i}" for i in range(len(arrays))]
+        landmarks = [config.landmarks_for(m) for m in modalities] if modalities is not None else [None] * len(arrays)
         self.config = config
         self.orientation = AxialReorientation(affine)
         self.input_shape = tuple(arrays[0].shape)
@@ -249,7 +333,8 @@ class SliceStack:
         self.channels = _slice_major((len(ras),) + shape)
         foregrounds = [foreground_mask(a) for a in ras] if ras_mask is None else [None] * len(ras)
         for i, (a, name) in enumerate(zip(ras, names)):
-            normalize_intensity(a, ras_mask, config, name, foreground=foregrounds[i], out=self.channels[i])
+            normalize_intensity(a, ras_mask, config, name, foreground=foregrounds[i], out=self.channels[i],
+                                landmarks=landmarks[i])
         if ras_mask is None:
             ras_mask = foregrounds[0]
             for fg in foregrounds[1:]:

@@ -132,6 +132,11 @@ def add_export(sub) -> None:
                                         "(held_out_evaluation)")
     p.add_argument("--evaluation-label", help="this model's method label in --evaluation (default: its "
                                               "architecture's label, e.g. fdgan)")
+    p.add_argument("--standardize-histograms", action="store_true",
+                   help="the bundle standardises each source's brain histogram onto the mean of the run's training "
+                        "subjects before normalising it (for scans whose tissue contrast is far from the training data's)")
+    p.add_argument("--data", help="with --standardize-histograms: the data folder(s) holding the run's training "
+                                  "subjects (default: the run's own)")
     p.add_argument("--max-blanked-brain", type=float,
                    help="refuse to export when, on any subject of --evaluation, the model renders more than this "
                         "percentage of the brain black where the real image shows tissue (needs --evaluation-label)")
@@ -151,6 +156,9 @@ def add_model_card(sub) -> None:
     p.add_argument("--label", required=True, help="this model's label in the evaluation")
     p.add_argument("--name", required=True, help="shipped name, e.g. t1_t2_to_flair")
     p.add_argument("--out", required=True, help="markdown file to write")
+    p.add_argument("--preprocessing-from", metavar="BUNDLE",
+                   help="describe this bundle's preprocessing (e.g. one exported with --standardize-histograms) "
+                        "instead of the run's")
 
 
 def add_bench(sub) -> None:
@@ -216,7 +224,10 @@ def main(argv=None) -> int:
                 from .evaluate import check_blanked_brain
 
                 check_blanked_brain(extra["held_out_evaluation"], args.evaluation_label, args.max_blanked_brain)
-            print(export_run(args.run, args.out, args.half, args.checkpoint, extra_provenance=extra))
+            if args.data and not args.standardize_histograms:
+                parser.error("--data is only read with --standardize-histograms")
+            print(export_run(args.run, args.out, args.half, args.checkpoint, extra_provenance=extra,
+                             standardize_histograms=args.standardize_histograms, data=args.data))
             return 0
         if args.command == "model-card":
             from .model_card import model_card_cli

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from MRISynthesisLib.errors import InputError
-from MRISynthesisLib.preprocessing import PreprocessingConfig, SliceStack, select_middle_slices
+from MRISynthesisLib.preprocessing import PreprocessingConfig, SliceStack, histogram_landmarks, select_middle_slices
 from MRISynthesisLib.subjects import bids_subjects, is_bids_dataset, lesion_label_file, subject_files
 from MRISynthesisLib.volumes import load_volume
 
@@ -329,3 +329,27 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def masks(self, indices: Sequence[int]) -> np.ndarray:
         return np.stack([self.subjects[self.index[i][0]].mask[self.index[i][1]] for i in indices])
+
+
+def mean_histogram_landmarks(subjects: Sequence[Subject], modalities: Sequence[str],
+                             preprocessing: PreprocessingConfig) -> Dict[str, List[float]]:
+    """Per modality, the mean over ``subjects`` (a model's training subjects) of their brain
+    histogram landmarks (``MRISynthesisLib.preprocessing.histogram_landmarks``): what the
+    model's bundle standardises each input of that modality onto."""
+    if not subjects:
+        raise InputError("no training subjects to take histogram landmarks from")
+    found: Dict[str, List[np.ndarray]] = {m: [] for m in modalities}
+    for subject in subjects:
+        missing = subject.missing(modalities)
+        if missing:
+            raise InputError(f"{subject.name}: lacks {', '.join(missing)} (needed for its histogram landmarks)")
+        mask = None
+        if subject.mask is not None:
+            mask = load_volume(subject.mask, f"{subject.name}/mask").array > 0
+        for m in modalities:
+            volume = load_volume(subject.files[m], f"{subject.name}/{m}")
+            if mask is not None and mask.shape != volume.shape:
+                raise InputError(f"{subject.name}: mask is not on the grid of {m}")
+            found[m].append(histogram_landmarks(volume.array, mask, preprocessing, f"{subject.name}/{m}"))
+    return {m: np.mean(values, axis=0).tolist() for m, values in found.items()}
+

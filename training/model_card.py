@@ -83,14 +83,17 @@ def _normalisation(pre: PreprocessingConfig) -> str:
             "real FLAIR normalised the same way.")
 
 
-def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
+def render_model_card(run_dir, evaluation_json, label: str, name: str,
+                      preprocessing: Optional[PreprocessingConfig] = None) -> str:
+    """``preprocessing``: the shipped bundle's, where it differs from the run's (histogram
+    standardisation added at export)."""
     run_dir = Path(run_dir)
     config = saved_config(json.loads((run_dir / "config.json").read_text()))
     split = json.loads((run_dir / "split.json").read_text())
     history = json.loads((run_dir / "log.json").read_text())
     history = history.get("history", history) if isinstance(history, dict) else history
     evaluation = json.loads(Path(evaluation_json).read_text())
-    pre = preprocessing_config({"intensity_reference": "percentile", **config})
+    pre = preprocessing or preprocessing_config({"intensity_reference": "percentile", **config})
     sources = config["sources"].split(",")
     train_subjects = split.get("train_usable", split.get("train", []))
     val_subjects = split.get("val_usable", split.get("val", []))
@@ -179,7 +182,12 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str) -> str:
 
 
 def model_card_cli(args) -> int:
-    text = render_model_card(args.run, args.evaluation, args.label, args.name)
+    preprocessing = None
+    if getattr(args, "preprocessing_from", None):
+        from MRISynthesisLib.bundle import load_bundle
+
+        preprocessing = load_bundle(args.preprocessing_from).preprocessing
+    text = render_model_card(args.run, args.evaluation, args.label, args.name, preprocessing)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text, encoding="utf-8")
     print(args.out)

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -863,9 +864,13 @@ def train(given: dict) -> dict:
 
 
 def export_run(run_dir, out, half_precision: bool = False, checkpoint=None,
-               extra_provenance: Optional[dict] = None) -> Path:
+               extra_provenance: Optional[dict] = None, standardize_histograms: bool = False,
+               data=None) -> Path:
     """Export a bundle from a run's (latest or given) checkpoint; ``extra_provenance``
-    (e.g. the model card and held-out evaluation) is added to the bundle's provenance."""
+    (e.g. the model card and held-out evaluation) is added to the bundle's provenance.
+    ``standardize_histograms``: the bundle standardises each source's histogram onto the
+    mean landmarks of the run's training subjects, read from ``data`` (default: the run's
+    data folders)."""
     run_dir = Path(run_dir).resolve()
     ckpt = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
     if not ckpt.is_file():
@@ -887,4 +892,18 @@ def export_run(run_dir, out, half_precision: bool = False, checkpoint=None,
     if state["step"]:
         print(f"note: {ckpt} was saved mid-epoch ({state['step']} steps into epoch {state['epoch'] + 1})",
               file=sys.stderr)
+    extra_provenance = dict(extra_provenance or {})
+    if standardize_histograms:
+        names = run.split.get("train_usable", run.split.get("train"))
+        if not names:
+            raise InputError(f"{run_dir}: no split.json with training subjects to take histogram landmarks from")
+        by_name = {s.name: s for s in data_mod.discover(data or cfg["data"])}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise InputError(f"training subjects not found in {data or cfg['data']}: {', '.join(missing)}")
+        landmarks = data_mod.mean_histogram_landmarks([by_name[n] for n in names], run.sources, run.preprocessing)
+        run.preprocessing = dataclasses.replace(run.preprocessing, histogram_landmarks=landmarks)
+        extra_provenance["histogram_landmarks_from"] = (
+            f"the mean of the {len(names)} training subjects' brain histograms; the network itself was trained "
+            "on unstandardised inputs")
     return run.export(out, history, half_precision=half_precision, extra_provenance=extra_provenance)

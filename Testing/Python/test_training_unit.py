@@ -462,6 +462,57 @@ def test_export_refuses_a_model_that_blanks_brain(gen_data, tmp_path, capsys):
     assert "no blanked-brain figure" in capsys.readouterr().err
 
 
+def test_export_standardises_histograms_onto_the_training_subjects(gen_data, tmp_path, capsys):
+    from MRISynthesisLib.inference import synthesize
+    from MRISynthesisLib.preprocessing import histogram_landmarks
+    from training.data import discover
+
+    run = tmp_path / "run"
+    small_run(gen_data, run, architecture="fdgan", epochs=1, intensity_reference="median")
+    out = tmp_path / "standardised.safetensors"
+    assert training_main(["export", "--run", str(run), "--out", str(out), "--standardize-histograms",
+                          "--data", str(gen_data / "data")]) == 0
+    bundle, plain = load_bundle(out), load_bundle(run / "model.safetensors")
+    train = json.loads((run / "split.json").read_text())["train_usable"]
+    subjects = {s.name: s for s in discover(gen_data / "data")}
+    for modality in ("t1", "t2"):
+        expected = np.mean([histogram_landmarks(load_volume(subjects[n].files[modality]).array, None,
+                                                plain.preprocessing) for n in train], axis=0)
+        assert np.allclose(bundle.preprocessing.landmarks_for(modality), expected)
+    assert bundle.preprocessing.landmarks_for("flair") is None and plain.preprocessing.histogram_landmarks is None
+    assert f"the mean of the {len(train)} training subjects" in bundle.provenance["histogram_landmarks_from"]
+    assert str(tmp_path) not in json.dumps(bundle.provenance)
+    # Inference applies it: a scan whose T1 contrast is squeezed (not an affine change) comes
+    # out of the standardised bundle closer to what it gives for the scan as it was.
+    folder = subjects[train[0]].folder
+    t1, t2 = load_volume(folder / "t1.nii.gz"), load_volume(folder / "t2.nii.gz")
+    inside = t1.array > 0
+    median = np.median(t1.array[inside])
+    squeezed = Volume(np.where(inside, median * (t1.array / median) ** 0.4, 0).astype(np.float32), t1.affine)
+    distance = {}
+    for name, b in (("standardised", bundle), ("plain", plain)):
+        ref = synthesize({"t1": t1, "t2": t2}, b, mask="none").array
+        got = synthesize({"t1": squeezed, "t2": t2}, b, mask="none").array
+        distance[name] = float(np.abs(got - ref)[inside].mean())
+    assert distance["standardised"] < distance["plain"] / 2, distance
+    # The model card describes the bundle's preprocessing when told to.
+    evaluation = tmp_path / "metrics.json"
+    evaluation.write_text(json.dumps({"subjects": ["sub3"], "slices_per_subject": 80, "ttests": [],
+                                      "summary": {"fdgan": {}}}))
+    card = tmp_path / "card.md"
+    assert training_main(["model-card", "--run", str(run), "--evaluation", str(evaluation), "--label", "fdgan",
+                          "--name", "t1_t2_to_flair", "--out", str(card), "--preprocessing-from", str(out)]) == 0
+    assert "T1, T2 histogram standardised first" in card.read_text()
+    # Only with the option, and from a folder that holds the training subjects.
+    with pytest.raises(SystemExit):
+        training_main(["export", "--run", str(run), "--out", str(tmp_path / "x.safetensors"), "--data", "x"])
+    shutil.copytree(gen_data / "data" / "sub0", tmp_path / "other" / "subX")
+    assert training_main(["export", "--run", str(run), "--out", str(tmp_path / "y.safetensors"),
+                          "--standardize-histograms", "--data", str(tmp_path / "other")]) == 2
+    assert "training subjects not found in" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
 def test_portable_path_names_folders_relative_to_the_project_never_absolute(tmp_path):
     from training.data import PROJECT_ROOT, portable_path
 

@@ -100,14 +100,17 @@ class PreprocessingConfig:
                     "(brain median - that percentile) -> 1")
         return f"brain {self.lower_percentile}th percentile -> -1, {self.upper_percentile}th percentile -> 1"
 
-    def window_text(self) -> str:
+    def window_text(self, with_standardization: bool = True) -> str:
         """The normalisation in words, for `mrisynthesis info` and the model cards."""
-        text = self._window_text()
-        if self.histogram_landmarks:
-            text += (f"; {', '.join(m.upper() for m, _ in self.histogram_landmarks)} histogram standardised first "
-                     f"(brain percentiles {HISTOGRAM_PERCENTILES[0]:g}-{HISTOGRAM_PERCENTILES[-1]:g} mapped piecewise "
-                     "linearly onto the training subjects' mean)")
-        return text
+        return self._window_text() + (self.standardization_text() if with_standardization else "")
+
+    def standardization_text(self) -> str:
+        """The histogram standardisation in words ("" without one), after the window's."""
+        if not self.histogram_landmarks:
+            return ""
+        return (f"; {', '.join(m.upper() for m, _ in self.histogram_landmarks)} histogram standardised first "
+                f"(brain percentiles {HISTOGRAM_PERCENTILES[0]:g}-{HISTOGRAM_PERCENTILES[-1]:g} mapped piecewise "
+                "linearly onto the training subjects' mean)")
 
     def landmarks_for(self, modality: str) -> Optional[np.ndarray]:
         """The landmarks a source of this modality is standardised onto, or None."""

@@ -6,8 +6,7 @@
 # cards and reports under docs/, and export the shipped fp16 bundles (card and evaluation in
 # their provenance) into Resources/Models, and the README's quality table.
 # Usage: bash scripts/finalize_default_models.sh DATA_DIRS [RUNS_DIR] [NAME ...]
-#        (NAME: t1_t2_to_flair, t1_t2_t1c_to_flair, t1_to_flair; default the first two:
-#         no retrained T1 model has passed yet, docs/evaluation/t1_to_flair_retrained_not_shipped;
+#        (NAME: t1_t2_to_flair, t1_t2_t1c_to_flair, t1_to_flair; default all three;
 #         t1_t2_to_flair also exports pix2pix_t1_t2_to_flair)
 #        REUSE_EVALUATION=1: keep the reports in docs/evaluation, only rewrite cards and bundles.
 # A bundle is exported only if no test subject has more than MAX_BLANKED_BRAIN % of its brain
@@ -18,7 +17,7 @@ cd "$(dirname "$0")/.."
 DATA=${1:?usage: finalize_default_models.sh DATA_DIRS [RUNS_DIR] [NAME ...]}
 RUNS=${2:-runs/curves}
 shift $(( $# < 2 ? $# : 2 ))
-ONLY=" ${*:-t1_t2_to_flair t1_t2_t1c_to_flair} "
+ONLY=" ${*:-t1_t2_to_flair t1_t2_t1c_to_flair t1_to_flair} "
 PY=.venv/bin/python
 MAX_BLANKED_BRAIN=${MAX_BLANKED_BRAIN:-5}
 EVAL=(--data "$DATA" --split docs/split.json --split-name test --slices-per-subject 0 --precision bf16)
@@ -40,13 +39,33 @@ try:
 except InputError as exc:
     sys.exit(f"finalize_default_models.sh: {exc}")' "$1" "$2" "$MAX_BLANKED_BRAIN"
 }
+# Bundles that standardise their sources' histograms onto their training subjects' (export
+# --standardize-histograms): T1 alone, whose models drew the low-contrast T1s of old scanners
+# black without it (docs/learning_curves.md, "T1: black regions").
+STANDARDIZED=" t1_to_flair "
+model_file() {  # shipped name, run name: the fp32 bundle that is evaluated (and described)
+  if [[ "$STANDARDIZED" == *" $1 "* ]]; then
+    local file="$RUNS/$2/model_standardized.safetensors"
+    [ -f "$file" ] || $PY -m training export --run "$RUNS/$2" --out "$file" --standardize-histograms \
+        --data "$DATA" > /dev/null
+    echo "$file"
+  else
+    echo "$RUNS/$2/model.safetensors"
+  fi
+}
 export_bundle() {  # shipped name, run name, report folder (its evaluation)
   # The gate comes first: a model it refuses leaves docs/ and Resources/ as they were.
   blanked_gate "$1" "$3/metrics.json"
+  local card=() standardize=()
+  if [[ "$STANDARDIZED" == *" $1 "* ]]; then
+    card=(--preprocessing-from "$(model_file "$1" "$2")")
+    standardize=(--standardize-histograms --data "$DATA")
+  fi
   $PY -m training model-card --run "$RUNS/$2" --evaluation "$3/metrics.json" --label "$1" \
-      --name "$1" --out "docs/model_cards/$1.md"
+      --name "$1" --out "docs/model_cards/$1.md" "${card[@]}"
   $PY -m training export --run "$RUNS/$2" --out "Resources/Models/$1.safetensors" --half \
-      --model-card "docs/model_cards/$1.md" --evaluation "$3/metrics.json" --evaluation-label "$1"
+      --model-card "docs/model_cards/$1.md" --evaluation "$3/metrics.json" --evaluation-label "$1" \
+      "${standardize[@]}"
 }
 finalize() {  # shipped name, run name, evaluate arguments...
   local name=$1 run=$2; shift 2
@@ -59,7 +78,7 @@ finalize() {  # shipped name, run name, evaluate arguments...
   # Into the run folder first; docs/ gets the report only once the model has passed the gate.
   local fresh="$RUNS/$run/test_evaluation"
   rm -rf "$fresh"
-  $PY -m training evaluate --model "$name=$RUNS/$run/model.safetensors" "$@" \
+  $PY -m training evaluate --model "$name=$(model_file "$name" "$run")" "$@" \
       --model "$(previous "$name")" "${EVAL[@]}" --out "$fresh"
   export_bundle "$name" "$run" "$fresh"
   rm -rf "$report" && cp -r "$fresh" "$report"
@@ -73,7 +92,9 @@ if [[ "$ONLY" == *" t1_t2_to_flair "* ]]; then
       | tee docs/evaluation/t1_t2_to_flair/targets.md || true
 fi
 finalize t1_t2_t1c_to_flair fdgan_t1_t2_t1c --baseline linear
-finalize t1_to_flair fdgan_t1_blur --baseline linear
+# T1: the run of the plain recipe (fdgan_t1, as T1+T2+T1c's), with its T1 histogram standardised
+# (STANDARDIZED above); the runs trained on contrast- and blur-augmented T1s are not needed then.
+finalize t1_to_flair fdgan_t1 --baseline linear
 # The README's quality table, from the reports just written.
 $PY -m training quality-table docs/evaluation/t1_t2_to_flair docs/evaluation/t1_to_flair \
     docs/evaluation/t1_t2_t1c_to_flair --readme README.md

@@ -11,9 +11,10 @@
 # - T1 -> FLAIR and T1+T2+T1c -> FLAIR: warm-started from the T1+T2 run at the end of its
 #   constant-lr phase (epoch 2; shared sources keep their weights, an added source starts at
 #   zero weight: training/warm_start.py), then 4 epochs of linear decay (the T1+T2 run decays
-#   over 6; 4 keep each at ~1.6 CPU-hours). T1 also trains with --augment-contrast 0.7
-#   --augment-blur 1.5: without them the T1-only model drew whole lobes of smooth, low-contrast
-#   (old-scanner) T1s black (docs/learning_curves.md, "T1: black regions"; that run is under way).
+#   over 6; 4 keep each at ~1.6 CPU-hours). The T1 model's bundle is exported with its T1
+#   histogram standardised (scripts/finalize_default_models.sh): without that it drew whole
+#   lobes of low-contrast (old-scanner) T1s black, and contrast and blur augmentation in
+#   training did not cure it (docs/learning_curves.md, "T1: black regions").
 # Usage: bash scripts/train_default_models.sh DATA_DIRS [RUNS_DIR] [LANES]
 #   DATA_DIRS: ../shared/data and the subjects ../shared/more-data/stage.py writes, joined with ':'.
 #   LANES: 2 (default) runs two processes; 1 runs everything one after the other.
@@ -67,7 +68,7 @@ wait_for_branch2() {  # lane 2, should it get there first; gives up when lane 1 
 lane1() {
   t1_t2_to_epoch2
   train fdgan_t1_t2 --sources t1,t2 "${WARM[@]}"
-  train fdgan_t1_blur --sources t1 "${BRANCHED[@]}" --augment-contrast 0.7 --augment-blur 1.5
+  train fdgan_t1 --sources t1 "${BRANCHED[@]}"
 }
 lane2() {
   train pix2pix_t1_t2 --sources t1,t2 --architecture pix2pix_unet --epochs 20

@@ -77,7 +77,8 @@ def _recipe(config: dict) -> str:
 def _normalisation(pre: PreprocessingConfig) -> str:
     why = (" (lesion-robust: a large bright lesion moves the upper percentiles of a FLAIR, hardly its median)"
            if pre.intensity_reference == "median" else "")
-    return (f"per volume, {pre.window_text()}{why}, clipped; background -1; slices resized to the network's "
+    return (f"per volume, {pre.window_text(False)}{why}{pre.standardization_text()}, clipped; background -1; "
+            "slices resized to the network's "
             f"grid {pre.resize_interpolation}, back bicubic. The output is on "
             f"0-{pre.output_max:g}: 0 = background, {pre.output_max:g} = the upper end of that window in a "
             "real FLAIR normalised the same way.")
@@ -144,7 +145,11 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str,
         "or any head with a brain mask (`--brain-mask FILE`).",
         "- Any storage orientation and in-plane size (reoriented from the affine, padded to a square field "
         "of view of at least 240 mm and resized to 256x256, and back).",
-        f"- Intensity normalisation: {_normalisation(pre)}",
+        f"- Intensity normalisation: {_normalisation(pre)}"
+        + (" The network itself trained on unstandardised inputs; the standardisation was added at export "
+           "(`training export --standardize-histograms`): without it, the T1 model drew regions of scans whose "
+           "tissue contrast is far from the training data's black (docs/learning_curves.md, \"T1: black regions\")."
+           if pre.histogram_landmarks else ""),
         "",
         "## Held-out evaluation",
         f"`python -m training evaluate` on the test subjects of `docs/split.json` (never seen in training), "

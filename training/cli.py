@@ -85,6 +85,10 @@ def add_train(sub) -> None:
     g.add_argument("--augment-blur", type=float,
                    help="with --augment: also blur each source in-plane inside the brain, Gaussian sigma in [0, S] "
                         "voxels (default 0: off; training/recipe.py)")
+    g.add_argument("--standardize-histograms", action="store_true",
+                   help="standardise each source's brain histogram onto the mean of the training subjects (written "
+                        "to RUN/histogram_landmarks.json, stored in the bundle) before normalising it, in training "
+                        "and so at inference")
     g.add_argument("--seed", type=int, help="seed for the split, initialisation and data order (default 0)")
     g.add_argument("--precision", choices=("fp32", "bf16"), help="fp32 (default) or bf16 autocast")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")

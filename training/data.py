@@ -275,7 +275,7 @@ def preprocess_subject(subject: Subject, modalities: Sequence[str], preprocessin
             raise InputError(f"{subject.name}: mask is not on the grid of {modalities[0]}")
         mask = mask_vol.array > 0
     stack = SliceStack([v.array for v in volumes], ref.affine, preprocessing, mask=mask,
-                       names=[f"{subject.name}/{m}" for m in modalities])
+                       names=[f"{subject.name}/{m}" for m in modalities], modalities=modalities)
     indices = select_middle_slices(stack.brain_slices, slices_per_subject)
     if context:
         sources = stack.batch(indices, channels=range(len(modalities) - 1), context=context)

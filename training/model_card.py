@@ -68,6 +68,8 @@ def _recipe(config: dict) -> str:
         options.append(f"--augment-contrast {config['augment_contrast']:g}")
     if config.get("augment_blur"):
         options.append(f"--augment-blur {config['augment_blur']:g}")
+    if config.get("standardize_histograms"):
+        options.append("--standardize-histograms")
     if config["architecture"] == "fdgan":
         options += [f"--adain-scale {config.get('adain_scale', 'direct')}",
                     f"--style-init {config.get('style_init', 'normal')}"]
@@ -94,7 +96,7 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str,
     history = json.loads((run_dir / "log.json").read_text())
     history = history.get("history", history) if isinstance(history, dict) else history
     evaluation = json.loads(Path(evaluation_json).read_text())
-    pre = preprocessing or preprocessing_config({"intensity_reference": "percentile", **config})
+    pre = preprocessing or preprocessing_config({"intensity_reference": "percentile", **config}, run_dir)
     sources = config["sources"].split(",")
     train_subjects = split.get("train_usable", split.get("train", []))
     val_subjects = split.get("val_usable", split.get("val", []))
@@ -149,7 +151,7 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str,
         + (" The network itself trained on unstandardised inputs; the standardisation was added at export "
            "(`training export --standardize-histograms`): without it, the T1 model drew regions of scans whose "
            "tissue contrast is far from the training data's black (docs/learning_curves.md, \"T1: black regions\")."
-           if pre.histogram_landmarks else ""),
+           if pre.histogram_landmarks and not config.get("standardize_histograms") else ""),
         "",
         "## Held-out evaluation",
         f"`python -m training evaluate` on the test subjects of `docs/split.json` (never seen in training), "

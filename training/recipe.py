@@ -21,7 +21,9 @@ so that the paper's setting stays available (docs/training.md, "Recipe study"):
   such scans black (docs/learning_curves.md, "T1: black regions"). ``--augment-blur S``
   blurs each source in-plane by a Gaussian of sigma in [0, S] voxels, inside the brain only
   (normalised convolution, so the brain's rim does not darken): the model told tissue from
-  CSF by texture, so smooth, low-resolution T1s came out with tissue drawn black. Random
+  CSF by texture, so smooth, low-resolution T1s came out with tissue drawn black. Neither
+  removed that failure (it moved between checkpoints); the histogram standardisation of the
+  inputs did (``--standardize-histograms``, MRISynthesisLib/preprocessing.py). Random
   numbers come from a generator seeded by (seed, epoch, step), so a resumed run sees the
   same augmentation as an uninterrupted one.
 

@@ -63,7 +63,7 @@ DEFAULTS = dict(
     l1_reduction="mean", lambda1=None, lambda2=None,
     background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0,
     augment=False, augment_contrast=0.0, augment_blur=0.0,
-    intensity_reference="percentile",
+    intensity_reference="percentile", standardize_histograms=False,
     resize_interpolation="bicubic",
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
@@ -152,10 +152,19 @@ def saved_config(cfg: dict) -> dict:
     return {**SAVED_BEFORE, **cfg}
 
 
-def preprocessing_config(cfg: dict) -> PreprocessingConfig:
-    """The preprocessing a run trains with, stored in its bundle."""
+# With --standardize-histograms: the mean landmarks of the run's training subjects, written
+# once when the run starts (so that a resumed run, its export and its card use the same).
+LANDMARKS_FILE = "histogram_landmarks.json"
+
+
+def preprocessing_config(cfg: dict, run_dir=None) -> PreprocessingConfig:
+    """The preprocessing a run trains with, stored in its bundle (with the run's histogram
+    landmarks when it standardises and ``run_dir`` holds them)."""
+    landmarks = None
+    if cfg.get("standardize_histograms") and run_dir is not None and (Path(run_dir) / LANDMARKS_FILE).is_file():
+        landmarks = json.loads((Path(run_dir) / LANDMARKS_FILE).read_text())
     return PreprocessingConfig(intensity_reference=cfg["intensity_reference"],
-                               resize_interpolation=cfg["resize_interpolation"])
+                               resize_interpolation=cfg["resize_interpolation"], histogram_landmarks=landmarks)
 
 
 def model_config(cfg: dict) -> ModelConfig:
@@ -371,7 +380,7 @@ class Run:
         self.sources = cfg["sources"].split(",")
         self.target = cfg["target"]
         self.modalities = self.sources + [self.target]
-        self.preprocessing = preprocessing_config(cfg)
+        self.preprocessing = preprocessing_config(cfg, self.dir)
         self.log_file = self.dir / "train.log"
 
     def log(self, message: str) -> None:
@@ -437,12 +446,20 @@ class Run:
                     raise InputError("no training subject has all of " + ", ".join(self.modalities))
                 atomic_write_text(split_path, json.dumps(split, indent=2))
             self.log(f"split: train {split['train_usable']}, val {split['val_usable']}, test {split['test_usable']}")
+            landmarks_path = self.dir / LANDMARKS_FILE
+            if cfg["standardize_histograms"] and not landmarks_path.is_file():
+                landmarks = data_mod.mean_histogram_landmarks([by_name[n] for n in split["train_usable"]],
+                                                              self.sources, self.preprocessing)
+                atomic_write_text(landmarks_path, json.dumps(landmarks, indent=2))
+                self.log(f"histogram landmarks of the {len(split['train_usable'])} training subjects: {landmarks_path}")
+            self.preprocessing = preprocessing_config(cfg, self.dir)
             for part in ("train", "val"):
                 for name in split[f"{part}_usable"]:
                     data_mod.load_or_build(by_name[name], self.modalities, self.preprocessing,
                                            cfg["slices_per_subject"], cache_dir, self.log, cfg["context_slices"])
 
         self.dist.run_on_main(prepare)
+        self.preprocessing = preprocessing_config(cfg, self.dir)  # every process: the landmarks main wrote
         split = json.loads(split_path.read_text())
         self.split = split
         load = lambda n: data_mod.load_or_build(by_name[n], self.modalities, self.preprocessing,  # noqa: E731
@@ -883,6 +900,9 @@ def export_run(run_dir, out, half_precision: bool = False, checkpoint=None,
     if dist_ is None:
         raise InputError("export runs in a single process; do not start it under torchrun")
     run = Run(cfg, dist_)
+    # This folder, wherever it trained (cfg["out"] names the folder it was started in).
+    run.dir, run.log_file = run_dir, run_dir / "train.log"
+    run.preprocessing = preprocessing_config(cfg, run_dir)
     split_path = run_dir / "split.json"
     run.split = json.loads(split_path.read_text()) if split_path.is_file() else {}
     run.model_config = model_config(cfg)
@@ -893,7 +913,13 @@ def export_run(run_dir, out, half_precision: bool = False, checkpoint=None,
         print(f"note: {ckpt} was saved mid-epoch ({state['step']} steps into epoch {state['epoch'] + 1})",
               file=sys.stderr)
     extra_provenance = dict(extra_provenance or {})
-    if standardize_histograms:
+    if cfg["standardize_histograms"]:
+        if run.preprocessing.histogram_landmarks is None:
+            raise InputError(f"{run_dir}: trained with --standardize-histograms but {LANDMARKS_FILE} is missing")
+        if standardize_histograms:
+            raise InputError("--standardize-histograms: this run trained on standardised inputs, so its bundle "
+                             f"standardises already (with {LANDMARKS_FILE} of the run)")
+    elif standardize_histograms:
         names = run.split.get("train_usable", run.split.get("train"))
         if not names:
             raise InputError(f"{run_dir}: no split.json with training subjects to take histogram landmarks from")

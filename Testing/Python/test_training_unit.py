@@ -513,6 +513,46 @@ def test_export_standardises_histograms_onto_the_training_subjects(gen_data, tmp
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
 
 
+def test_training_on_standardised_histograms_carries_the_landmarks_into_the_bundle(gen_data, tmp_path, capsys):
+    from MRISynthesisLib.preprocessing import histogram_landmarks
+    from training.data import discover
+
+    run = tmp_path / "run"
+    entries = lambda: set((gen_data / "cache").glob("sub*-t1_t2_flair-*.images.npy"))  # noqa: E731
+    before = entries()
+    small_run(gen_data, run, architecture="fdgan", epochs=1, intensity_reference="median", standardize_histograms=True)
+    standardised = entries() - before
+    landmarks = json.loads((run / "histogram_landmarks.json").read_text())
+    train = json.loads((run / "split.json").read_text())["train_usable"]
+    subjects = {s.name: s for s in discover(gen_data / "data")}
+    plain = trainer.preprocessing_config({"intensity_reference": "median", "resize_interpolation": "bicubic"})
+    expected = np.mean([histogram_landmarks(load_volume(subjects[n].files["t1"]).array, None, plain) for n in train], 0)
+    assert sorted(landmarks) == ["t1", "t2"] and np.allclose(landmarks["t1"], expected)
+    bundle = load_bundle(run / "model.safetensors")
+    assert np.allclose(bundle.preprocessing.landmarks_for("t2"), landmarks["t2"])
+    assert bundle.preprocessing.landmarks_for("flair") is None  # the target is never standardised
+    # Its slices are standardised ones, cached apart from an unstandardised run's: same target, other sources.
+    before = entries()
+    small_run(gen_data, tmp_path / "plain", architecture="fdgan", epochs=1, intensity_reference="median")
+    name = f"{train[0]}-t1_t2_flair-"
+    ours = np.load(next(p for p in standardised if p.name.startswith(name)))
+    theirs = np.load(next(p for p in entries() - standardised if p.name.startswith(name)
+                          and str(p).endswith(".images.npy")))
+    assert ours.shape == theirs.shape and np.array_equal(ours[:, 2], theirs[:, 2])
+    assert not np.array_equal(ours[:, 0], theirs[:, 0])  # (generated subjects: landmarks close to the mean)
+    # A re-export takes the run's landmarks, wherever the folder now is; asking again is refused.
+    shutil.move(str(run), str(tmp_path / "moved"))
+    out = tmp_path / "again.safetensors"
+    assert training_main(["export", "--run", str(tmp_path / "moved"), "--out", str(out)]) == 0
+    assert load_bundle(out).preprocessing == bundle.preprocessing
+    assert training_main(["export", "--run", str(tmp_path / "moved"), "--out", str(tmp_path / "x.safetensors"),
+                          "--standardize-histograms"]) == 2
+    assert "trained on standardised inputs" in capsys.readouterr().err
+    (tmp_path / "moved" / "histogram_landmarks.json").unlink()
+    assert training_main(["export", "--run", str(tmp_path / "moved"), "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert "histogram_landmarks.json is missing" in capsys.readouterr().err
+
+
 def test_portable_path_names_folders_relative_to_the_project_never_absolute(tmp_path):
     from training.data import PROJECT_ROOT, portable_path
 

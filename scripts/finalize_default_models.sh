@@ -11,7 +11,8 @@
 #        REUSE_EVALUATION=1: keep the reports in docs/evaluation, only rewrite cards and bundles.
 # A bundle is exported only if no test subject has more than MAX_BLANKED_BRAIN % of its brain
 # rendered black where the real FLAIR shows tissue (docs/evaluation/README.md; the shipped
-# models' worst subjects are at 1.2-4.4 %, the rejected T1 model was at 18 %).
+# models' worst subjects are at 1.3-4.4 %; the T1 network without its standardising bundle was
+# at 18 %).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: finalize_default_models.sh DATA_DIRS [RUNS_DIR] [NAME ...]}

@@ -185,10 +185,11 @@ def normalize_intensity(array: np.ndarray, mask: Optional[np.ndarray], config: P
     out = np.subtract(array, np.float32(window.low), out=out, dtype=np.float32)
     out *= np.float32(2.0 / (window.high - window.low))
     out -= np.float32(1.0)
+    region = foreground if mask is None else mask
     if landmarks is not None:
-        standardize_histogram(out, foreground if mask is None else mask, landmarks, name)
+        standardize_histogram(out, region, landmarks, name)
     np.clip(out, -1.0, 1.0, out=out)
-    out[~(foreground if mask is None else mask)] = -1.0
+    out[~region] = -1.0
     return out
 
 

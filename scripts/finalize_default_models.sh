@@ -46,9 +46,9 @@ except InputError as exc:
 STANDARDIZED=" t1_to_flair "
 model_file() {  # shipped name, run name: the fp32 bundle that is evaluated (and described)
   if [[ "$STANDARDIZED" == *" $1 "* ]]; then
+    # Written afresh each time (seconds), so that it always holds the run's latest weights.
     local file="$RUNS/$2/model_standardized.safetensors"
-    [ -f "$file" ] || $PY -m training export --run "$RUNS/$2" --out "$file" --standardize-histograms \
-        --data "$DATA" > /dev/null
+    $PY -m training export --run "$RUNS/$2" --out "$file" --standardize-histograms --data "$DATA" > /dev/null
     echo "$file"
   else
     echo "$RUNS/$2/model.safetensors"

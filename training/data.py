@@ -258,10 +258,8 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def preprocess_subject(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
-                       slices_per_subject: Optional[int], context: int = 0) -> SubjectSlices:
-    """Read, normalise and cut one subject with the library's SliceStack (the inference path).
-    ``modalities`` are the sources then the target; ``context``: 2.5D neighbours of each source."""
+def load_subject(subject: Subject, modalities: Sequence[str]):
+    """The subject's volumes of ``modalities`` (one grid, checked) and its brain mask (or None)."""
     volumes = [load_volume(subject.files[m], f"{subject.name}/{m}") for m in modalities]
     ref = volumes[0]
     for m, v in zip(modalities, volumes):
@@ -274,6 +272,15 @@ def preprocess_subject(subject: Subject, modalities: Sequence[str], preprocessin
         if not mask_vol.same_grid(ref):
             raise InputError(f"{subject.name}: mask is not on the grid of {modalities[0]}")
         mask = mask_vol.array > 0
+    return volumes, mask
+
+
+def preprocess_subject(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
+                       slices_per_subject: Optional[int], context: int = 0) -> SubjectSlices:
+    """Read, normalise and cut one subject with the library's SliceStack (the inference path).
+    ``modalities`` are the sources then the target; ``context``: 2.5D neighbours of each source."""
+    volumes, mask = load_subject(subject, modalities)
+    ref = volumes[0]
     stack = SliceStack([v.array for v in volumes], ref.affine, preprocessing, mask=mask,
                        names=[f"{subject.name}/{m}" for m in modalities], modalities=modalities)
     indices = select_middle_slices(stack.brain_slices, slices_per_subject)
@@ -343,13 +350,8 @@ def mean_histogram_landmarks(subjects: Sequence[Subject], modalities: Sequence[s
         missing = subject.missing(modalities)
         if missing:
             raise InputError(f"{subject.name}: lacks {', '.join(missing)} (needed for its histogram landmarks)")
-        mask = None
-        if subject.mask is not None:
-            mask = load_volume(subject.mask, f"{subject.name}/mask").array > 0
-        for m in modalities:
-            volume = load_volume(subject.files[m], f"{subject.name}/{m}")
-            if mask is not None and mask.shape != volume.shape:
-                raise InputError(f"{subject.name}: mask is not on the grid of {m}")
+        volumes, mask = load_subject(subject, modalities)
+        for m, volume in zip(modalities, volumes):
             found[m].append(histogram_landmarks(volume.array, mask, preprocessing, f"{subject.name}/{m}"))
     return {m: np.mean(values, axis=0).tolist() for m, values in found.items()}
 

@@ -15,6 +15,7 @@ the same weights as an uninterrupted one (bit-exact on CPU).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import json
 import os
@@ -23,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

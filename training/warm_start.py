@@ -13,7 +13,10 @@ The weights are mapped source by source:
 - a source only the old model takes is dropped with its blocks;
 - every other weight (Cat-Conv's bias, the style path, the decoder, the rest of the
   discriminator) is copied as it is.
-The architecture, width, LAF grid, style path and 2.5D context must match. The optimiser
+A 2D model can also start a 2.5D run (``--context-slices``): each source's slice keeps its
+input weights, its new neighbouring slices get zero weights, so again the run starts as
+the old model's function. The architecture, width, LAF grid and style path must match, and
+the context can only grow. The optimiser
 starts fresh. From a bundle, which holds only the generator, the discriminator starts
 fresh; from a run folder or training checkpoint, both networks are taken.
 """
@@ -29,9 +32,9 @@ import torch
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.networks import ModelConfig
 
-MATCHING_FIELDS = ("architecture", "base_width", "laf_grid", "specific_encoder", "adain_scale", "context_slices",
-                   "image_size")
+MATCHING_FIELDS = ("architecture", "base_width", "laf_grid", "specific_encoder", "adain_scale", "image_size")
 CHECKPOINT_NAME = "checkpoint.pt"
+SRE_INPUT_WEIGHT = "model.0.0.weight"  # a shared encoder's first convolution, which takes the slices
 
 
 class TrainedModel:
@@ -76,14 +79,18 @@ def source_map(new_sources: Sequence[str], old_sources: Sequence[str]) -> List[O
 
 
 def remap_blocks(old: torch.Tensor, new_shape, dim: int, block: int, mapping: List[Optional[int]],
-                 trailing: int = 0) -> torch.Tensor:
+                 trailing: int = 0, old_block: Optional[int] = None) -> torch.Tensor:
     """``old`` with its per-source blocks of ``block`` entries along ``dim`` rearranged for
     the new sources (``mapping``: old index or None = zeros); ``trailing`` entries after the
-    source blocks (the discriminator's target channel) are kept."""
+    source blocks (the discriminator's target channel) are kept. Old blocks of
+    ``old_block`` < ``block`` entries (fewer 2.5D neighbours) go in the middle of the new
+    block, which is where a slice sits among its neighbours; the rest stays zero."""
+    old_block = block if old_block is None else old_block
+    offset = (block - old_block) // 2
     out = torch.zeros(new_shape, dtype=old.dtype)
     for new_i, old_i in enumerate(mapping):
         if old_i is not None:
-            out.narrow(dim, new_i * block, block).copy_(old.narrow(dim, old_i * block, block))
+            out.narrow(dim, new_i * block + offset, old_block).copy_(old.narrow(dim, old_i * old_block, old_block))
     if trailing:
         out.narrow(dim, len(mapping) * block, trailing).copy_(old.narrow(dim, old.shape[dim] - trailing, trailing))
     return out
@@ -92,6 +99,8 @@ def remap_blocks(old: torch.Tensor, new_shape, dim: int, block: int, mapping: Li
 def check_compatible(new: ModelConfig, old: ModelConfig) -> None:
     differ = [f"{f} {getattr(old, f)!r} (new run: {getattr(new, f)!r})" for f in MATCHING_FIELDS
               if getattr(new, f) != getattr(old, f)]
+    if new.context_slices < old.context_slices:
+        differ.append(f"context_slices {old.context_slices} (new run: {new.context_slices}; the context can only grow)")
     if differ:
         raise InputError("--init-from: the trained model differs from this run in " + ", ".join(differ))
 
@@ -109,7 +118,7 @@ def map_generator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new_con
     """The new generator's state dict, mapped from ``old`` (module docstring)."""
     mapping = source_map(new_sources, old.sources)
     fallback = old.sources.index("t1") if "t1" in old.sources else 0
-    per_source = new_config.slices_per_source
+    per_source, old_per_source = new_config.slices_per_source, old.config.slices_per_source
     out = {}
     for key, target in new_state.items():
         encoder = re.match(r"shared_encoders\.(\d+)\.(.+)", key)
@@ -117,12 +126,14 @@ def map_generator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new_con
             i = int(encoder.group(1))
             old_i = mapping[i] if mapping[i] is not None else fallback
             value = old.G[f"shared_encoders.{old_i}.{encoder.group(2)}"]
+            if encoder.group(2) == SRE_INPUT_WEIGHT and per_source != old_per_source:
+                value = remap_blocks(value, target.shape, 1, per_source, [0], old_block=old_per_source)
         elif key == "cat_conv.weight":
             value = remap_blocks(old.G[key], target.shape, 1, 4 * new_config.base_width, mapping)
         elif key == "laf.weight":
             value = remap_blocks(old.G[key], target.shape, 2, 1, mapping)
         elif key == "model.model.0.weight" and new_config.architecture == "pix2pix_unet":
-            value = remap_blocks(old.G[key], target.shape, 1, per_source, mapping)
+            value = remap_blocks(old.G[key], target.shape, 1, per_source, mapping, old_block=old_per_source)
         else:
             value = old.G[key]
         out[key] = fitted(value, target, f"weight {key}")
@@ -137,7 +148,8 @@ def map_discriminator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new
     out = {}
     for key, target in new_state.items():
         if key == "model.0.weight":
-            value = remap_blocks(old.D[key], target.shape, 1, new_config.slices_per_source, mapping, trailing=1)
+            value = remap_blocks(old.D[key], target.shape, 1, new_config.slices_per_source, mapping, trailing=1,
+                                 old_block=old.config.slices_per_source)
         else:
             value = old.D[key]
         out[key] = fitted(value, target, f"discriminator weight {key} (a different --d-width?)")
@@ -160,6 +172,9 @@ def warm_start(G: torch.nn.Module, D: torch.nn.Module, path, new_config: ModelCo
                      f"{'t1' if 't1' in old.sources else old.sources[0]}, zero weight)")
     if dropped:
         parts.append(f"dropped {','.join(dropped)}")
+    if new_config.context_slices > old.config.context_slices:
+        parts.append(f"2.5D context {old.config.context_slices} -> {new_config.context_slices} slice(s) each side "
+                     "(new neighbours at zero weight)")
     if old.D is not None:
         D.load_state_dict(map_discriminator(D.state_dict(), old, new_config, new_sources))
         parts.append("discriminator taken")

@@ -111,3 +111,28 @@ def test_a_run_warm_started_from_another_runs_folder(gen_data, tmp_path):  # noq
     log = (second / "train.log").read_text()
     assert "warm start from t1_t2 (t1+t2): kept t1; dropped t2; discriminator taken" in log
     assert json.loads((second / "config.json").read_text())["init_from"] == str(first.resolve())
+
+
+@pytest.mark.parametrize("arch", ["fdgan", "pix2pix_unet"])
+def test_a_2d_model_starts_a_2_5d_run_as_its_own_function(arch):
+    old_config, G_old, D_old = trained(arch, ["t1", "t2"])
+    old = ws.TrainedModel(old_config, ["t1", "t2"], G_old.state_dict(), D_old.state_dict(), "old")
+    config, G, D = fresh(old_config, ["t1", "t2"], context_slices=2)
+    ws.check_compatible(config, old_config)
+    G.load_state_dict(ws.map_generator(G.state_dict(), old, config, ["t1", "t2"]))
+    D.load_state_dict(ws.map_discriminator(D.state_dict(), old, config, ["t1", "t2"]))
+    G.eval(), D.eval()
+    size = old_config.image_size
+    torch.manual_seed(1)
+    stack = torch.rand(2, 10, size, size) * 2 - 1  # t1 then t2, five slices each, the centre third
+    centre = stack[:, config.centre_channels()]
+    y = torch.rand(2, 1, size, size) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(G(stack).synthetic, G_old(centre).synthetic, atol=1e-5, rtol=0)
+        torch.testing.assert_close(D(stack, y), D_old(centre, y), atol=1e-5, rtol=0)
+        # The neighbours are wired in: a non-zero weight on one makes it count.
+        first = G.shared_encoders[1].model[0][0] if arch == "fdgan" else G.model.model[0]
+        first.weight[:, 6 if arch == "pix2pix_unet" else 1].normal_(0, 0.1)
+        assert not torch.allclose(G(stack).synthetic, G_old(centre).synthetic, atol=1e-3)
+    with pytest.raises(InputError, match="context can only grow"):
+        ws.check_compatible(old_config, config)

@@ -15,14 +15,18 @@ The weights are mapped source by source:
   discriminator) is copied as it is.
 A 2D model can also start a 2.5D run (``--context-slices``): each source's slice keeps its
 input weights, its new neighbouring slices get zero weights, so again the run starts as
-the old model's function. The architecture, width, LAF grid and style path must match, and
-the context can only grow. The optimiser
+the old model's function. The paper model's generator can also grow wider (``--width``;
+``widen_generator``): every old channel keeps its weights, the new channels start with
+fresh random inputs but zero weight into the old ones, so once more the run starts as the
+old model's function and learns what to use the new channels for. The architecture, LAF
+grid and style path must match, and the context and width can only grow. The optimiser
 starts fresh. From a bundle, which holds only the generator, the discriminator starts
 fresh; from a run folder or training checkpoint, both networks are taken.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -32,7 +36,7 @@ import torch
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.networks import ModelConfig
 
-MATCHING_FIELDS = ("architecture", "base_width", "laf_grid", "specific_encoder", "adain_scale", "image_size")
+MATCHING_FIELDS = ("architecture", "laf_grid", "specific_encoder", "adain_scale", "image_size")
 CHECKPOINT_NAME = "checkpoint.pt"
 SRE_INPUT_WEIGHT = "model.0.0.weight"  # a shared encoder's first convolution, which takes the slices
 
@@ -101,6 +105,11 @@ def check_compatible(new: ModelConfig, old: ModelConfig) -> None:
               if getattr(new, f) != getattr(old, f)]
     if new.context_slices < old.context_slices:
         differ.append(f"context_slices {old.context_slices} (new run: {new.context_slices}; the context can only grow)")
+    if new.base_width < old.base_width:
+        differ.append(f"base_width {old.base_width} (new run: {new.base_width}; the width can only grow)")
+    elif new.base_width > old.base_width and new.architecture != "fdgan":
+        differ.append(f"base_width {old.base_width} (new run: {new.base_width}; only the paper model's "
+                      "generator can grow wider)")
     if differ:
         raise InputError("--init-from: the trained model differs from this run in " + ", ".join(differ))
 
@@ -140,6 +149,58 @@ def map_generator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new_con
     return out
 
 
+def old_channel_positions(new_size: int, old_size: int, blocks: int = 1) -> torch.Tensor:
+    """Where the old channels sit along a widened dimension: the leading entries of each of
+    ``blocks`` equal blocks (a concatenation of per-source features, or the AdaIN scale and
+    shift of each decoder layer, grows block by block)."""
+    if new_size % blocks or old_size % blocks:
+        raise ValueError(f"{old_size} -> {new_size} channels do not split into {blocks} blocks")
+    step, keep = new_size // blocks, old_size // blocks
+    return torch.cat([torch.arange(b * step, b * step + keep) for b in range(blocks)])
+
+
+def widen_generator(G: torch.nn.Module, narrow_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The state dict of the wider paper-model generator ``G`` holding a narrower one's
+    weights (``narrow_state``, same sources and context): each old channel keeps its weights
+    and biases; a new channel keeps ``G``'s fresh initialisation for its inputs, and its
+    weight into every old channel is zero. Every layer acts per channel or through these
+    weights (instance norm, AdaIN, ReLU, the residual sums), so the old channels compute
+    exactly what they did and the output, which reads only old channels, is unchanged."""
+    from torch import nn
+
+    cfg = G.config
+    # Dimensions that grow block by block: Cat-Conv's input (one block per source) and the
+    # style MLP's output (scale and shift of every AdaIN layer, 4w channels each).
+    blocks = {("cat_conv", 1): cfg.num_sources}
+    if G.specific_encoder is not None:
+        last = next(n for n, m in G.named_modules() if m is G.specific_encoder.mlp[-1])
+        blocks[(last, 0)] = G.specific_encoder.mlp[-1].out_features // (4 * cfg.base_width)
+    state = {k: v.detach().clone() for k, v in G.state_dict().items()}
+    done = set()
+    for name, module in G.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            continue
+        out_dim, in_dim = (1, 0) if isinstance(module, nn.ConvTranspose2d) else (0, 1)
+        weight, old_weight = state[f"{name}.weight"], narrow_state[f"{name}.weight"]
+        out_pos = old_channel_positions(weight.shape[out_dim], old_weight.shape[out_dim],
+                                        blocks.get((name, out_dim), 1))
+        in_pos = old_channel_positions(weight.shape[in_dim], old_weight.shape[in_dim], blocks.get((name, in_dim), 1))
+        rows = weight.index_select(out_dim, out_pos)
+        rows.zero_()  # no weight from a new channel into an old one
+        index = [slice(None)] * weight.dim()
+        index[in_dim] = in_pos
+        rows[tuple(index)] = old_weight.to(weight.dtype)
+        weight.index_copy_(out_dim, out_pos, rows)
+        done.add(f"{name}.weight")
+        if module.bias is not None:
+            state[f"{name}.bias"].index_copy_(0, out_pos, narrow_state[f"{name}.bias"].to(weight.dtype))
+            done.add(f"{name}.bias")
+    for key, value in state.items():  # what does not scale with the width (the LAF)
+        if key not in done:
+            state[key] = fitted(narrow_state[key], value, f"weight {key}")
+    return state
+
+
 def map_discriminator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new_config: ModelConfig,
                       new_sources: Sequence[str]) -> Dict[str, torch.Tensor]:
     """The new discriminator's state dict: its first convolution takes the sources' channels
@@ -162,7 +223,14 @@ def warm_start(G: torch.nn.Module, D: torch.nn.Module, path, new_config: ModelCo
     one-line description for the log."""
     old = load_trained_model(path)
     check_compatible(new_config, old.config)
-    G.load_state_dict(map_generator(G.state_dict(), old, new_config, new_sources))
+    if new_config.base_width == old.config.base_width:
+        G.load_state_dict(map_generator(G.state_dict(), old, new_config, new_sources))
+    else:  # map the sources at the old width, then widen
+        from MRISynthesisLib.networks import build_generator
+
+        narrow_config = dataclasses.replace(new_config, base_width=old.config.base_width)
+        narrow = map_generator(build_generator(narrow_config).state_dict(), old, narrow_config, new_sources)
+        G.load_state_dict(widen_generator(G, narrow))
     kept = [s for s in new_sources if s in old.sources]
     added = [s for s in new_sources if s not in old.sources]
     dropped = [s for s in old.sources if s not in new_sources]
@@ -172,6 +240,9 @@ def warm_start(G: torch.nn.Module, D: torch.nn.Module, path, new_config: ModelCo
                      f"{'t1' if 't1' in old.sources else old.sources[0]}, zero weight)")
     if dropped:
         parts.append(f"dropped {','.join(dropped)}")
+    if new_config.base_width > old.config.base_width:
+        parts.append(f"generator width {old.config.base_width} -> {new_config.base_width} "
+                     "(new channels at zero weight into the old ones)")
     if new_config.context_slices > old.config.context_slices:
         parts.append(f"2.5D context {old.config.context_slices} -> {new_config.context_slices} slice(s) each side "
                      "(new neighbours at zero weight)")

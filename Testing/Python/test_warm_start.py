@@ -89,12 +89,12 @@ def test_from_a_bundle_the_generator_is_taken_and_the_discriminator_stays_fresh(
     assert all(torch.equal(v, D_before[k]) for k, v in D.state_dict().items())
 
 
-def test_a_different_architecture_or_width_is_refused_by_name(tmp_path):
-    old_config, G_old, _ = trained("fdgan", ["t1", "t2"], width=8)
-    path = tmp_path / "w8.safetensors"
+def test_a_narrower_model_or_a_missing_file_is_refused_by_name(tmp_path):
+    old_config, G_old, _ = trained("fdgan", ["t1", "t2"], width=16)
+    path = tmp_path / "w16.safetensors"
     save_bundle(bundle_from_generator(G_old, old_config, ["t1", "t2"]), path)
-    config, G, D = fresh(old_config, ["t1"], width=16)
-    with pytest.raises(InputError, match="base_width 8 .new run: 16"):
+    config, G, D = fresh(old_config, ["t1"], width=8)
+    with pytest.raises(InputError, match="base_width 16 .new run: 8; the width can only grow"):
         ws.warm_start(G, D, path, config, ["t1"])
     with pytest.raises(InputError, match="no model bundle or training checkpoint"):
         ws.warm_start(G, D, tmp_path / "missing", config, ["t1"])
@@ -136,3 +136,34 @@ def test_a_2d_model_starts_a_2_5d_run_as_its_own_function(arch):
         assert not torch.allclose(G(stack).synthetic, G_old(centre).synthetic, atol=1e-3)
     with pytest.raises(InputError, match="context can only grow"):
         ws.check_compatible(old_config, config)
+
+
+def test_a_wider_paper_model_starts_as_the_narrower_ones_function(tmp_path):
+    old_config, G_old, _ = trained("fdgan", ["t1", "t2"], width=8)
+    path = tmp_path / "w8.safetensors"
+    save_bundle(bundle_from_generator(G_old, old_config, ["t1", "t2"]), path)
+    config, G, D = fresh(old_config, ["t1", "t2", "t1c"], width=12)  # wider, and a source added
+    message = ws.warm_start(G, D, path, config, ["t1", "t2", "t1c"])
+    assert "generator width 8 -> 12" in message
+    G.eval()
+    size = old_config.image_size
+    torch.manual_seed(2)
+    x, t1c = torch.rand(2, 2, size, size) * 2 - 1, torch.rand(2, 1, size, size) * 2 - 1
+    with torch.no_grad():
+        out, out_old = G(torch.cat([x, t1c], 1)), G_old(x)
+        torch.testing.assert_close(out.synthetic, out_old.synthetic, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.pseudo_target, out_old.pseudo_target, atol=1e-5, rtol=0)
+        # The old channels kept their weights where they sit (T2's block of Cat-Conv's input)...
+        torch.testing.assert_close(G.cat_conv.weight[:32, 48:80], G_old.cat_conv.weight[:, 32:64], atol=0, rtol=0)
+        # ... the new channels start alive, with zero weight into the old ones, and are wired in.
+        last_res = G.decoder.model[3].block[5]
+        assert last_res.weight[32:].abs().sum() > 0 and last_res.weight[:32, 32:].abs().sum() == 0
+        last_res.weight[:32, 32:].normal_(0, 0.1)
+        assert not torch.allclose(G(torch.cat([x, t1c], 1)).synthetic, out_old.synthetic, atol=1e-3)
+
+
+def test_only_the_paper_model_grows_wider():
+    old_config, _, _ = trained("pix2pix_unet", ["t1", "t2"], width=8)
+    config, _, _ = fresh(old_config, ["t1", "t2"], width=12)
+    with pytest.raises(InputError, match="only the paper model's generator can grow wider"):
+        ws.check_compatible(config, old_config)

@@ -16,7 +16,11 @@ Printed per subject:
   in-plane, and blurred in-plane by a Gaussian of sigma 1 and 2 voxels;
 - the volume's scale-free brain PSNR;
 - each part's share of the voxels and of the error;
-- the dB the brain PSNR would gain were the lesion error zero.
+- the dB the brain PSNR would gain were the lesion error zero;
+- what an oracle intensity mapping, fitted with the real FLAIR in hand, would reach instead of
+  the one line: the best function of the synthetic intensity (the real FLAIR's mean in each
+  of 64 quantile bins of the synthetic), and one least-squares line per axial slice. What
+  these cannot remove is spatial error.
 A measurement for docs/learning_curves.md, not a test.
 """
 
@@ -36,6 +40,7 @@ from MRISynthesisLib.inference import synthesize_with_details  # noqa: E402
 from MRISynthesisLib.metrics import scale_free_fit  # noqa: E402
 
 EDGE_QUANTILE = 0.8
+ORACLE_BINS = 64
 
 
 def scale_free_error(real: np.ndarray, fake: np.ndarray, brain: np.ndarray) -> tuple:
@@ -48,16 +53,36 @@ def scale_free_error(real: np.ndarray, fake: np.ndarray, brain: np.ndarray) -> t
     return err, 10 * np.log10(data_range ** 2 / err[brain].mean())
 
 
+def oracle_intensity_psnr(real: np.ndarray, fake: np.ndarray, brain: np.ndarray) -> tuple:
+    """Brain PSNR (peak as in ``scale_free_error``) after the best intensity function of the
+    synthetic (binned conditional mean of the real) and after one line per axial slice."""
+    r, x = real[brain], fake[brain]
+    peak = np.percentile(r, 99.5) - np.percentile(r, 0.5)
+    edges = np.unique(np.quantile(x, np.linspace(0, 1, ORACLE_BINS + 1)))
+    bins = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
+    means = np.bincount(bins, weights=r) / np.maximum(np.bincount(bins), 1)
+    binned = np.mean((means[bins] - r) ** 2)
+    squared = 0.0
+    for z in range(real.shape[2]):
+        inside = brain[..., z]
+        if inside.any():
+            a, b = scale_free_fit(real[..., z], fake[..., z], inside)
+            squared += np.sum((a * fake[..., z][inside] + b - real[..., z][inside]) ** 2)
+    return 10 * np.log10(peak ** 2 / binned), 10 * np.log10(peak ** 2 / (squared / brain.sum()))
+
+
 def decompose(real: np.ndarray, fake: np.ndarray, brain: np.ndarray, lesion: np.ndarray) -> dict:
     err, psnr = scale_free_error(real, fake, brain)
     gradient = np.hypot(ndimage.sobel(real, 0), ndimage.sobel(real, 1))
     edge = brain & (gradient >= np.quantile(gradient[brain], EDGE_QUANTILE))
     lesion = brain & lesion
     total = err[brain].sum()
+    oracle = oracle_intensity_psnr(real, fake, brain)
     return {"psnr_scale_free": psnr,
             "lesion_voxels": lesion.sum() / brain.sum(), "lesion_error": err[lesion].sum() / total,
             "gain_without_lesion_error_db": 10 * np.log10(total / err[brain & ~lesion].sum()),
-            "edge_voxels": edge.sum() / brain.sum(), "edge_error": err[edge].sum() / total}
+            "edge_voxels": edge.sum() / brain.sum(), "edge_error": err[edge].sum() / total,
+            "oracle_intensity_function": oracle[0], "oracle_line_per_slice": oracle[1]}
 
 
 def main(argv=None) -> int:
@@ -90,7 +115,9 @@ def main(argv=None) -> int:
             print(f"{subject:20s} {name:16s} scale-free brain PSNR {d['psnr_scale_free']:5.2f} dB | lesions: "
                   f"{d['lesion_voxels']:5.1%} of voxels, {d['lesion_error']:5.1%} of the error, "
                   f"+{d['gain_without_lesion_error_db']:.2f} dB without it | edges: {d['edge_voxels']:4.0%} of voxels, "
-                  f"{d['edge_error']:5.1%} of the error", flush=True)
+                  f"{d['edge_error']:5.1%} of the error | oracle intensity mapping: best function "
+                  f"{d['oracle_intensity_function']:5.2f} dB, a line per slice {d['oracle_line_per_slice']:5.2f} dB",
+                  flush=True)
     return 0
 
 

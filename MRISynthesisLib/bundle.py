@@ -90,6 +90,9 @@ class ModelBundle:
             + (f", 2.5D input: {m.context_slices} neighbouring slice(s) on each side" if m.context_slices else ""),
             f"parameters:    {sum(t.numel() for t in self.state_dict.values()):,}",
             f"normalisation: {self.preprocessing.window_text()}; output scale 0-{self.preprocessing.output_max:g}",
+            f"slice grid:    padded to a square of at least {self.preprocessing.min_field_of_view_mm:g} mm, "
+            f"{self.preprocessing.resize_interpolation} onto {self.preprocessing.image_size}x"
+            f"{self.preprocessing.image_size} where the size differs",
         ]
         # The held-out results as one line per method, brain figures first (whole-slice ones
         # mostly measure the background); the model card in full at the end.

@@ -88,6 +88,8 @@ class PreprocessingConfig:
         if self.intensity_reference not in INTENSITY_REFERENCES:
             raise ValueError(f"intensity_reference must be one of {INTENSITY_REFERENCES}, "
                              f"got {self.intensity_reference!r}")
+        if not self.min_field_of_view_mm > 0:
+            raise ValueError(f"min_field_of_view_mm must be > 0, got {self.min_field_of_view_mm}")
         if not self.median_span > 1.0:
             raise ValueError("median_span must be > 1")
         if self.resize_interpolation not in RESIZE_INTERPOLATIONS:

@@ -38,6 +38,10 @@ def add_train(sub) -> None:
     g.add_argument("--resize-interpolation", choices=("bicubic", "bilinear"),
                    help="how slices are resized onto the network's 256x256 grid: bicubic (default) or bilinear "
                         "(the bundles made before this option); stored in the bundle")
+    g.add_argument("--field-of-view-mm", type=float,
+                   help="smallest square field of view a slice is padded to before it is resized onto the 256x256 "
+                        "grid (default 240: a 240 mm, 1 mm slice is upsampled; 256: 1 mm slices up to 256 mm are "
+                        "only padded, never resampled); stored in the bundle")
     g.add_argument("--cache-dir", help="preprocessed-slice cache (default RUN/cache; share it between runs)")
     g = p.add_argument_group("model")
     g.add_argument("--architecture", choices=("fdgan", "pix2pix_unet"), help="generator (default fdgan)")
@@ -56,8 +60,12 @@ def add_train(sub) -> None:
                    help="init of the SPE and its MLP: He/fan-in (default, MUNIT's) or N(0, 0.02) (the paper's)")
     g.add_argument("--init-from", metavar="MODEL",
                    help="warm start: a bundle (.safetensors), run folder or training checkpoint of another source "
-                        "set with the same architecture and width; shared sources keep their weights, new ones start "
-                        "at zero weight (training/warm_start.py)")
+                        "set with the same architecture (the paper model may grow wider); shared sources keep their "
+                        "weights, new ones start at zero weight (training/warm_start.py)")
+    g.add_argument("--d-warmup-steps", type=int,
+                   help="with --init-from: the first N steps train only the discriminator (default 0). A bundle "
+                        "holds no discriminator, and a fresh one teaches a trained generator nothing but blur "
+                        "until it has learned to see its output")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="total epochs, split in half: constant lr, then linear decay")
     g.add_argument("--epochs-constant", type=int, help="epochs at constant lr (default 100)")

@@ -80,8 +80,8 @@ def _normalisation(pre: PreprocessingConfig) -> str:
     why = (" (lesion-robust: a large bright lesion moves the upper percentiles of a FLAIR, hardly its median)"
            if pre.intensity_reference == "median" else "")
     return (f"per volume, {pre.window_text(False)}{why}{pre.standardization_text()}, clipped; background -1; "
-            "slices resized to the network's "
-            f"grid {pre.resize_interpolation}, back bicubic. The output is on "
+            f"slices padded to a square field of view of at least {pre.min_field_of_view_mm:g} mm and resized "
+            f"to the network's grid {pre.resize_interpolation}, back bicubic. The output is on "
             f"0-{pre.output_max:g}: 0 = background, {pre.output_max:g} = the upper end of that window in a "
             "real FLAIR normalised the same way.")
 

@@ -59,12 +59,12 @@ DEFAULTS = dict(
     data=None, out=None, sources="t1,t2", target="flair", subjects=None,
     architecture="fdgan", width=64, d_width=None, laf_grid=2, no_specific_encoder=False,
     adain_scale="one_plus_delta", style_init="kaiming", context_slices=0, init_from=None,
-    epochs=None, epochs_constant=100, epochs_decay=100, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
+    epochs=None, epochs_constant=100, epochs_decay=100, d_warmup_steps=0, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
     background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0,
     augment=False, augment_contrast=0.0, augment_blur=0.0,
     intensity_reference="percentile", standardize_histograms=False,
-    resize_interpolation="bicubic",
+    resize_interpolation="bicubic", field_of_view_mm=240.0,
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
     seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
@@ -119,11 +119,18 @@ def resolve_config(given: dict) -> dict:
         raise InputError(f"--intensity-reference must be one of {INTENSITY_REFERENCES}")
     if cfg["resize_interpolation"] not in RESIZE_INTERPOLATIONS:
         raise InputError(f"--resize-interpolation must be one of {RESIZE_INTERPOLATIONS}")
+    if not cfg["field_of_view_mm"] > 0:
+        raise InputError(f"--field-of-view-mm must be > 0, got {cfg['field_of_view_mm']}")
     if min(cfg["background_weight"], cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"]) < 0:
         raise InputError("--background-weight, --gdl-weight, --gan-weight and --fm-weight must be >= 0")
     for key in ("augment_contrast", "augment_blur"):
         if cfg[key] < 0 or (cfg[key] > 0 and not cfg["augment"]):
             raise InputError(f"--{key.replace('_', '-')} must be >= 0 and goes with --augment")
+    if cfg["d_warmup_steps"] < 0:
+        raise InputError(f"--d-warmup-steps must be >= 0, got {cfg['d_warmup_steps']}")
+    if cfg["d_warmup_steps"] and cfg["init_from"] is None:
+        raise InputError("--d-warmup-steps goes with --init-from: it trains a fresh discriminator against a "
+                         "trained generator")
     if cfg["d_width"] is None:
         cfg["d_width"] = cfg["width"]
     if cfg["batch_size"] < 1 or cfg["width"] < 1 or cfg["d_width"] < 1:
@@ -164,7 +171,9 @@ def preprocessing_config(cfg: dict, run_dir=None) -> PreprocessingConfig:
     if cfg.get("standardize_histograms") and run_dir is not None and (Path(run_dir) / LANDMARKS_FILE).is_file():
         landmarks = json.loads((Path(run_dir) / LANDMARKS_FILE).read_text())
     return PreprocessingConfig(intensity_reference=cfg["intensity_reference"],
-                               resize_interpolation=cfg["resize_interpolation"], histogram_landmarks=landmarks)
+                               resize_interpolation=cfg["resize_interpolation"],
+                               min_field_of_view_mm=float(cfg.get("field_of_view_mm", DEFAULTS["field_of_view_mm"])),
+                               histogram_landmarks=landmarks)
 
 
 def model_config(cfg: dict) -> ModelConfig:
@@ -204,15 +213,16 @@ class Objective:
                    cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"])
 
 
-def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Objective):
+def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Objective, update_G: bool = True):
     """One training iteration, D then G (the objective in the module docstring): the one
     step that the training loop and ``python -m training bench`` run. ``brain`` (B, 1, H, W)
     marks brain pixels for the background-weighted L1. ``D`` may be wrapped in DDP;
     ``D_plain`` is the bare D, called in the G update so that D's weights get no gradient
-    there. ``autocast()`` returns the precision context. Returns the losses as tensors, in
-    LOSS_KEYS order."""
+    there. ``autocast()`` returns the precision context. ``update_G=False`` trains D only
+    (G's losses are still computed, for the log). Returns the losses as tensors, in LOSS_KEYS
+    order."""
     bce = torch.nn.BCEWithLogitsLoss()
-    with autocast():
+    with autocast(), torch.set_grad_enabled(update_G):
         out = G(x)
     fake = out.synthetic
     # D: real pairs -> 1, synthetic pairs -> 0 (pix2pix's 0.5 factor).
@@ -231,7 +241,7 @@ def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Ob
         p.requires_grad_(False)
     opt_G.zero_grad(set_to_none=True)
     o = objective
-    with autocast():
+    with autocast(), torch.set_grad_enabled(update_G):
         if o.fm_weight:
             pred, fake_features = D_plain.forward_with_features(x, fake)
             with torch.no_grad():
@@ -247,8 +257,9 @@ def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Ob
         loss_G = loss_G + o.gdl_weight * recipe.gradient_difference(fake, y)
     if o.fm_weight:
         loss_G = loss_G + o.fm_weight * recipe.feature_matching(fake_features, real_features)
-    loss_G.backward()
-    opt_G.step()
+    if update_G:
+        loss_G.backward()
+        opt_G.step()
     return loss_D, loss_G, loss_gan, loss_l1, loss_pseudo
 
 
@@ -586,7 +597,8 @@ class Run:
                     if cfg["augment"]:
                         x, y, brain = recipe.augment(x, y, brain, recipe.augment_generator(cfg["seed"], epoch, step),
                                                      augment_config, slices_per_source=self.model_config.slices_per_source)
-                    values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, brain, autocast, objective)
+                    values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, brain, autocast, objective,
+                                        update_G=global_step >= cfg["d_warmup_steps"])
                     loss_D, loss_G = values[0], values[1]
                     n = len(batches[step])
                     for i, v in enumerate(values):

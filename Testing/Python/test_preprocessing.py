@@ -197,6 +197,23 @@ def test_bicubic_resize_keeps_more_detail_and_the_range():
         PreprocessingConfig(resize_interpolation="nearest")
 
 
+def test_a_256_mm_field_of_view_passes_one_mm_slices_to_the_network_unresampled():
+    texture = torch.from_numpy(np.random.default_rng(2).uniform(-1, 1, size=(1, 1, 240, 200))).float()
+    native = SliceResizer((240, 200), (1.0, 1.0), PreprocessingConfig(min_field_of_view_mm=256.0,
+                                                                      resize_interpolation="bicubic"))
+    up = native.forward(texture, fill=-1.0)
+    assert up.shape[-2:] == (256, 256)
+    assert torch.equal(up[..., 8:248, 28:228], texture)  # only padded, centred
+    assert torch.equal(native.inverse(up), texture)  # the round trip loses nothing
+    resized = SliceResizer((240, 200), (1.0, 1.0), PreprocessingConfig(resize_interpolation="bicubic"))
+    assert not torch.allclose(resized.inverse(resized.forward(texture)), texture, atol=0.05)  # 240 mm: resampled
+    # A larger field of view is still resized down onto the grid, at the same scale for any spacing.
+    assert SliceResizer((300, 300), (1.0, 1.0), PreprocessingConfig(min_field_of_view_mm=256.0)).padded == (300, 300)
+    assert SliceResizer((240, 240), (0.5, 0.5), PreprocessingConfig(min_field_of_view_mm=256.0)).padded == (512, 512)
+    with pytest.raises(ValueError, match="min_field_of_view_mm"):
+        PreprocessingConfig(min_field_of_view_mm=0.0)
+
+
 def _tissue_volume(contrast, seed=0):
     """A brain of CSF, grey and white matter whose grey/white contrast is scaled by
     ``contrast`` (as an old scanner's T1; not an affine change, which normalisation alone

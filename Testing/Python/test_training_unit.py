@@ -608,6 +608,30 @@ def test_evaluate_lesion_figures(tmp_path):
     assert report.index("## Brain (masked)") < report.index("## Whole slice")
 
 
+def test_the_field_of_view_a_run_trains_with_reaches_its_bundle(gen_data, tmp_path):
+    run = small_run(gen_data, tmp_path / "run", epochs=1, field_of_view_mm=256.0)
+    assert load_bundle(run["bundle"]).preprocessing.min_field_of_view_mm == 256.0
+    assert trainer.preprocessing_config(trainer.DEFAULTS).min_field_of_view_mm == 240.0  # runs saved before the option
+    with pytest.raises(InputError, match="field-of-view-mm"):
+        trainer.resolve_config({"data": tmp_path, "out": tmp_path, "field_of_view_mm": 0})
+
+
+def test_a_discriminator_warm_up_trains_only_the_discriminator_for_its_steps(gen_data, tmp_path):
+    first = load_bundle(small_run(gen_data, tmp_path / "first", epochs=1)["bundle"])
+    held = small_run(gen_data, tmp_path / "held", epochs=1, init_from=first.path, d_warmup_steps=10_000)
+    kept = load_bundle(held["bundle"]).state_dict
+    # G's weights never stepped (BatchNorm's running statistics still follow its batches).
+    weights = [k for k in first.state_dict if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert [k for k in weights if not torch.equal(kept[k], first.state_dict[k])] == []
+    assert held["history"][0]["loss_D"] > 0 and held["history"][0]["loss_G_L1"] > 0  # G's losses still logged
+    state = load_ckpt(tmp_path / "held")
+    assert state["opt_G"]["state"] == {} and state["opt_D"]["state"]  # Adam stepped D only
+    moved = load_bundle(small_run(gen_data, tmp_path / "moved", epochs=1, init_from=first.path)["bundle"]).state_dict
+    assert not all(torch.equal(moved[k], first.state_dict[k]) for k in first.state_dict)
+    with pytest.raises(InputError, match="d-warmup-steps goes with --init-from"):
+        trainer.resolve_config({"data": tmp_path, "out": tmp_path, "d_warmup_steps": 5})
+
+
 def test_new_runs_resize_bicubic_and_runs_saved_before_the_option_keep_bilinear(gen_data, tmp_path):
     fresh = small_run(gen_data, tmp_path / "fresh", epochs=1)
     assert load_bundle(fresh["bundle"]).preprocessing.resize_interpolation == "bicubic"

@@ -81,6 +81,10 @@ def add_train(sub) -> None:
     g.add_argument("--background-weight", type=float,
                    help="weight of background pixels in both L1 terms (default 1: the paper's uniform L1; "
                         "the brain has weight 1)")
+    g.add_argument("--lesion-weight", type=float,
+                   help="weight of lesion pixels in both L1 terms, from the training subjects' ground-truth "
+                        "lesion labels (BraTS seg, MS lesion masks; subjects without one get none; default 1: "
+                        "the paper's, no labels read)")
     g.add_argument("--gdl-weight", type=float, help="weight of a gradient-difference loss on G(x) (default 0: off)")
     g.add_argument("--fm-weight", type=float, help="weight of pix2pixHD's discriminator feature-matching loss on G(x) "
                                                   "(default 0: off; pix2pixHD uses 10)")

@@ -22,6 +22,7 @@ epoch never re-reads NIfTI and a second run on the same data reuses the work.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 
 from MRISynthesisLib.errors import InputError
-from MRISynthesisLib.preprocessing import PreprocessingConfig, SliceStack, histogram_landmarks, select_middle_slices
+from MRISynthesisLib.preprocessing import (AxialReorientation, PreprocessingConfig, SliceResizer, SliceStack,
+                                           histogram_landmarks, select_middle_slices)
 from MRISynthesisLib.subjects import bids_subjects, is_bids_dataset, lesion_label_file, subject_files
 from MRISynthesisLib.volumes import load_volume
 
@@ -233,6 +235,8 @@ class SubjectSlices:
     images: np.ndarray
     mask: np.ndarray
     slice_indices: np.ndarray
+    # (N, S, S) bool lesion map of the same slices (``with_lesions``), or None.
+    lesion: Optional[np.ndarray] = None
 
 
 def _cache_key(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
@@ -316,6 +320,49 @@ def load_or_build(subject: Subject, modalities: Sequence[str], preprocessing: Pr
     return result
 
 
+def lesion_slices(subject: Subject, reference: str, preprocessing: PreprocessingConfig,
+                  slice_indices: Sequence[int]) -> np.ndarray:
+    """The subject's lesion label (> 0) on the network grid of the axial ``slice_indices``
+    of its ``reference`` modality, (N, S, S) bool: cut and resized as the brain mask is."""
+    ref = load_volume(subject.files[reference], f"{subject.name}/{reference}")
+    label = load_volume(subject.lesion, f"{subject.name}/lesion")
+    if not label.same_grid(ref):
+        raise InputError(f"{subject.name}: the lesion label {subject.lesion.name} is not on the grid of {reference} "
+                         f"(shape {label.shape} vs {ref.shape}); training needs co-registered volumes on one grid")
+    orientation = AxialReorientation(ref.affine)
+    ras = orientation.forward(label.array > 0)
+    resizer = SliceResizer(ras.shape[:2], orientation.ras_spacing[:2], preprocessing)
+    picked = torch.from_numpy(ras[..., np.asarray(slice_indices)].transpose(2, 0, 1)[:, None].astype(np.float32))
+    return (resizer.forward(picked, fill=0.0)[:, 0] > 0.5).numpy()
+
+
+def with_lesions(slices: SubjectSlices, subject: Subject, preprocessing: PreprocessingConfig, cache_dir,
+                 log: Callable[[str], None] = print) -> SubjectSlices:
+    """``slices`` with their lesion map: the subject's ground-truth label, cached beside the
+    slices (keyed by the label file too); all False for a subject without one (automatic
+    labels are not ground truth to train towards)."""
+    shape = (len(slices.slice_indices),) + tuple(slices.mask.shape[1:])
+    if subject.lesion is None or subject.lesion_kind != "ground truth":
+        return dataclasses.replace(slices, lesion=np.zeros(shape, dtype=bool))
+    path = subject.lesion.resolve()
+    st = path.stat()
+    blob = json.dumps({"version": CACHE_VERSION, "label": [str(path), st.st_size, st.st_mtime_ns],
+                       "reference": subject.files[slices.modalities[0]].resolve().as_posix(),
+                       "preprocessing": preprocessing.to_dict(),
+                       "slices": np.asarray(slices.slice_indices).tolist()}, sort_keys=True)
+    cached = Path(cache_dir) / f"{subject.name}-lesion-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npy"
+    if cached.is_file():
+        lesion = np.load(cached)
+    else:
+        log(f"cutting {subject.name}'s lesion label -> cache {cache_dir}")
+        lesion = lesion_slices(subject, slices.modalities[0], preprocessing, slices.slice_indices)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_save(cached, lesion)
+    if lesion.shape != shape:
+        raise InputError(f"{subject.name}: lesion slices {lesion.shape} do not match its image slices {shape}")
+    return dataclasses.replace(slices, lesion=lesion)
+
+
 class SliceDataset(torch.utils.data.Dataset):
     """All slices of some subjects; ``gather(indices)`` -> float32 (B, C, S, S) tensor."""
 
@@ -336,6 +383,10 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def masks(self, indices: Sequence[int]) -> np.ndarray:
         return np.stack([self.subjects[self.index[i][0]].mask[self.index[i][1]] for i in indices])
+
+    def lesions(self, indices: Sequence[int]) -> np.ndarray:
+        """(B, S, S) lesion maps of the slices (the subjects must carry them: ``with_lesions``)."""
+        return np.stack([self.subjects[self.index[i][0]].lesion[self.index[i][1]] for i in indices])
 
 
 def mean_histogram_landmarks(subjects: Sequence[Subject], modalities: Sequence[str],

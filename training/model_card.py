@@ -62,6 +62,8 @@ def _recipe(config: dict) -> str:
                f"--gdl-weight {config.get('gdl_weight', 0.0):g}", f"--gan-weight {config.get('gan_weight', 1.0):g}",
                f"--fm-weight {config.get('fm_weight', 0.0):g}",
                f"--intensity-reference {config.get('intensity_reference', 'percentile')}"]
+    if config.get("lesion_weight", 1.0) != 1.0:
+        options.append(f"--lesion-weight {config['lesion_weight']:g}")
     if config.get("augment"):
         options.append("--augment")
     if config.get("augment_contrast"):

@@ -61,7 +61,7 @@ DEFAULTS = dict(
     adain_scale="one_plus_delta", style_init="kaiming", context_slices=0, init_from=None,
     epochs=None, epochs_constant=100, epochs_decay=100, d_warmup_steps=0, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
-    background_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0,
+    background_weight=1.0, lesion_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0,
     augment=False, augment_contrast=0.0, augment_blur=0.0,
     intensity_reference="percentile", standardize_histograms=False,
     resize_interpolation="bicubic", field_of_view_mm=240.0,
@@ -121,8 +121,9 @@ def resolve_config(given: dict) -> dict:
         raise InputError(f"--resize-interpolation must be one of {RESIZE_INTERPOLATIONS}")
     if not cfg["field_of_view_mm"] > 0:
         raise InputError(f"--field-of-view-mm must be > 0, got {cfg['field_of_view_mm']}")
-    if min(cfg["background_weight"], cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"]) < 0:
-        raise InputError("--background-weight, --gdl-weight, --gan-weight and --fm-weight must be >= 0")
+    if min(cfg["background_weight"], cfg["lesion_weight"], cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"]) < 0:
+        raise InputError("--background-weight, --lesion-weight, --gdl-weight, --gan-weight and --fm-weight "
+                         "must be >= 0")
     for key in ("augment_contrast", "augment_blur"):
         if cfg[key] < 0 or (cfg[key] > 0 and not cfg["augment"]):
             raise InputError(f"--{key.replace('_', '-')} must be >= 0 and goes with --augment")
@@ -206,11 +207,16 @@ class Objective:
     gdl_weight: float = 0.0
     gan_weight: float = 1.0
     fm_weight: float = 0.0
+    lesion_weight: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Objective":
         return cls(cfg["l1_reduction"], cfg["lambda1"], cfg["lambda2"], cfg["background_weight"],
-                   cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"])
+                   cfg["gdl_weight"], cfg["gan_weight"], cfg["fm_weight"], cfg.get("lesion_weight", 1.0))
+
+    @property
+    def uses_lesions(self) -> bool:
+        return self.lesion_weight != 1.0
 
 
 def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Objective, update_G: bool = True):
@@ -249,8 +255,11 @@ def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Ob
         else:
             pred = D_plain(x, fake)
         loss_gan = bce(pred.float(), torch.ones_like(pred, dtype=torch.float32))
-    loss_l1 = recipe.weighted_l1(fake, y, brain, o.background_weight, o.l1_reduction)
-    loss_pseudo = (recipe.weighted_l1(out.pseudo_target, y, brain, o.background_weight, o.l1_reduction)
+    lesion = brain[:, 1:2] if brain.shape[1] > 1 else None
+    brain = brain[:, :1]
+    loss_l1 = recipe.weighted_l1(fake, y, brain, o.background_weight, o.l1_reduction, lesion, o.lesion_weight)
+    loss_pseudo = (recipe.weighted_l1(out.pseudo_target, y, brain, o.background_weight, o.l1_reduction,
+                                      lesion, o.lesion_weight)
                    if out.pseudo_target is not None else torch.zeros((), device=x.device))
     loss_G = o.gan_weight * loss_gan + o.lambda1 * loss_l1 + o.lambda2 * loss_pseudo
     if o.gdl_weight:
@@ -475,7 +484,16 @@ class Run:
         self.split = split
         load = lambda n: data_mod.load_or_build(by_name[n], self.modalities, self.preprocessing,  # noqa: E731
                                                 cfg["slices_per_subject"], cache_dir, self.log, cfg["context_slices"])
-        self.train_data = data_mod.SliceDataset([load(n) for n in split["train_usable"]])
+        train = [load(n) for n in split["train_usable"]]
+        if Objective.from_config(cfg).uses_lesions:
+            train = [data_mod.with_lesions(t, by_name[t.name], self.preprocessing, cache_dir, self.log) for t in train]
+            labelled = [t.name for t in train if t.lesion.any()]
+            if not labelled:
+                raise InputError("--lesion-weight: no training subject has a ground-truth lesion label "
+                                 "(seg/lesion file; automatic labels do not count)")
+            self.log(f"--lesion-weight {cfg['lesion_weight']}: lesion labels of {len(labelled)} of "
+                     f"{len(train)} training subjects ({', '.join(labelled)})")
+        self.train_data = data_mod.SliceDataset(train)
         self.val_data = data_mod.SliceDataset([load(n) for n in split["val_usable"]])
         self.log(f"{len(self.train_data)} training slices, {len(self.val_data)} validation slices")
 
@@ -593,7 +611,10 @@ class Run:
                 for step in range(first, len(batches)):
                     batch = self.train_data.gather(batches[step]).to(device)
                     x, y = batch[:, :M], batch[:, M:M + 1]
-                    brain = torch.from_numpy(self.train_data.masks(batches[step]))[:, None].to(device)
+                    brain = torch.from_numpy(self.train_data.masks(batches[step]))[:, None]
+                    if objective.uses_lesions:  # a second mask channel, moved with the brain by augment
+                        brain = torch.cat([brain, torch.from_numpy(self.train_data.lesions(batches[step]))[:, None]], 1)
+                    brain = brain.to(device)
                     if cfg["augment"]:
                         x, y, brain = recipe.augment(x, y, brain, recipe.augment_generator(cfg["seed"], epoch, step),
                                                      augment_config, slices_per_source=self.model_config.slices_per_source)

@@ -17,6 +17,40 @@ def test_weighted_l1_down_weights_background():
     assert float(recipe.weighted_l1(pred, target, ~brain, 0.1)) == pytest.approx(0.8 / 8.8)
 
 
+def test_weighted_l1_up_weights_lesions_and_the_training_step_reads_them_from_a_second_mask():
+    pred = torch.zeros(1, 1, 4, 4)
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., 0, :] = 1.0  # error 1 in the top row only
+    brain = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    lesion = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    lesion[..., 0, :] = True  # ... which is the lesion
+    assert float(recipe.weighted_l1(pred, target, brain, 1.0, lesion=lesion)) == pytest.approx(4 / 16)
+    assert float(recipe.weighted_l1(pred, target, brain, 1.0, lesion=lesion, lesion_weight=4.0)) == pytest.approx(
+        16 / 28)
+    assert float(recipe.weighted_l1(pred, target, brain, 1.0, "sum", lesion, 4.0)) == pytest.approx(16.0)
+    # The training step: the lesion map rides as a second channel of the brain mask.
+    from contextlib import nullcontext
+
+    from MRISynthesisLib.networks import ModelConfig, build_discriminator, build_generator, init_generator, init_weights
+    from training.trainer import Objective, train_step
+
+    x, y = torch.rand(2, 2, 64, 64) * 2 - 1, torch.rand(2, 1, 64, 64) * 2 - 1
+    brain = torch.ones(2, 1, 64, 64, dtype=torch.bool)
+    spot = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
+    spot[..., 20:30, 20:30] = True
+
+    def l1(masks, weight):
+        torch.manual_seed(1)
+        G = init_generator(build_generator(ModelConfig(num_sources=2, base_width=4, image_size=64)))
+        D = init_weights(build_discriminator(2, 4))
+        opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+        return float(train_step(G, D, D, opt_G, opt_D, x, y, masks, nullcontext, Objective(lesion_weight=weight))[3].detach())
+
+    plain = l1(brain, 1.0)
+    assert l1(torch.cat([brain, spot], 1), 1.0) == plain  # weight 1: the paper's L1, labels or not
+    assert l1(torch.cat([brain, spot], 1), 5.0) != plain
+
+
 def test_gradient_difference_sees_edges_not_offsets():
     target = torch.zeros(1, 1, 8, 8)
     target[..., 4:] = 1.0
@@ -76,6 +110,24 @@ def test_augment_is_deterministic_bounded_and_keeps_background():
     assert torch.all(src[~msk.expand_as(src)] == -1.0)
     # A geometric transform, not a new image: the brain keeps about its area.
     assert abs(msk.float().sum() / brain.float().sum() - 1) < 0.35
+
+
+def test_augment_moves_every_mask_with_the_brain():
+    """A lesion map given as a second mask channel gets the brain's geometric transform,
+    and the images come out as without it."""
+    b, s = 2, 48
+    brain = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    brain[..., 8:40, 6:42] = True
+    lesion = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    lesion[..., 12:20, 10:30] = True
+    sources = torch.where(brain, torch.rand(b, 2, s, s) * 2 - 1, torch.full((b, 2, s, s), -1.0))
+    target = torch.where(brain, torch.rand(b, 1, s, s) * 2 - 1, torch.full((b, 1, s, s), -1.0))
+    alone = recipe.augment(sources, target, brain, recipe.augment_generator(0, 2, 5))
+    both = recipe.augment(sources, target, torch.cat([brain, lesion], 1), recipe.augment_generator(0, 2, 5))
+    assert torch.equal(both[0], alone[0]) and torch.equal(both[1], alone[1])
+    assert both[2].shape == (b, 2, s, s) and torch.equal(both[2][:, :1], alone[2])
+    as_brain = recipe.augment(sources, target, lesion, recipe.augment_generator(0, 2, 5))[2]
+    assert torch.equal(both[2][:, 1:], as_brain) and not torch.equal(as_brain, lesion)
 
 
 def test_augment_flip_only_mirrors():

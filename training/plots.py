@@ -82,18 +82,19 @@ def _slice_grid(rows, row_labels, path, panel_size=(2.4, 2.5), title="") -> None
 
 CURVE_PANELS = (("val_psnr_masked", "brain PSNR (dB)"), ("val_psnr_masked_scale_free", "scale-free brain PSNR (dB)"),
                 ("val_sharpness", "sharpness (1 = as real)"), ("val_gmsd_masked", "brain GMSD (lower = better)"),
-                ("val_ssim_masked", "brain SSIM"), ("loss_G_L1", "training L1 (since last point)"))
+                ("val_ssim_masked", "brain SSIM"), ("loss_G_L1", "training L1 (since last point)"),
+                ("val_lesion_conspicuity", "lesion conspicuity (1 = as real)"), ("val_psnr_lesion", "lesion PSNR (dB)"))
 
 
 def plot_curve(curve, path) -> None:
     """The learning curve: each validation figure against steps (CPU hours on the top axis)."""
     steps = np.array([row["step"] for row in curve], dtype=float)
     hours = np.array([row.get("cpu_hours", np.nan) for row in curve], dtype=float)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
     for ax, (key, label) in zip(axes.ravel(), CURVE_PANELS):
         values = np.array([row.get(key, np.nan) for row in curve], dtype=float)
         ax.plot(steps, values, marker=".")
-        if key == "val_sharpness":
+        if key in ("val_sharpness", "val_lesion_conspicuity"):
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")

@@ -37,7 +37,7 @@ from MRISynthesisLib import __version__ as lib_version
 from MRISynthesisLib.bundle import bundle_from_generator, save_bundle
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.inference import autocast_context, resolve_device
-from MRISynthesisLib.metrics import aggregate, subject_metrics
+from MRISynthesisLib.metrics import aggregate, lesion_metrics, subject_metrics
 from MRISynthesisLib.networks import (ModelConfig, build_discriminator, build_generator, count_parameters, init_generator,
                                       init_weights)
 from MRISynthesisLib.preprocessing import INTENSITY_REFERENCES, RESIZE_INTERPOLATIONS, PreprocessingConfig, to_output_scale
@@ -48,7 +48,8 @@ from . import recipe
 CHECKPOINT = "checkpoint.pt"
 LOSS_KEYS = ("loss_D", "loss_G", "loss_G_GAN", "loss_G_L1", "loss_G_L1_pseudo")
 VAL_METRICS = ("psnr", "ssim", "nrmse", "psnr_masked", "ssim_masked", "nrmse_masked",
-               "psnr_masked_scale_free", "sharpness", "gmsd", "gmsd_masked", "blanked_brain")
+               "psnr_masked_scale_free", "sharpness", "gmsd", "gmsd_masked", "blanked_brain",
+               "lesion_conspicuity", "psnr_lesion")
 VAL_KEYS = tuple(f"val_{k}" for k in VAL_METRICS)
 CURVE_KEYS = ("step", "epoch", "cpu_hours", "wall_hours", "lr", "loss_G_L1", "loss_D", "loss_G_GAN", *VAL_KEYS)
 # Options that may change when resuming; everything else must match the saved run.
@@ -494,7 +495,9 @@ class Run:
             self.log(f"--lesion-weight {cfg['lesion_weight']}: lesion labels of {len(labelled)} of "
                      f"{len(train)} training subjects ({', '.join(labelled)})")
         self.train_data = data_mod.SliceDataset(train)
-        self.val_data = data_mod.SliceDataset([load(n) for n in split["val_usable"]])
+        # Validation always carries the lesion labels: every curve shows lesion figures.
+        self.val_data = data_mod.SliceDataset([data_mod.with_lesions(load(n), by_name[n], self.preprocessing, cache_dir,
+                                                                     self.log) for n in split["val_usable"]])
         self.log(f"{len(self.train_data)} training slices, {len(self.val_data)} validation slices")
 
     # ------------------------------------------------------------------ training
@@ -711,7 +714,8 @@ class Run:
 
     def validate(self) -> dict:
         """The validation figures (VAL_METRICS: PSNR/SSIM/NRMSE whole and masked, scale-free
-        brain PSNR, sharpness, GMSD) on the validation slices (256x256, output units)."""
+        brain PSNR, sharpness, GMSD; lesion conspicuity and PSNR over the labelled subjects) on
+        the validation slices (256x256, output units)."""
         data = self.val_data
         if len(data) == 0:
             return {}
@@ -726,18 +730,19 @@ class Run:
             fake, _ = self.predict(batch[:, :M])
             real = to_output_scale(batch[:, M].numpy(), self.preprocessing)
             fake = to_output_scale(fake[:, 0].clamp(-1, 1).numpy(), self.preprocessing)
-            masks = data.masks(chunk)
+            masks, lesions = data.masks(chunk), data.lesions(chunk)
             for i, idx in enumerate(chunk):
-                entry = per_subject.setdefault(int(data.index[idx][0]), ([], [], []))
-                entry[0].append(real[i])
-                entry[1].append(fake[i])
-                entry[2].append(masks[i])
+                entry = per_subject.setdefault(int(data.index[idx][0]), ([], [], [], []))
+                for part, value in zip(entry, (real[i], fake[i], masks[i], lesions[i])):
+                    part.append(value)
         subjects = []
-        for real, fake, masks in per_subject.values():
+        for real, fake, masks, lesions in per_subject.values():
             try:
-                subjects.append(subject_metrics(real, fake, masks))
+                figures = subject_metrics(real, fake, masks)
             except ValueError:
                 continue
+            figures.update(lesion_metrics(np.stack(real), np.stack(fake), np.stack(lesions), np.stack(masks)))
+            subjects.append(figures)
         agg = aggregate(subjects)
         return {f"val_{k}": agg[k]["mean"] for k in VAL_METRICS if k in agg}
 

@@ -640,18 +640,21 @@ def test_a_lesion_weight_trains_towards_the_ground_truth_lesion_labels(gen_data,
     head = (t1.array > 0).astype(np.float32)
     lesion = np.zeros_like(head)
     lesion[14:22, 16:26, 5:11] = 1
-    for name in ("sub0", "sub1"):  # ground truth; sub0's label is its brain mask too
+    for name in ("sub0", "sub1", "sub2"):  # ground truth (sub2 is the validation subject)
         save_volume(Volume(lesion, t1.affine), data / name / "seg.nii.gz")
     save_volume(Volume(head, t1.affine), data / "sub0" / "mask.nii.gz")
-    save_volume(Volume(head, t1.affine), data / "sub2" / "seg_auto.nii.gz")  # automatic: not trained towards
+    save_volume(Volume(head, t1.affine), data / "sub3" / "seg_auto.nii.gz")  # automatic: not trained towards
     opts = dict(cache_dir=tmp_path / "cache", architecture="fdgan", width=2, augment=True, epochs=1)
     weighted = small_run(tmp_path, tmp_path / "weighted", data=data, lesion_weight=5.0, **opts)
     log = (tmp_path / "weighted" / "train.log").read_text()
     split = json.loads((tmp_path / "weighted" / "split.json").read_text())
-    expected = [n for n in ("sub0", "sub1") if n in split["train_usable"]]
-    assert expected and f"lesion labels of {len(expected)} of 3 training subjects ({', '.join(expected)})" in log
+    assert (split["train_usable"], split["val_usable"]) == (["sub0", "sub1", "sub3"], ["sub2"])
+    assert "lesion labels of 2 of 3 training subjects (sub0, sub1)" in log
     plain = small_run(tmp_path, tmp_path / "plain", data=data, **opts)
     assert plain["history"][-1]["loss_G_L1"] != weighted["history"][-1]["loss_G_L1"]
+    # Validation carries the labels whatever the weight: every run's curve has lesion figures.
+    for run in (weighted, plain):
+        assert np.isfinite(run["history"][-1]["val_psnr_lesion"])
     assert json.loads((tmp_path / "weighted" / "config.json").read_text())["lesion_weight"] == 5.0
 
     # The label is cut and resized as the brain mask is: sub0's mask and label are one file's content.
@@ -662,7 +665,7 @@ def test_a_lesion_weight_trains_towards_the_ground_truth_lesion_labels(gen_data,
     slices = data_mod.load_or_build(subjects["sub0"], ("t1", "t2", "flair"), pre, 4, tmp_path / "cache2", lambda m: None)
     cut = data_mod.with_lesions(slices, subjects["sub0"], pre, tmp_path / "cache2", lambda m: None)
     assert cut.lesion.shape == slices.mask.shape and cut.lesion.any() and np.array_equal(cut.lesion, slices.mask)
-    assert not data_mod.with_lesions(slices, subjects["sub2"], pre, tmp_path / "cache2").lesion.any()
+    assert not data_mod.with_lesions(slices, subjects["sub3"], pre, tmp_path / "cache2").lesion.any()
     # A label on another grid is refused by name; so is a run without any ground-truth label.
     save_volume(Volume(head[:-2], t1.affine), data / "sub0" / "seg.nii.gz")
     subjects = {s.name: s for s in data_mod.discover(data)}

@@ -294,9 +294,14 @@ def preprocess_subject(subject: Subject, modalities: Sequence[str], preprocessin
     else:
         images = stack.batch(indices)
     images = images.numpy().astype(np.float16)
-    mask_slices = torch.from_numpy(stack.mask[..., indices].transpose(2, 0, 1)[:, None].astype(np.float32))
-    mask_slices = (stack.resizer.forward(mask_slices, fill=0.0)[:, 0] > 0.5).numpy()
+    mask_slices = _mask_slices(stack.mask, indices, stack.resizer)
     return SubjectSlices(subject.name, tuple(modalities), images, mask_slices, np.asarray(indices))
+
+
+def _mask_slices(ras_mask: np.ndarray, indices: Sequence[int], resizer: SliceResizer) -> np.ndarray:
+    """Axial ``indices`` of a (X, Y, Z) RAS mask on the network grid, (N, S, S) bool."""
+    picked = torch.from_numpy(ras_mask[..., np.asarray(indices)].transpose(2, 0, 1)[:, None].astype(np.float32))
+    return (resizer.forward(picked, fill=0.0)[:, 0] > 0.5).numpy()
 
 
 def load_or_build(subject: Subject, modalities: Sequence[str], preprocessing: PreprocessingConfig,
@@ -331,9 +336,7 @@ def lesion_slices(subject: Subject, reference: str, preprocessing: Preprocessing
                          f"(shape {label.shape} vs {ref.shape}); training needs co-registered volumes on one grid")
     orientation = AxialReorientation(ref.affine)
     ras = orientation.forward(label.array > 0)
-    resizer = SliceResizer(ras.shape[:2], orientation.ras_spacing[:2], preprocessing)
-    picked = torch.from_numpy(ras[..., np.asarray(slice_indices)].transpose(2, 0, 1)[:, None].astype(np.float32))
-    return (resizer.forward(picked, fill=0.0)[:, 0] > 0.5).numpy()
+    return _mask_slices(ras, slice_indices, SliceResizer(ras.shape[:2], orientation.ras_spacing[:2], preprocessing))
 
 
 def with_lesions(slices: SubjectSlices, subject: Subject, preprocessing: PreprocessingConfig, cache_dir,

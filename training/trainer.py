@@ -223,7 +223,8 @@ class Objective:
 def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Objective, update_G: bool = True):
     """One training iteration, D then G (the objective in the module docstring): the one
     step that the training loop and ``python -m training bench`` run. ``brain`` (B, 1, H, W)
-    marks brain pixels for the background-weighted L1. ``D`` may be wrapped in DDP;
+    marks brain pixels for the background-weighted L1; a second channel, where given, marks
+    lesion pixels for ``objective.lesion_weight``. ``D`` may be wrapped in DDP;
     ``D_plain`` is the bare D, called in the G update so that D's weights get no gradient
     there. ``autocast()`` returns the precision context. ``update_G=False`` trains D only
     (G's losses are still computed, for the log). Returns the losses as tensors, in LOSS_KEYS
@@ -614,14 +615,15 @@ class Run:
                 for step in range(first, len(batches)):
                     batch = self.train_data.gather(batches[step]).to(device)
                     x, y = batch[:, :M], batch[:, M:M + 1]
-                    brain = torch.from_numpy(self.train_data.masks(batches[step]))[:, None]
-                    if objective.uses_lesions:  # a second mask channel, moved with the brain by augment
-                        brain = torch.cat([brain, torch.from_numpy(self.train_data.lesions(batches[step]))[:, None]], 1)
-                    brain = brain.to(device)
+                    # The brain mask, then the lesion map where the objective weights lesions: moved alike by augment.
+                    masks = [self.train_data.masks(batches[step])]
+                    if objective.uses_lesions:
+                        masks.append(self.train_data.lesions(batches[step]))
+                    masks = torch.from_numpy(np.stack(masks, axis=1)).to(device)
                     if cfg["augment"]:
-                        x, y, brain = recipe.augment(x, y, brain, recipe.augment_generator(cfg["seed"], epoch, step),
+                        x, y, masks = recipe.augment(x, y, masks, recipe.augment_generator(cfg["seed"], epoch, step),
                                                      augment_config, slices_per_source=self.model_config.slices_per_source)
-                    values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, brain, autocast, objective,
+                    values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, masks, autocast, objective,
                                         update_G=global_step >= cfg["d_warmup_steps"])
                     loss_D, loss_G = values[0], values[1]
                     n = len(batches[step])

@@ -327,6 +327,7 @@ def test_evaluate_baselines_on_generated_data(gen_data, tmp_path):
     assert per["lin2"]["linear(t1+t2)"]["nrmse"] < 0.08
     assert per["lin2"]["linear(t1+t2)"]["psnr"] > per["lin2"]["t2 baseline"]["psnr"] + 5
     assert per["lin2"]["t2 baseline"]["num_slices"] == 6
+    assert results["notes"].startswith("metrics on the middle 6 brain slices of each subject")
     assert results["methods"][1]["fit_on"] == "training subjects of the split"
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| Method | PSNR (dB) | SSIM | NRMSE |" in report
@@ -603,6 +604,7 @@ def test_evaluate_lesion_figures(tmp_path):
     entry = results["per_subject"]["les"]["t2 baseline"]
     assert entry["lesion_contrast_real"] > 1.0 and abs(entry["lesion_conspicuity"]) < 0.3
     assert results["lesion_labels"] == {"les": "ground truth"}
+    assert results["notes"].startswith("metrics on every brain slice of each subject")
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Lesions (1 subjects with labels: les (ground truth))" in report
     assert report.index("## Brain (masked)") < report.index("## Whole slice")

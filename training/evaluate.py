@@ -320,8 +320,9 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         "per_subject": per_subject,
         "ttests": ttests(per_subject, labels, keys),
         "lesion_labels": lesion_kinds,
-        "notes": (f"metrics on {slices_phrase(slices_per_subject)} of each subject, in output units [0, output_max] after the models' "
-                  "normalisation; brain = the dataset's brain mask, else the non-zero voxels of the inputs; "
+        "notes": (f"metrics on {slices_phrase(slices_per_subject)} of each subject, in output units "
+                  "[0, output_max] after the models' normalisation; brain = the dataset's brain mask, "
+                  "else the non-zero voxels of the inputs; "
                   "PSNR MAX = max of the real slice/region; SSIM 7x7 uniform window, data range "
                   "of the real slice; NRMSE = sqrt(sum (Y-Y')^2 / sum Y^2); per-slice values averaged per "
                   "subject, then mean +- std (ddof 1) over subjects; paired t-tests over subjects (n stated); a model "

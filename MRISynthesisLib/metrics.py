@@ -20,7 +20,12 @@ Blur-sensitive figures (brain PSNR hardly sees blur once intensity errors domina
 - sharpness = mean in-plane gradient magnitude of the synthetic image inside the brain
   eroded in-plane by ``SHARPNESS_EROSION`` voxels, over the same for the real image, each
   subject's volume first mapped to its own 0.5-99.5th brain percentiles (1 = as sharp,
-  < 1 = blurred, > 1 = noisier);
+  < 1 = blurred, > 1 = noisier; issue 20's definition);
+- median-scaled sharpness (``sharpness_median``): the same ratio with each volume scaled by
+  its brain's median minus its 0.5th percentile instead. Where lesions fill more than 0.5 %
+  of the brain, the 99.5th percentile is lesion brightness, so the percentile scaling makes
+  sharpness fall when a model draws a lesion brighter and rise when a real lesion is
+  brighter; the brain median is the normal tissue's, as in the models' intensity reference;
 - GMSD (Xue et al. 2014; piq's ``gmsd``: 2x2 average-pooled, Prewitt gradients, constant
   170/255^2, images scaled by the real subject's maximum); ``gmsd_masked`` is the deviation
   over the (pooled) brain pixels only; lower = more similar edges;
@@ -129,6 +134,7 @@ def subject_metrics(real_slices: Iterable, fake_slices: Iterable, masks: Optiona
     result["num_slices"] = len(per_slice)
     if brains is not None:
         result["sharpness"] = sharpness(reals, fakes, brains)
+        result["sharpness_median"] = sharpness(reals, fakes, brains, scale="median")
         result["blanked_brain"] = blanked_brain(reals, fakes, brains)
     return result
 
@@ -167,10 +173,25 @@ def inplane_gradient_magnitude(slices: np.ndarray) -> np.ndarray:
     return np.hypot(gx, gy)
 
 
-def sharpness(real_slices, fake_slices, brain_slices, erosion: int = SHARPNESS_EROSION) -> float:
+def median_unit(volume: np.ndarray, brain: np.ndarray, low: float = 0.5) -> np.ndarray:
+    """``volume`` mapped so that its brain's ``low`` percentile becomes 0 and its brain median 1."""
+    lo, median = np.percentile(volume[brain], [low, 50.0])
+    return (volume - lo) / (median - lo if median > lo else 1.0)
+
+
+SHARPNESS_SCALES = {"percentile": robust_unit, "median": median_unit}
+
+
+def sharpness(real_slices, fake_slices, brain_slices, erosion: int = SHARPNESS_EROSION,
+              scale: str = "percentile") -> float:
     """Mean in-plane gradient magnitude of the synthetic image over that of the real one,
     inside the brain eroded in-plane by ``erosion`` voxels (a disk), each volume normalised
-    to its own 0.5-99.5th brain percentiles; NaN when the eroded brain is empty."""
+    to its own 0.5-99.5th brain percentiles (``scale="percentile"``) or to its own 0.5th
+    percentile and median (``"median"``: lesion brightness does not set the scale); NaN
+    when the eroded brain is empty."""
+    if scale not in SHARPNESS_SCALES:
+        raise ValueError(f"unknown sharpness scale {scale!r}; choose from {', '.join(SHARPNESS_SCALES)}")
+    unit = SHARPNESS_SCALES[scale]
     from scipy.ndimage import binary_erosion
     from skimage.morphology import disk
 
@@ -182,8 +203,8 @@ def sharpness(real_slices, fake_slices, brain_slices, erosion: int = SHARPNESS_E
     core = binary_erosion(brain, structure=disk(erosion)[None]) if erosion else brain
     if not core.any():
         return math.nan
-    g_real = inplane_gradient_magnitude(robust_unit(real, brain))[core].mean()
-    g_fake = inplane_gradient_magnitude(robust_unit(fake, brain))[core].mean()
+    g_real = inplane_gradient_magnitude(unit(real, brain))[core].mean()
+    g_fake = inplane_gradient_magnitude(unit(fake, brain))[core].mean()
     return float(g_fake / g_real) if g_real > 0 else math.nan
 
 

@@ -42,6 +42,9 @@ MASKED = tuple(f"{m}_masked" for m in METRIC_NAMES)
 LESION = ("lesion_conspicuity", "psnr_lesion")
 # Blur-sensitive figures (MRISynthesisLib.metrics): brain PSNR hardly sees blur.
 SHARPNESS = ("psnr_masked_scale_free", "sharpness", "gmsd_masked")
+# Sharpness with each volume scaled by its brain median instead of its 99.5th percentile, which
+# lesion brightness sets where lesions fill more than 0.5 % of the brain (metrics module doc).
+SHARPNESS_MEDIAN = "sharpness_median"
 BLANKED = "blanked_brain"  # tissue rendered black (MRISynthesisLib.metrics.blanked_brain)
 LINEAR_MAX_VOXELS = 200_000  # per subject, for the least-squares fit
 # The evaluation protocol: the middle 80 brain slices of each subject (the top and bottom
@@ -304,7 +307,7 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
         summary = ", ".join(f"{l}: {per_subject[name][l].get('psnr_masked', math.nan):.2f} dB brain" for l in labels)
         log(f"    {summary}")
 
-    keys = [k for k in (*MASKED, *SHARPNESS, *LESION, *METRIC_NAMES)]
+    keys = [k for k in (*MASKED, *SHARPNESS, SHARPNESS_MEDIAN, *LESION, *METRIC_NAMES)]
     results = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "data": data_mod.portable_path(os.pathsep.join(str(p) for p in data_mod.data_folders(data_dir))),
@@ -329,7 +332,8 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
                   "whose preprocessing differs from the first model's is scored against the real target normalised "
                   "its own way. Sharpness = mean in-plane gradient magnitude of the synthetic volume over the "
                   "real one inside the brain eroded 3 voxels in-plane, each volume scaled to its own 0.5-99.5th "
-                  "brain percentiles (1 = as sharp); GMSD per slice as piq's (2x2 pooled, Prewitt, c = 170/255^2, "
+                  "brain percentiles (1 = as sharp); median-scaled sharpness: the same with each volume scaled "
+                  "to its own 0.5th brain percentile and brain median (lesion brightness does not set the scale); GMSD per slice as piq's (2x2 pooled, Prewitt, c = 170/255^2, "
                   "scaled by the real subject maximum), brain = deviation over pooled brain pixels; scale-free brain "
                   "PSNR = brain PSNR after mapping the synthetic volume onto the real one by the least-squares line "
                   "over the subject's brain voxels. "
@@ -427,12 +431,12 @@ def render_report(results: dict, labels) -> str:
             lines.append(f"| {l} | " + " | ".join(format_stat(stats, k) for k in keys) + " |")
     lines += ["", "## Sharpness and edges (blur-sensitive; mean ± std over subjects)", "",
               "| Method | scale-free brain PSNR (dB) | sharpness (1 = as real) | brain GMSD (lower = better) "
-              "| blanked brain (%, worst subject) |",
-              "|---|---|---|---|---|"]
+              "| blanked brain (%, worst subject) | sharpness, median-scaled |",
+              "|---|---|---|---|---|---|"]
     for l in labels:
         stats = results["summary"][l]
         lines.append(f"| {l} | " + " | ".join(format_stat(stats, k) for k in SHARPNESS)
-                     + f" | {format_blanked(results, l)} |")
+                     + f" | {format_blanked(results, l)} | {format_stat(stats, SHARPNESS_MEDIAN)} |")
     lesion_subjects = results.get("lesion_labels", {})
     if lesion_subjects:
         lines += ["", f"## Lesions ({len(lesion_subjects)} subjects with labels: "
@@ -462,8 +466,9 @@ def render_report(results: dict, labels) -> str:
     per_subject_tables = (
         ("brain PSNR dB / brain SSIM / lesion conspicuity / lesion PSNR dB",
          (("psnr_masked", 2), ("ssim_masked", 3), ("lesion_conspicuity", 2), ("psnr_lesion", 2))),
-        ("scale-free brain PSNR dB / sharpness / brain GMSD / blanked brain %",
-         (("psnr_masked_scale_free", 2), ("sharpness", 2), ("gmsd_masked", 3), (BLANKED, 2))),
+        ("scale-free brain PSNR dB / sharpness / brain GMSD / blanked brain % / median-scaled sharpness",
+         (("psnr_masked_scale_free", 2), ("sharpness", 2), ("gmsd_masked", 3), (BLANKED, 2),
+          (SHARPNESS_MEDIAN, 2))),
         ("whole slice: PSNR dB / SSIM / NRMSE", (("psnr", 2), ("ssim", 3), ("nrmse", 3))),
     )
     for title, columns in per_subject_tables:

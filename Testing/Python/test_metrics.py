@@ -169,6 +169,31 @@ def test_sharpness_identity_blur_and_scale():
     assert math.isnan(sharpness(real, real, np.zeros_like(brain)))
 
 
+def test_median_scaled_sharpness_is_not_set_by_lesion_brightness():
+    from scipy.ndimage import gaussian_filter
+
+    from MRISynthesisLib.metrics import sharpness, subject_metrics
+
+    real, brain = _brain_volume()
+    for scale in ("percentile", "median"):
+        assert sharpness(real, real, brain, scale=scale) == pytest.approx(1.0)
+        assert sharpness(real, 3 * real + 7, brain, scale=scale) == pytest.approx(1.0)
+        blurred = np.stack([gaussian_filter(s, 1.0) for s in real])
+        assert sharpness(real, blurred, brain, scale=scale) < 0.9
+    # A bright band (6 % of the brain) in the rim that the 3-voxel erosion leaves out of the
+    # gradient mean: the edges measured are the real ones, only the scale changes. It becomes
+    # the 99.5th percentile and shrinks the percentile-scaled gradients, not the median-scaled.
+    bright = real.copy()
+    bright[:, 6:8, 6:42] = 3.0 * real[brain].max()
+    by_percentile = sharpness(real, bright, brain)
+    by_median = sharpness(real, bright, brain, scale="median")
+    assert by_percentile < 0.8
+    assert by_median == pytest.approx(1.0, abs=0.05)
+    assert subject_metrics(real, bright, brain)["sharpness_median"] == pytest.approx(by_median)
+    with pytest.raises(ValueError, match="unknown sharpness scale"):
+        sharpness(real, real, brain, scale="max")
+
+
 def test_scale_free_psnr_ignores_the_intensity_scale():
     real, brain = _brain_volume()
     noisy = real + np.random.default_rng(1).normal(0, 20, real.shape)

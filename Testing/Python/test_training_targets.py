@@ -49,3 +49,18 @@ def test_targets_command_line(tmp_path, capsys):
     path.write_text(json.dumps(evaluation(0.95, 1.0, (2.5, 1.5), slices=40)))
     assert training_main(["targets", str(path), "--model", "new", "--shipped", "old", "--baseline", "pix"]) == 2
     assert "--slices-per-subject 0" in capsys.readouterr().err
+
+
+def test_median_scaled_sharpness_is_printed_beside_the_targets_and_decides_nothing(tmp_path, capsys):
+    metrics = evaluation(0.83, 1.0, (2.5, 1.5))
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    assert training_main(["targets", str(path), "--model", "new", "--shipped", "old", "--baseline", "pix"]) == 1
+    assert "median" not in capsys.readouterr().out  # an evaluation from before the figure
+    metrics["summary"]["new"]["sharpness_median"] = {"mean": 0.88, "n": 4}
+    path.write_text(json.dumps(metrics))
+    # Inside the band, but the target is the percentile-scaled figure: still missed.
+    assert training_main(["targets", str(path), "--model", "new", "--shipped", "old", "--baseline", "pix"]) == 1
+    out = capsys.readouterr().out
+    assert "| sharpness in [0.85, 1.15] | 0.830 (n=4) | **no** |" in out
+    assert "not a target" in out and "0.880 (n=4; inside [0.85, 1.15])" in out

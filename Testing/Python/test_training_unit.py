@@ -339,6 +339,9 @@ def test_evaluate_baselines_on_generated_data(gen_data, tmp_path):
     for label in labels:
         assert f"| {label} | " in report
     assert "t2 baseline vs linear(t1+t2)" in report
+    # Both sharpness scalings beside each other; an exact prediction is as sharp either way.
+    assert per["same"]["t2 baseline"]["sharpness_median"] == pytest.approx(1.0)
+    assert "| sharpness, median-scaled |" in report and "/ median-scaled sharpness" in report
     assert (tmp_path / "report" / "figure.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert saved["ttests"][0]["nrmse"]["n"] == 2  # (PSNR of an exact prediction is inf: left out)

@@ -26,6 +26,13 @@ Blur-sensitive figures (brain PSNR hardly sees blur once intensity errors domina
   of the brain, the 99.5th percentile is lesion brightness, so the percentile scaling makes
   sharpness fall when a model draws a lesion brighter and rise when a real lesion is
   brighter; the brain median is the normal tissue's, as in the models' intensity reference;
+- spectral power ratios (``spectral_ratios``): on square crops inside the brain of each
+  slice, the in-plane power spectrum of the synthetic image over the real one's, summed per
+  band of spatial frequency (cycles per pixel): ``spectrum_low`` (below 0.1), ``spectrum_mid``
+  (0.1-0.3), ``spectrum_high`` (0.3-0.5) and ``spectrum_checkerboard`` (both frequencies at
+  least 0.45: the period-2 pattern of strided transposed convolutions). 1 = as much detail at
+  that scale as the real image; sharpness can be high from mid frequencies or from a
+  checkerboard, which these tell apart;
 - GMSD (Xue et al. 2014; piq's ``gmsd``: 2x2 average-pooled, Prewitt gradients, constant
   170/255^2, images scaled by the real subject's maximum); ``gmsd_masked`` is the deviation
   over the (pooled) brain pixels only; lower = more similar edges;
@@ -135,6 +142,7 @@ def subject_metrics(real_slices: Iterable, fake_slices: Iterable, masks: Optiona
     if brains is not None:
         result["sharpness"] = sharpness(reals, fakes, brains)
         result["sharpness_median"] = sharpness(reals, fakes, brains, scale="median")
+        result.update(spectral_ratios(reals, fakes, brains))
         result["blanked_brain"] = blanked_brain(reals, fakes, brains)
     return result
 
@@ -248,6 +256,48 @@ def gmsd_pair(real, fake, data_range: float, mask=None) -> dict:
     return out
 
 
+SPECTRUM_CROP = 64  # pixels; a crop is used where at least SPECTRUM_BRAIN_FRACTION of it is brain
+SPECTRUM_BRAIN_FRACTION = 0.98
+SPECTRUM_BANDS = {"spectrum_low": (0.0, 0.1), "spectrum_mid": (0.1, 0.3), "spectrum_high": (0.3, 0.5)}
+CHECKERBOARD_FREQUENCY = 0.45
+
+
+def spectral_ratios(real_slices, fake_slices, brain_slices, size: int = SPECTRUM_CROP) -> dict:
+    """Power of the synthetic image over that of the real one per band of in-plane spatial
+    frequency (module docstring), from the ``size`` x ``size`` crop around each slice's brain
+    centroid (first axis = slice), mean removed and Hann-windowed, where the crop is nearly all
+    brain; both images in the same units. NaN values (and ``spectrum_crops`` 0) without such a crop."""
+    real = np.asarray(real_slices, dtype=np.float64)
+    fake = np.asarray(fake_slices, dtype=np.float64)
+    brain = np.asarray(brain_slices, dtype=bool)
+    window = np.outer(np.hanning(size), np.hanning(size))
+    power_real = np.zeros((size, size))
+    power_fake = np.zeros((size, size))
+    crops = 0
+    half = size // 2
+    for k in range(real.shape[0]):
+        if brain[k].sum() < size * size:
+            continue
+        cx, cy = (int(round(c.mean())) for c in np.nonzero(brain[k]))
+        box = (slice(cx - half, cx - half + size), slice(cy - half, cy - half + size))
+        if cx < half or cy < half or brain[k][box].shape != (size, size) \
+                or brain[k][box].mean() < SPECTRUM_BRAIN_FRACTION:
+            continue
+        for image, power in ((real[k][box], power_real), (fake[k][box], power_fake)):
+            power += np.abs(np.fft.fft2((image - image.mean()) * window)) ** 2
+        crops += 1
+    f = np.fft.fftfreq(size)
+    fx, fy = np.meshgrid(f, f, indexing="ij")
+    radius = np.hypot(fx, fy)
+    regions = {name: (radius >= lo) & (radius < hi) for name, (lo, hi) in SPECTRUM_BANDS.items()}
+    regions["spectrum_checkerboard"] = (np.abs(fx) >= CHECKERBOARD_FREQUENCY) & (np.abs(fy) >= CHECKERBOARD_FREQUENCY)
+    out = {"spectrum_crops": crops}
+    for name, region in regions.items():
+        denominator = power_real[region].sum()
+        out[name] = float(power_fake[region].sum() / denominator) if crops and denominator > 0 else math.nan
+    return out
+
+
 def scale_free_fit(real, fake, brain) -> tuple:
     """(a, b) minimising sum over brain of (a * fake + b - real)^2."""
     r = np.asarray(real, dtype=np.float64)[brain]
@@ -302,7 +352,7 @@ def lesion_metrics(real, fake, lesion, brain) -> dict:
 def aggregate(per_subject: Iterable[dict]) -> dict:
     """{metric: {"mean", "std", "n"}} over subjects (std with ddof=1 when n > 1)."""
     per_subject = list(per_subject)
-    keys = sorted({k for s in per_subject for k in s if k not in ("num_slices", "lesion_voxels")})
+    keys = sorted({k for s in per_subject for k in s if k not in ("num_slices", "lesion_voxels", "spectrum_crops")})
     out = {}
     for key in keys:
         values = np.array([s[key] for s in per_subject if key in s], dtype=np.float64)

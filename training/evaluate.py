@@ -45,6 +45,8 @@ SHARPNESS = ("psnr_masked_scale_free", "sharpness", "gmsd_masked")
 # Sharpness with each volume scaled by its brain median instead of its 99.5th percentile, which
 # lesion brightness sets where lesions fill more than 0.5 % of the brain (metrics module doc).
 SHARPNESS_MEDIAN = "sharpness_median"
+# Power of the synthetic over the real image per band of spatial frequency (MRISynthesisLib.metrics).
+SPECTRUM = ("spectrum_low", "spectrum_mid", "spectrum_high", "spectrum_checkerboard")
 BLANKED = "blanked_brain"  # tissue rendered black (MRISynthesisLib.metrics.blanked_brain)
 LINEAR_MAX_VOXELS = 200_000  # per subject, for the least-squares fit
 # The evaluation protocol: the middle 80 brain slices of each subject (the top and bottom
@@ -333,7 +335,9 @@ def evaluate(models, baselines, data_dir, out_dir, subjects=None, split=None, sp
                   "its own way. Sharpness = mean in-plane gradient magnitude of the synthetic volume over the "
                   "real one inside the brain eroded 3 voxels in-plane, each volume scaled to its own 0.5-99.5th "
                   "brain percentiles (1 = as sharp); median-scaled sharpness: the same with each volume scaled "
-                  "to its own 0.5th brain percentile and brain median (lesion brightness does not set the scale); GMSD per slice as piq's (2x2 pooled, Prewitt, c = 170/255^2, "
+                  "to its own 0.5th brain percentile and brain median (lesion brightness does not set the scale); spectrum = power of the synthetic over the real "
+                  "image per band of in-plane frequency, summed over Hann-windowed 64x64 crops around each slice's "
+                  "brain centroid that are at least 98 % brain; GMSD per slice as piq's (2x2 pooled, Prewitt, c = 170/255^2, "
                   "scaled by the real subject maximum), brain = deviation over pooled brain pixels; scale-free brain "
                   "PSNR = brain PSNR after mapping the synthetic volume onto the real one by the least-squares line "
                   "over the subject's brain voxels. "
@@ -437,6 +441,14 @@ def render_report(results: dict, labels) -> str:
         stats = results["summary"][l]
         lines.append(f"| {l} | " + " | ".join(format_stat(stats, k) for k in SHARPNESS)
                      + f" | {format_blanked(results, l)} | {format_stat(stats, SHARPNESS_MEDIAN)} |")
+    if any(SPECTRUM[0] in results["summary"][l] for l in labels):
+        lines += ["", f"## Spectrum: power of the synthetic over the real {results['target']} per band of spatial "
+                  "frequency (1 = as much; 64-pixel crops inside the brain; mean ± std over subjects)", "",
+                  "| Method | below 0.1 cycles/pixel | 0.1-0.3 | 0.3-0.5 | checkerboard (both >= 0.45) |",
+                  "|---|---|---|---|---|"]
+        for l in labels:
+            stats = results["summary"][l]
+            lines.append(f"| {l} | " + " | ".join(format_stat(stats, k, 2) for k in SPECTRUM) + " |")
     lesion_subjects = results.get("lesion_labels", {})
     if lesion_subjects:
         lines += ["", f"## Lesions ({len(lesion_subjects)} subjects with labels: "
@@ -469,6 +481,8 @@ def render_report(results: dict, labels) -> str:
         ("scale-free brain PSNR dB / sharpness / brain GMSD / blanked brain % / median-scaled sharpness",
          (("psnr_masked_scale_free", 2), ("sharpness", 2), ("gmsd_masked", 3), (BLANKED, 2),
           (SHARPNESS_MEDIAN, 2))),
+        ("spectral power ratio below 0.1 / 0.1-0.3 / 0.3-0.5 cycles per pixel / checkerboard",
+         tuple((k, 2) for k in SPECTRUM)),
         ("whole slice: PSNR dB / SSIM / NRMSE", (("psnr", 2), ("ssim", 3), ("nrmse", 3))),
     )
     for title, columns in per_subject_tables:

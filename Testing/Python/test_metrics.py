@@ -194,6 +194,38 @@ def test_median_scaled_sharpness_is_not_set_by_lesion_brightness():
         sharpness(real, real, brain, scale="max")
 
 
+def test_spectral_ratios_tell_blur_from_a_checkerboard():
+    from scipy.ndimage import gaussian_filter
+
+    from MRISynthesisLib.metrics import spectral_ratios, subject_metrics
+
+    rng = np.random.default_rng(5)
+    real = np.stack([gaussian_filter(rng.normal(0, 100, (96, 96)), 0.7) + 500 for _ in range(4)])
+    brain = np.zeros(real.shape, bool)
+    brain[:, 8:88, 8:88] = True
+    same = spectral_ratios(real, real, brain)
+    assert same["spectrum_crops"] == 4
+    for band in ("spectrum_low", "spectrum_mid", "spectrum_high", "spectrum_checkerboard"):
+        assert same[band] == pytest.approx(1.0)
+    blurred = spectral_ratios(real, np.stack([gaussian_filter(s, 1.5) for s in real]), brain)
+    assert blurred["spectrum_high"] < 0.01 < blurred["spectrum_mid"] < blurred["spectrum_low"] <= 1.0
+    # A period-2 checkerboard of 5 % of the texture's amplitude: invisible in the low and mid
+    # bands, many times the real power where it lives.
+    yy, xx = np.mgrid[0:96, 0:96]
+    checkered = real + 5.0 * (-1.0) ** (xx + yy)
+    checker = spectral_ratios(real, checkered, brain)
+    assert checker["spectrum_low"] == pytest.approx(1.0, abs=0.01)
+    assert checker["spectrum_mid"] == pytest.approx(1.0, abs=0.01)
+    assert checker["spectrum_checkerboard"] > 5.0
+    # Too little brain for a crop: undefined, not a number from the background.
+    small = np.zeros_like(brain)
+    small[:, 30:60, 30:60] = True
+    none = spectral_ratios(real, real, small)
+    assert none["spectrum_crops"] == 0 and math.isnan(none["spectrum_mid"])
+    figures = subject_metrics(real, checkered, brain)
+    assert figures["spectrum_checkerboard"] == pytest.approx(checker["spectrum_checkerboard"])
+
+
 def test_scale_free_psnr_ignores_the_intensity_scale():
     real, brain = _brain_volume()
     noisy = real + np.random.default_rng(1).normal(0, 20, real.shape)

@@ -18,7 +18,7 @@ from MRISynthesisLib.subjects import modality_of
 from training import data as data_mod
 from training import recipe, trainer
 from training.cli import main as training_main
-from training.evaluate import evaluate
+from training.evaluate import SPECTRUM, evaluate, render_report
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -343,6 +343,10 @@ def test_evaluate_baselines_on_generated_data(gen_data, tmp_path):
     # Both sharpness scalings beside each other; an exact prediction is as sharp either way.
     assert per["same"]["t2 baseline"]["sharpness_median"] == pytest.approx(1.0)
     assert "| sharpness, median-scaled |" in report and "/ median-scaled sharpness" in report
+    # The generated brains are smaller than a 64-pixel crop: no spectrum, and no table of NaNs.
+    assert per["lin2"]["t2 baseline"]["spectrum_crops"] == 0 and "## Spectrum" not in report
+    results["summary"]["t2 baseline"].update({k: {"mean": 0.5, "std": 0.1, "n": 2} for k in SPECTRUM})
+    assert "| t2 baseline | 0.50 ± 0.10 | 0.50 ± 0.10 | 0.50 ± 0.10 | 0.50 ± 0.10 |" in render_report(results, labels)
     assert (tmp_path / "report" / "figure.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert saved["ttests"][0]["nrmse"]["n"] == 2  # (PSNR of an exact prediction is inf: left out)

@@ -140,8 +140,8 @@ def subject_metrics(real_slices: Iterable, fake_slices: Iterable, masks: Optiona
         result[key] = float(finite.mean()) if finite.size else math.inf
     result["num_slices"] = len(per_slice)
     if brains is not None:
-        result["sharpness"] = sharpness(reals, fakes, brains)
-        result["sharpness_median"] = sharpness(reals, fakes, brains, scale="median")
+        by_scale = sharpness_by_scale(reals, fakes, brains)
+        result["sharpness"], result["sharpness_median"] = by_scale["percentile"], by_scale["median"]
         result.update(spectral_ratios(reals, fakes, brains))
         result["blanked_brain"] = blanked_brain(reals, fakes, brains)
     return result
@@ -150,12 +150,6 @@ def subject_metrics(real_slices: Iterable, fake_slices: Iterable, masks: Optiona
 SHARPNESS_EROSION = 3
 GMSD_CONSTANT = 170.0 / 255.0 ** 2
 _PREWITT = np.array([[-1.0, 0.0, 1.0]] * 3) / 3.0
-
-
-def robust_unit(volume: np.ndarray, brain: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """``volume`` mapped so that its brain's ``low``/``high`` percentiles become 0/1."""
-    lo, hi = np.percentile(volume[brain], [low, high])
-    return (volume - lo) / (hi - lo if hi > lo else 1.0)
 
 
 BLANK_REAL = 0.2
@@ -181,13 +175,42 @@ def inplane_gradient_magnitude(slices: np.ndarray) -> np.ndarray:
     return np.hypot(gx, gy)
 
 
-def median_unit(volume: np.ndarray, brain: np.ndarray, low: float = 0.5) -> np.ndarray:
-    """``volume`` mapped so that its brain's ``low`` percentile becomes 0 and its brain median 1."""
-    lo, median = np.percentile(volume[brain], [low, 50.0])
-    return (volume - lo) / (median - lo if median > lo else 1.0)
+# Each volume's sharpness scale: its brain span from the 0.5th percentile up to this one.
+SHARPNESS_LOW_PERCENTILE = 0.5
+SHARPNESS_SCALES = {"percentile": 99.5, "median": 50.0}
 
 
-SHARPNESS_SCALES = {"percentile": robust_unit, "median": median_unit}
+def sharpness_by_scale(real_slices, fake_slices, brain_slices, scales=tuple(SHARPNESS_SCALES),
+                       erosion: int = SHARPNESS_EROSION) -> dict:
+    """{scale: sharpness} for each of ``scales`` (see ``sharpness``). A scale divides a volume's
+    gradients by one number, so the erosion and the gradients are computed once for all."""
+    unknown = [scale for scale in scales if scale not in SHARPNESS_SCALES]
+    if unknown:
+        raise ValueError(f"unknown sharpness scale {unknown[0]!r}; choose from {', '.join(SHARPNESS_SCALES)}")
+    from scipy.ndimage import binary_erosion
+    from skimage.morphology import disk
+
+    undefined = {scale: math.nan for scale in scales}
+    real = np.asarray(real_slices, dtype=np.float64)
+    fake = np.asarray(fake_slices, dtype=np.float64)
+    brain = np.asarray(brain_slices, dtype=bool)
+    if not brain.any():
+        return undefined
+    core = binary_erosion(brain, structure=disk(erosion)[None]) if erosion else brain
+    if not core.any():
+        return undefined
+    g_real = inplane_gradient_magnitude(real)[core].mean()
+    g_fake = inplane_gradient_magnitude(fake)[core].mean()
+    if not g_real > 0:
+        return undefined
+    uppers = [SHARPNESS_SCALES[scale] for scale in scales]
+
+    def spans(volume):
+        low, *highs = np.percentile(volume[brain], [SHARPNESS_LOW_PERCENTILE, *uppers])
+        return [high - low if high > low else 1.0 for high in highs]
+
+    return {scale: float((g_fake / span_fake) / (g_real / span_real))
+            for scale, span_real, span_fake in zip(scales, spans(real), spans(fake))}
 
 
 def sharpness(real_slices, fake_slices, brain_slices, erosion: int = SHARPNESS_EROSION,
@@ -197,23 +220,7 @@ def sharpness(real_slices, fake_slices, brain_slices, erosion: int = SHARPNESS_E
     to its own 0.5-99.5th brain percentiles (``scale="percentile"``) or to its own 0.5th
     percentile and median (``"median"``: lesion brightness does not set the scale); NaN
     when the eroded brain is empty."""
-    if scale not in SHARPNESS_SCALES:
-        raise ValueError(f"unknown sharpness scale {scale!r}; choose from {', '.join(SHARPNESS_SCALES)}")
-    unit = SHARPNESS_SCALES[scale]
-    from scipy.ndimage import binary_erosion
-    from skimage.morphology import disk
-
-    real = np.asarray(real_slices, dtype=np.float64)
-    fake = np.asarray(fake_slices, dtype=np.float64)
-    brain = np.asarray(brain_slices, dtype=bool)
-    if not brain.any():
-        return math.nan
-    core = binary_erosion(brain, structure=disk(erosion)[None]) if erosion else brain
-    if not core.any():
-        return math.nan
-    g_real = inplane_gradient_magnitude(unit(real, brain))[core].mean()
-    g_fake = inplane_gradient_magnitude(unit(fake, brain))[core].mean()
-    return float(g_fake / g_real) if g_real > 0 else math.nan
+    return sharpness_by_scale(real_slices, fake_slices, brain_slices, (scale,), erosion)[scale]
 
 
 def _pool2(image: np.ndarray) -> np.ndarray:

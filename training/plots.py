@@ -91,12 +91,12 @@ def plot_curve(curve, path) -> None:
     steps = np.array([row["step"] for row in curve], dtype=float)
     hours = np.array([row.get("cpu_hours", np.nan) for row in curve], dtype=float)
     fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    # Beside the percentile-scaled sharpness, the median-scaled one that lesion brightness
+    # does not move (MRISynthesisLib.metrics); runs from before it have no such points.
+    median_scaled = np.array([row.get("val_sharpness_median", np.nan) for row in curve], dtype=float)
     for ax, (key, label) in zip(axes.ravel(), CURVE_PANELS):
         values = np.array([row.get(key, np.nan) for row in curve], dtype=float)
         ax.plot(steps, values, marker=".")
-        # Beside the percentile-scaled sharpness, the median-scaled one that lesion brightness
-        # does not move (MRISynthesisLib.metrics); runs from before it have no such points.
-        median_scaled = np.array([row.get("val_sharpness_median", np.nan) for row in curve], dtype=float)
         if key == "val_sharpness" and np.isfinite(median_scaled).any():
             ax.plot(steps, median_scaled, marker=".", ls=":", label="median-scaled")
             ax.legend(fontsize=8)

@@ -83,20 +83,38 @@ def _slice_grid(rows, row_labels, path, panel_size=(2.4, 2.5), title="") -> None
 CURVE_PANELS = (("val_psnr_masked", "brain PSNR (dB)"), ("val_psnr_masked_scale_free", "scale-free brain PSNR (dB)"),
                 ("val_sharpness", "sharpness (1 = as real)"), ("val_gmsd_masked", "brain GMSD (lower = better)"),
                 ("val_ssim_masked", "brain SSIM"), ("loss_G_L1", "training L1 (since last point)"),
-                ("val_lesion_conspicuity", "lesion conspicuity (1 = as real)"), ("val_psnr_lesion", "lesion PSNR (dB)"))
+                ("val_lesion_conspicuity", "lesion conspicuity (1 = as real)"), ("val_psnr_lesion", "lesion PSNR (dB)"),
+                ("val_spectrum_mid", "spectral power / real's (log)"), ("val_blanked_brain", "blanked brain (%)"))
+# The bands drawn in the spectral panel (MRISynthesisLib.metrics.spectral_ratios), in cycles/pixel
+# of the network grid: detail that is anatomy against the period-2 texture of upsampling.
+SPECTRUM_SERIES = (("val_spectrum_low", "< 0.1"), ("val_spectrum_mid", "0.1-0.3"),
+                   ("val_spectrum_high", "0.3-0.5"), ("val_spectrum_checkerboard", "checkerboard"))
 
 
 def plot_curve(curve, path) -> None:
     """The learning curve: each validation figure against steps (CPU hours on the top axis)."""
     steps = np.array([row["step"] for row in curve], dtype=float)
     hours = np.array([row.get("cpu_hours", np.nan) for row in curve], dtype=float)
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    fig, axes = plt.subplots(2, 5, figsize=(21, 7))
     # Beside the percentile-scaled sharpness, the median-scaled one that lesion brightness
     # does not move (MRISynthesisLib.metrics); runs from before it have no such points.
     median_scaled = np.array([row.get("val_sharpness_median", np.nan) for row in curve], dtype=float)
     for ax, (key, label) in zip(axes.ravel(), CURVE_PANELS):
-        values = np.array([row.get(key, np.nan) for row in curve], dtype=float)
-        ax.plot(steps, values, marker=".")
+        if key == "val_spectrum_mid":
+            for series, band in SPECTRUM_SERIES:
+                values = np.array([row.get(series, np.nan) for row in curve], dtype=float)
+                if np.isfinite(values).any():
+                    ax.plot(steps, values, marker=".", label=band)
+            if not ax.lines:  # a run from before the trainer logged the spectrum
+                ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+                ax.set_title(label, fontsize=10)
+                continue
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        else:
+            values = np.array([row.get(key, np.nan) for row in curve], dtype=float)
+            ax.plot(steps, values, marker=".")
         if key == "val_sharpness" and np.isfinite(median_scaled).any():
             ax.plot(steps, median_scaled, marker=".", ls=":", label="median-scaled")
             ax.legend(fontsize=8)

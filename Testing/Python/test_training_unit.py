@@ -266,7 +266,7 @@ def test_learning_curve_points_survive_resume_and_leave_training_unchanged(gen_d
     assert [row["step"] for row in curve] == [3, 6]
     for row in curve:
         for key in ("val_psnr_masked", "val_psnr_masked_scale_free", "val_sharpness", "val_sharpness_median",
-                    "val_gmsd_masked", "loss_G_L1"):
+                    "val_gmsd_masked", "val_spectrum_mid", "val_spectrum_checkerboard", "loss_G_L1"):
             assert np.isfinite(row[key]), key
     assert 0 < curve[0]["cpu_hours"] < curve[1]["cpu_hours"]
     assert (run / "curve.csv").read_text().splitlines()[0].startswith("step,epoch,cpu_hours,wall_hours,lr")

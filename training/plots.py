@@ -100,27 +100,27 @@ def plot_curve(curve, path) -> None:
     # does not move (MRISynthesisLib.metrics); runs from before it have no such points.
     median_scaled = np.array([row.get("val_sharpness_median", np.nan) for row in curve], dtype=float)
     for ax, (key, label) in zip(axes.ravel(), CURVE_PANELS):
+        ax.set_title(label, fontsize=10)
+        # One series per panel, several in the spectral one (each band drawn where logged).
+        series = SPECTRUM_SERIES if key == "val_spectrum_mid" else ((key, None),)
+        for name, band in series:
+            values = np.array([row.get(name, np.nan) for row in curve], dtype=float)
+            if np.isfinite(values).any():
+                ax.plot(steps, values, marker=".", label=band)
+        if not ax.lines:  # a figure this run did not log (older runs, no lesion labels)
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         if key == "val_spectrum_mid":
-            for series, band in SPECTRUM_SERIES:
-                values = np.array([row.get(series, np.nan) for row in curve], dtype=float)
-                if np.isfinite(values).any():
-                    ax.plot(steps, values, marker=".", label=band)
-            if not ax.lines:  # a run from before the trainer logged the spectrum
-                ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
-                ax.set_title(label, fontsize=10)
-                continue
             ax.set_yscale("log")
             ax.legend(fontsize=8)
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        else:
-            values = np.array([row.get(key, np.nan) for row in curve], dtype=float)
-            ax.plot(steps, values, marker=".")
         if key == "val_sharpness" and np.isfinite(median_scaled).any():
             ax.plot(steps, median_scaled, marker=".", ls=":", label="median-scaled")
             ax.legend(fontsize=8)
         if key in ("val_sharpness", "val_lesion_conspicuity"):
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         if len(steps) > 1 and np.all(np.isfinite(hours)) and hours[-1] > hours[0]:
             top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, hours),

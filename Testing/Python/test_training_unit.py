@@ -256,6 +256,17 @@ def test_generated_run_sigint_resume_is_bit_exact(gen_data, tmp_path, monkeypatc
     assert torch.allclose(half.state_dict[key].float(), bundle.state_dict[key], atol=1e-3)
 
 
+def test_curve_figure_of_a_run_from_before_the_spectrum_was_logged(tmp_path, recwarn):
+    # Older runs' curve.json rows lack the spectral ratios: the panel says so, nothing warns.
+    from training.plots import plot_curve
+    rows = [{"step": s, "cpu_hours": s / 1000, "val_psnr_masked": 17.0 + s / 1000, "val_sharpness": 0.8}
+            for s in (500, 1000, 1500)]
+    plot_curve(rows, tmp_path / "old.png")
+    plot_curve([dict(r, val_spectrum_mid=0.7, val_spectrum_checkerboard=2.0) for r in rows], tmp_path / "new.png")
+    assert (tmp_path / "old.png").stat().st_size > 0 and (tmp_path / "new.png").stat().st_size > 0
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]
+
+
 def test_learning_curve_points_survive_resume_and_leave_training_unchanged(gen_data, tmp_path):
     # 2 epochs x 4 steps; a curve point every 3 steps: steps 3 and 6.
     plain = small_run(gen_data, tmp_path / "plain", val_every=0)

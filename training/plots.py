@@ -85,9 +85,12 @@ CURVE_PANELS = (("val_psnr_masked", "brain PSNR (dB)"), ("val_psnr_masked_scale_
                 ("val_ssim_masked", "brain SSIM"), ("loss_G_L1", "training L1 (since last point)"),
                 ("val_lesion_conspicuity", "lesion conspicuity (1 = as real)"), ("val_psnr_lesion", "lesion PSNR (dB)"),
                 ("val_spectrum_mid", "spectral power / real's (1 = as real)"), ("val_blanked_brain", "blanked brain (%)"))
-# The bands the trainer logs (MRISynthesisLib.metrics.spectral_ratios; training.trainer says why
-# not the higher ones), in cycles per pixel of the network grid.
-SPECTRUM_SERIES = (("val_spectrum_low", "< 0.1 cycles/px"), ("val_spectrum_mid", "0.1-0.3"))
+# Panels that draw more than their own figure: (key, legend label or None, line style).
+# Beside the percentile-scaled sharpness, the median-scaled one that lesion brightness does not
+# move; the spectral bands the trainer logs (MRISynthesisLib.metrics.spectral_ratios;
+# training.trainer says why not the higher ones), in cycles per pixel of the network grid.
+PANEL_SERIES = {"val_sharpness": (("val_sharpness", None, "-"), ("val_sharpness_median", "median-scaled", ":")),
+                "val_spectrum_mid": (("val_spectrum_low", "< 0.1 cycles/px", "-"), ("val_spectrum_mid", "0.1-0.3", "-"))}
 
 
 def plot_curve(curve, path) -> None:
@@ -95,26 +98,20 @@ def plot_curve(curve, path) -> None:
     steps = np.array([row["step"] for row in curve], dtype=float)
     hours = np.array([row.get("cpu_hours", np.nan) for row in curve], dtype=float)
     fig, axes = plt.subplots(2, 5, figsize=(21, 7))
-    # Beside the percentile-scaled sharpness, the median-scaled one that lesion brightness
-    # does not move (MRISynthesisLib.metrics); runs from before it have no such points.
-    median_scaled = np.array([row.get("val_sharpness_median", np.nan) for row in curve], dtype=float)
     for ax, (key, label) in zip(axes.ravel(), CURVE_PANELS):
         ax.set_title(label, fontsize=10)
-        # One series per panel, several in the spectral one (each band drawn where logged).
-        series = SPECTRUM_SERIES if key == "val_spectrum_mid" else ((key, None),)
-        for name, band in series:
+        legends = []
+        for name, legend, style in PANEL_SERIES.get(key, ((key, None, "-"),)):
             values = np.array([row.get(name, np.nan) for row in curve], dtype=float)
-            if np.isfinite(values).any():
-                ax.plot(steps, values, marker=".", label=band)
+            if np.isfinite(values).any():  # runs from before a figure was logged have none
+                ax.plot(steps, values, marker=".", ls=style, label=legend)
+                legends.append(legend)
         if not ax.lines:  # a figure this run did not log (older runs, no lesion labels)
             ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
             ax.set_xticks([])
             ax.set_yticks([])
             continue
-        if key == "val_spectrum_mid":
-            ax.legend(fontsize=8)
-        if key == "val_sharpness" and np.isfinite(median_scaled).any():
-            ax.plot(steps, median_scaled, marker=".", ls=":", label="median-scaled")
+        if any(legends):
             ax.legend(fontsize=8)
         if key in ("val_sharpness", "val_lesion_conspicuity", "val_spectrum_mid"):
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")

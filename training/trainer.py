@@ -47,13 +47,13 @@ from . import recipe
 
 CHECKPOINT = "checkpoint.pt"
 LOSS_KEYS = ("loss_D", "loss_G", "loss_G_GAN", "loss_G_L1", "loss_G_L1_pseudo")
-VAL_METRICS = ("psnr", "ssim", "nrmse", "psnr_masked", "ssim_masked", "nrmse_masked",
-               "psnr_masked_scale_free", "sharpness", "gmsd", "gmsd_masked", "blanked_brain",
-               "lesion_conspicuity", "psnr_lesion", "sharpness_median", "spectrum_low", "spectrum_mid")
 # Of the spectral power ratios only the two lower bands: the validation slices' real target is
 # the 240 mm slice resized to the 256 grid, which leaves it almost no power in the highest band
 # and the checkerboard corner, so their ratios there (11 times the real's checkerboard power for
 # the shipped model, 0.9 on the output grid) would measure the resizing, not the model.
+VAL_METRICS = ("psnr", "ssim", "nrmse", "psnr_masked", "ssim_masked", "nrmse_masked",
+               "psnr_masked_scale_free", "sharpness", "gmsd", "gmsd_masked", "blanked_brain",
+               "lesion_conspicuity", "psnr_lesion", "sharpness_median", "spectrum_low", "spectrum_mid")
 VAL_KEYS = tuple(f"val_{k}" for k in VAL_METRICS)
 CURVE_KEYS = ("step", "epoch", "cpu_hours", "wall_hours", "lr", "loss_G_L1", "loss_D", "loss_G_GAN", *VAL_KEYS)
 # Options that may change when resuming; everything else must match the saved run.

@@ -62,6 +62,10 @@ def add_train(sub) -> None:
                    help="warm start: a bundle (.safetensors), run folder or training checkpoint of another source "
                         "set with the same architecture (the paper model may grow wider); shared sources keep their "
                         "weights, new ones start at zero weight (training/warm_start.py)")
+    g.add_argument("--init-discriminator-from", metavar="RUN",
+                   help="with --init-from: take the discriminator from this run folder or training checkpoint "
+                        "instead (same --d-width; sources mapped as for the generator), for a bundle, which holds "
+                        "none")
     g.add_argument("--d-warmup-steps", type=int,
                    help="with --init-from: the first N steps train only the discriminator (default 0), for a "
                         "bundle, which holds none. Measured: 500 and 3,000 such steps did not keep a fine-tune from "

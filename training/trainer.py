@@ -64,6 +64,7 @@ DEFAULTS = dict(
     data=None, out=None, sources="t1,t2", target="flair", subjects=None,
     architecture="fdgan", width=64, d_width=None, laf_grid=2, no_specific_encoder=False,
     adain_scale="one_plus_delta", style_init="kaiming", context_slices=0, init_from=None,
+    init_discriminator_from=None,
     epochs=None, epochs_constant=100, epochs_decay=100, d_warmup_steps=0, batch_size=3, lr=2e-4, beta1=0.5, beta2=0.999,
     l1_reduction="mean", lambda1=None, lambda2=None,
     background_weight=1.0, lesion_weight=1.0, gdl_weight=0.0, gan_weight=1.0, fm_weight=0.0,
@@ -97,7 +98,7 @@ def resolve_config(given: dict) -> dict:
         raise InputError(f"unknown training options: {sorted(unknown)}")
     if cfg["data"] is None or cfg["out"] is None:
         raise InputError("--data and --out are required")
-    for key in ("out", "cache_dir", "split", "groups_file", "init_from"):
+    for key in ("out", "cache_dir", "split", "groups_file", "init_from", "init_discriminator_from"):
         if cfg[key] is not None:
             cfg[key] = str(Path(cfg[key]).resolve())
     cfg["data"] = os.pathsep.join(str(p.resolve()) for p in data_mod.data_folders(cfg["data"]))
@@ -137,6 +138,9 @@ def resolve_config(given: dict) -> dict:
     if cfg["d_warmup_steps"] and cfg["init_from"] is None:
         raise InputError("--d-warmup-steps goes with --init-from: it trains a fresh discriminator against a "
                          "trained generator")
+    if cfg["init_discriminator_from"] is not None and cfg["init_from"] is None:
+        raise InputError("--init-discriminator-from goes with --init-from: it gives a warm-started generator a "
+                         "trained discriminator")
     if cfg["d_width"] is None:
         cfg["d_width"] = cfg["width"]
     if cfg["batch_size"] < 1 or cfg["width"] < 1 or cfg["d_width"] < 1:
@@ -516,7 +520,8 @@ class Run:
         D = init_weights(build_discriminator(self.model_config.input_channels, cfg["d_width"]))
         if cfg["init_from"] and not cfg["resume"]:  # a resumed run loads its own checkpoint instead
             from .warm_start import warm_start
-            self.log(warm_start(G, D, cfg["init_from"], self.model_config, cfg["sources"].split(",")))
+            self.log(warm_start(G, D, cfg["init_from"], self.model_config, cfg["sources"].split(","),
+                                discriminator_from=cfg["init_discriminator_from"]))
         self.G, self.D = G.to(self.dist.device), D.to(self.dist.device)
         betas = (cfg["beta1"], cfg["beta2"])
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=betas)

@@ -218,9 +218,10 @@ def map_discriminator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new
 
 
 def warm_start(G: torch.nn.Module, D: torch.nn.Module, path, new_config: ModelConfig,
-               new_sources: Sequence[str]) -> str:
-    """Load the mapped weights into ``G`` (and ``D`` where the source holds one); returns a
-    one-line description for the log."""
+               new_sources: Sequence[str], discriminator_from=None) -> str:
+    """Load the mapped weights into ``G`` (and ``D`` where the source holds one, or from
+    ``discriminator_from``, a run folder or checkpoint); returns a one-line description for
+    the log."""
     old = load_trained_model(path)
     check_compatible(new_config, old.config)
     if new_config.base_width == old.config.base_width:
@@ -246,7 +247,19 @@ def warm_start(G: torch.nn.Module, D: torch.nn.Module, path, new_config: ModelCo
     if new_config.context_slices > old.config.context_slices:
         parts.append(f"2.5D context {old.config.context_slices} -> {new_config.context_slices} slice(s) each side "
                      "(new neighbours at zero weight)")
-    if old.D is not None:
+    if discriminator_from is not None:
+        # A bundle keeps no discriminator, and a fresh one against a trained generator let
+        # fine-tunes blur (docs/learning_curves.md); another run's trained one is the alternative.
+        try:
+            other = load_trained_model(discriminator_from)
+            if other.D is None:
+                raise InputError(f"--init-from: {discriminator_from} is a bundle, which holds no discriminator; "
+                                 "give a run folder or training checkpoint")
+            D.load_state_dict(map_discriminator(D.state_dict(), other, new_config, new_sources))
+        except InputError as exc:  # the same checks as --init-from's, named after this option
+            raise InputError(str(exc).replace("--init-from:", "--init-discriminator-from:", 1)) from None
+        parts.append(f"discriminator taken from {other.origin} ({'+'.join(other.sources)})")
+    elif old.D is not None:
         D.load_state_dict(map_discriminator(D.state_dict(), old, new_config, new_sources))
         parts.append("discriminator taken")
     else:

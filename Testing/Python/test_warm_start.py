@@ -167,3 +167,23 @@ def test_only_the_paper_model_grows_wider():
     config, _, _ = fresh(old_config, ["t1", "t2"], width=12)
     with pytest.raises(InputError, match="only the paper model's generator can grow wider"):
         ws.check_compatible(config, old_config)
+
+
+def test_a_bundle_fine_tune_takes_its_discriminator_from_another_run(gen_data, tmp_path):  # noqa: F811
+    donor = tmp_path / "donor"
+    small_run(gen_data, donor, epochs=1)  # a pix2pix run at width 4
+    old_config, G_old, _ = trained("pix2pix_unet", ["t1", "t2"], width=4)
+    bundle = tmp_path / "t1_t2.safetensors"
+    save_bundle(bundle_from_generator(G_old, old_config, ["t1", "t2"]), bundle)
+    config, G, D = fresh(old_config, ["t1", "t2"], width=4)
+    message = ws.warm_start(G, D, bundle, config, ["t1", "t2"], discriminator_from=donor)
+    assert "discriminator taken from donor (t1+t2)" in message
+    donor_D = torch.load(donor / "checkpoint.pt", map_location="cpu", weights_only=False)["D"]
+    assert all(torch.equal(v, donor_D[k]) for k, v in D.state_dict().items())
+    assert all(torch.equal(v, G_old.state_dict()[k]) for k, v in G.state_dict().items())
+    with pytest.raises(InputError, match="--init-discriminator-from: .*t1_t2.safetensors is a bundle, which holds no"):
+        ws.warm_start(G, D, bundle, config, ["t1", "t2"], discriminator_from=bundle)
+    with pytest.raises(InputError, match="--init-discriminator-from: no model bundle or training checkpoint"):
+        ws.warm_start(G, D, bundle, config, ["t1", "t2"], discriminator_from=tmp_path / "missing")
+    with pytest.raises(InputError, match="--init-discriminator-from goes with --init-from"):
+        small_run(gen_data, tmp_path / "no_generator", init_discriminator_from=str(donor))

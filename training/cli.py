@@ -171,14 +171,27 @@ def add_subjects(sub) -> None:
 
 def add_model_card(sub) -> None:
     p = sub.add_parser("model-card", help="write a model card (markdown) from a run and its evaluation")
-    p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--evaluation", required=True, help="metrics.json of python -m training evaluate")
-    p.add_argument("--label", required=True, help="this model's label in the evaluation")
-    p.add_argument("--name", required=True, help="shipped name, e.g. t1_t2_to_flair")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--run", help="run folder")
+    given.add_argument("--from-bundle", metavar="BUNDLE",
+                       help="instead of --run: start from the card stored in this bundle and (re)write its "
+                            "--compared-in section (for a shipped model whose run folder is gone)")
+    p.add_argument("--evaluation", help="with --run: metrics.json of python -m training evaluate")
+    p.add_argument("--compared-in", metavar="EVALUATION",
+                   help="metrics.json of an evaluation that scored this model beside others on the same subjects "
+                        "(e.g. the shipped models with fewer inputs): adds the paired differences")
+    p.add_argument("--label", required=True, help="this model's label in the evaluation(s)")
+    p.add_argument("--name", help="with --run: shipped name, e.g. t1_t2_to_flair")
     p.add_argument("--out", required=True, help="markdown file to write")
     p.add_argument("--preprocessing-from", metavar="BUNDLE",
                    help="describe this bundle's preprocessing (e.g. one exported with --standardize-histograms) "
                         "instead of the run's")
+
+
+def add_set_model_card(sub) -> None:
+    p = sub.add_parser("set-model-card", help="store a model card in a bundle; weights unchanged")
+    p.add_argument("--bundle", required=True, help="bundle (.safetensors), rewritten in place")
+    p.add_argument("--model-card", required=True, help="markdown model card (docs/model_cards/NAME.md)")
 
 
 def add_bench(sub) -> None:
@@ -210,6 +223,7 @@ def main(argv=None) -> int:
     add_export(sub)
     add_subjects(sub)
     add_model_card(sub)
+    add_set_model_card(sub)
     add_bench(sub)
     add_targets(sub)
     add_quality_table(sub)
@@ -253,6 +267,11 @@ def main(argv=None) -> int:
             from .model_card import model_card_cli
 
             return model_card_cli(args)
+        if args.command == "set-model-card":
+            from .model_card import store_model_card
+
+            print(f"{args.bundle}: sha256 {store_model_card(args.bundle, args.model_card)}")
+            return 0
         if args.command == "evaluate":
             from .evaluate import evaluate_cli
 

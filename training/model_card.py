@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.preprocessing import PreprocessingConfig
 
 from .data import portable_path
@@ -190,14 +191,120 @@ def render_model_card(run_dir, evaluation_json, label: str, name: str,
     return "\n".join(lines)
 
 
-def model_card_cli(args) -> int:
-    preprocessing = None
-    if getattr(args, "preprocessing_from", None):
-        from MRISynthesisLib.bundle import load_bundle
+COMPARISON_HEADING = "## Against the other models of one evaluation"
+# The paired figures of the comparison, (key, name, digits): scale-free first, as in the reports.
+COMPARED = (("psnr_masked_scale_free", "scale-free brain PSNR (dB)", 2), ("psnr_masked", "brain PSNR (dB)", 2),
+            ("sharpness", "sharpness", 3), ("lesion_conspicuity", "lesion conspicuity", 2))
 
-        preprocessing = load_bundle(args.preprocessing_from).preprocessing
-    text = render_model_card(args.run, args.evaluation, args.label, args.name, preprocessing)
+
+def comparison_section(evaluation_json, label: str, report: str) -> str:
+    """Paired differences, this model minus each other model of an evaluation that scored
+    several on the same subjects (e.g. the shipped models with different inputs), and where
+    a model with fewer inputs is not beaten on scale-free brain PSNR, the sentence that says so."""
+    evaluation = json.loads(Path(evaluation_json).read_text())
+    if label not in evaluation.get("summary", {}):
+        raise InputError(f"--compared-in: {label!r} is not a method of {evaluation_json}")
+    sources = {m["label"]: m.get("sources", []) for m in evaluation.get("methods", []) if "label" in m}
+    rows, verdicts = [], []
+    for t in evaluation.get("ttests", []):
+        if label not in (t["a"], t["b"]):
+            continue
+        other, sign = (t["b"], 1) if t["a"] == label else (t["a"], -1)
+        cells = []
+        for key, _, digits in COMPARED:
+            r = t.get(key)
+            cells.append("-" if not r else f"{sign * r['mean_difference']:+.{digits}f} (p = {r['p']:.2g})")
+        rows.append(f"| {other} | {t['psnr_masked']['n']} | " + " | ".join(cells) + " |")
+        gain = t.get("psnr_masked_scale_free")
+        fewer = len(sources.get(other, [])) < len(sources.get(label, []))
+        if fewer and gain and sign * gain["mean_difference"] <= 0:
+            extra = [s.upper() for s in sources[label] if s not in sources[other]]
+            verdicts.append(f"On these subjects this model is no more faithful than `{other}`, which does without "
+                            f"the {', '.join(extra)} (scale-free brain PSNR {sign * gain['mean_difference']:+.2f} dB, "
+                            f"p = {gain['p']:.2g}): for the most faithful FLAIR, leave the {', '.join(extra)} out.")
+    if not rows:
+        raise InputError(f"--compared-in: {evaluation_json} holds no paired test of {label!r} against another model")
+    lines = [COMPARISON_HEADING, "",
+             f"{len(evaluation['subjects'])} test subjects scored by every model, "
+             f"{slices_phrase(evaluation['slices_per_subject'])} of each (report: {report}). "
+             "This model minus the other, mean over subjects, paired t-test:", "",
+             "| other model | n | " + " | ".join(name for _, name, _ in COMPARED) + " |",
+             "|---|---|" + "---|" * len(COMPARED)] + rows
+    return "\n".join(lines + ([""] + verdicts if verdicts else []))
+
+
+def with_comparison(card: str, section: str) -> str:
+    """``card`` with its comparison section, if any, replaced by ``section`` (before the
+    known limits, which close a card)."""
+    if COMPARISON_HEADING in card:
+        head, rest = card.split(COMPARISON_HEADING, 1)
+        after = rest.find("\n## ")
+        card = head.rstrip("\n") + ("\n" + rest[after:] if after >= 0 else "")
+    head, limits, rest = card.partition("\n## Known limits")
+    return head.rstrip("\n") + "\n\n" + section + ("\n" + limits + rest if limits else "\n")
+
+
+def _report_link(evaluation_json) -> str:
+    """The evaluation's report as a link from docs/model_cards/ where it lies under
+    docs/evaluation/, else its file name."""
+    path = Path(evaluation_json).resolve()
+    parts = path.parts
+    if "evaluation" in parts and parts[parts.index("evaluation") - 1] == "docs":
+        rel = "/".join(parts[parts.index("evaluation"):-1])
+        return f"[docs/{rel}/report.md](../{rel}/report.md)"
+    return f"`{path.parent.name}/report.md`"
+
+
+def model_card_cli(args) -> int:
+    from MRISynthesisLib.bundle import BundleError, load_bundle
+
+    if args.from_bundle:
+        if not args.compared_in:
+            raise InputError("--from-bundle rewrites a bundle's card with --compared-in; give --run to write a new card")
+        try:
+            card = str(load_bundle(args.from_bundle).provenance.get("model_card") or "")
+        except BundleError as exc:
+            raise InputError(f"--from-bundle: {exc}") from None
+        if not card:
+            raise InputError(f"--from-bundle: {args.from_bundle} holds no model card")
+        text = with_comparison(card, comparison_section(args.compared_in, args.label, _report_link(args.compared_in)))
+    else:
+        if not args.evaluation:
+            raise InputError("--run needs --evaluation")
+        preprocessing = load_bundle(args.preprocessing_from).preprocessing if args.preprocessing_from else None
+        if not args.name:
+            raise InputError("--run needs --name (the shipped name, e.g. t1_t2_to_flair)")
+        text = render_model_card(args.run, args.evaluation, args.label, args.name, preprocessing)
+        if args.compared_in:
+            text = with_comparison(text, comparison_section(args.compared_in, args.label,
+                                                            _report_link(args.compared_in)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text, encoding="utf-8")
     print(args.out)
     return 0
+
+
+def store_model_card(bundle_path, card_path) -> str:
+    """Replace the model card stored in a bundle (its provenance's model_card) with the text
+    of ``card_path``: the weights and the rest of the provenance stay as they are, and the
+    bundle is rewritten atomically (a new SHA-256, since the card is part of what it covers).
+    For a shipped bundle whose run folder is gone, so that it cannot be exported again; the
+    SHA-256s it had before are kept in the provenance's earlier_sha256."""
+    from MRISynthesisLib.bundle import BundleError, load_bundle, save_bundle
+
+    card = Path(card_path)
+    if not card.is_file():
+        raise InputError(f"--model-card: no such file: {card}")
+    text = card.read_text(encoding="utf-8")
+    if not text.startswith("# Model card"):
+        raise InputError(f"--model-card: {card} does not start with '# Model card'; is it a model card?")
+    try:
+        bundle = load_bundle(bundle_path)
+    except BundleError as exc:
+        raise InputError(f"--bundle: {exc}") from None
+    if bundle.provenance.get("model_card") == text:
+        return bundle.sha256  # nothing to change: the file stays as it is
+    # Evaluations name the bundles they scored by SHA-256; the earlier ones stay traceable.
+    earlier = list(bundle.provenance.get("earlier_sha256", [])) + [bundle.sha256]
+    bundle.provenance = {**bundle.provenance, "model_card": text, "earlier_sha256": earlier}
+    return save_bundle(bundle, bundle_path)  # tensors as stored (fp16 stays fp16)

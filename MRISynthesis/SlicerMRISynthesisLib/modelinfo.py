@@ -81,7 +81,8 @@ def _bullets(text: str) -> List[str]:
 
 
 def modelSummary(info: dict) -> str:
-    """Plain-text model card summary: training data, held-out metrics, limits."""
+    """Plain-text model card summary: training data, held-out metrics, the advice of its
+    comparison with other inputs, limits."""
     provenance = info.get("provenance") or {}
     lines = [modelLabel(info)]
     split = provenance.get("split") or {}
@@ -105,6 +106,9 @@ def modelSummary(info: dict) -> str:
                                                   ("psnr", "whole-slice PSNR", 2, " dB"))
                  if key in stats]
         lines.append("Held-out test: " + ", ".join(parts) + ".")
+    # Where a model with fewer inputs does as well (training/model_card.py writes the sentence).
+    compared = _section(card, "Against the other models of one evaluation")
+    lines += [p.replace("`", "") for p in compared.split("\n\n") if p.startswith("On these subjects")]
     limits = [b for b in _bullets(_section(card, "Known limits")) if not b.lower().startswith("training data")]
     if limits:
         lines.append("Limits: " + " ".join(limits[:3]))

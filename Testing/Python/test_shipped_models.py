@@ -44,10 +44,24 @@ def test_bundle_metadata(name, sources, architecture):
     assert prov["split"]["train"] and set(prov["split"]["train"]) <= set(split["train"])
     assert set(prov["split"]["test"]) <= set(split["test"])
     assert "Model card" in prov["model_card"] and "Known limits" in prov["model_card"]
+    # The card users read on the web is the one `mrisynthesis info` prints.
+    assert (REPO / "docs" / "model_cards" / f"{name}.md").read_text(encoding="utf-8") == prov["model_card"]
     assert prov["evaluation_label"] == name and name in prov["held_out_evaluation"]["summary"]
     described = bundle.describe()  # what `mrisynthesis info` prints
     assert f"held-out:      {name}: brain PSNR" in described and "## Known limits" in described
     assert shipped_bundles()[name] == path or MODELS_DIR not in models_dirs()
+
+
+@pytest.mark.parametrize("report", ["inputs_compared", "t1_t2_to_flair/shipped_bundles"])
+def test_the_reports_on_the_shipped_bundles_scored_the_weights_shipped_now(report):
+    # A bundle whose card was replaced (training set-model-card) keeps its weights and lists
+    # the SHA-256s it had before, which these reports name.
+    methods = json.loads((REPO / "docs" / "evaluation" / report / "metrics.json").read_text())["methods"]
+    scored = [m for m in methods if m.get("path", "").startswith("Resources/Models/")]
+    assert scored
+    for method in scored:
+        bundle = load_bundle(REPO / method["path"])
+        assert method["sha256"] in [bundle.sha256] + bundle.provenance.get("earlier_sha256", []), method["path"]
 
 
 def test_the_baseline_is_never_the_automatic_choice():

@@ -57,6 +57,11 @@ def test_shipped_models_have_human_labels_and_card_summaries():
         assert "lesion conspicuity" in summary and "whole-slice PSNR" in summary, name
         assert "Training data:" in summary and "Limits:" in summary and "research use only" in summary
     assert "automatic" in modelinfo.AUTOMATIC_HELP.lower() and "T1 + T2 + T1c" in modelinfo.AUTOMATIC_HELP
+    # Whoever picks the T1c model reads that the T1 + T2 model is as faithful (its card's comparison).
+    summaries = {name: summary for name, _, summary in models}
+    assert "no more faithful than t1_t2_to_flair" in summaries["t1_t2_t1c_to_flair"]
+    assert "leave the T1C out" in summaries["t1_t2_t1c_to_flair"]
+    assert "no more faithful" not in summaries["t1_t2_to_flair"]
 
 
 def test_summary_numbers_come_from_the_bundle(tmp_path):

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import head_phantom
-from MRISynthesisLib.bundle import load_bundle
+from MRISynthesisLib.bundle import bundle_from_generator, load_bundle, save_bundle
 from MRISynthesisLib.errors import InputError
+from MRISynthesisLib.networks import ModelConfig, build_generator
 from MRISynthesisLib.volumes import Volume, load_volume, save_volume
 from MRISynthesisLib.subjects import modality_of
 from training import data as data_mod
@@ -710,3 +711,54 @@ def test_new_runs_resize_bicubic_and_runs_saved_before_the_option_keep_bilinear(
     assert load_bundle(resumed["bundle"]).preprocessing.resize_interpolation == "bilinear"
     with pytest.raises(InputError, match="resize-interpolation"):
         trainer.resolve_config({"data": tmp_path, "out": tmp_path, "resize_interpolation": "nearest"})
+
+
+def test_a_shipped_models_card_gains_the_comparison_with_other_inputs_without_its_run(tmp_path):
+    from training.model_card import store_model_card
+
+    config = ModelConfig(architecture="pix2pix_unet", num_sources=2, base_width=4)
+    card = "# Model card: `t1_t2_t1c_to_flair`\n\n## Held-out evaluation\nfigures\n\n## Known limits\n- small\n"
+    bundle = bundle_from_generator(build_generator(config), config, ["t1", "t2"],
+                                   provenance={"model_card": card})
+    bundle_path = tmp_path / "t1_t2_t1c_to_flair.safetensors"
+    old_sha = save_bundle(bundle, bundle_path, half_precision=True)
+    methods = [{"label": "three", "sources": ["t1", "t2", "t1c"]}, {"label": "two", "sources": ["t1", "t2"]},
+               {"label": "one", "sources": ["t1"]}]
+    pair = lambda d, p: {"n": 11, "t": 2.0, "p": p, "mean_difference": d}  # noqa: E731
+    ttests = [{"a": "three", "b": "two", "psnr_masked_scale_free": pair(-0.1, 0.08), "psnr_masked": pair(-0.12, 0.007),
+               "sharpness": pair(0.058, 0.001), "lesion_conspicuity": pair(-0.04, 0.019)},
+              {"a": "one", "b": "three", "psnr_masked_scale_free": pair(-0.86, 0.004), "psnr_masked": pair(-0.86, 0.004)},
+              {"a": "one", "b": "two", "psnr_masked_scale_free": pair(-0.95, 0.003), "psnr_masked": pair(-0.9, 0.003)}]
+    evaluation = tmp_path / "docs" / "evaluation" / "inputs" / "metrics.json"
+    evaluation.parent.mkdir(parents=True)
+    evaluation.write_text(json.dumps({"subjects": ["s"] * 11, "slices_per_subject": None, "methods": methods,
+                                      "ttests": ttests, "summary": {m["label"]: {} for m in methods}}))
+    out = tmp_path / "card.md"
+    args = ["model-card", "--from-bundle", str(bundle_path), "--compared-in", str(evaluation), "--label", "three",
+            "--out", str(out)]
+    assert training_main(args) == 0
+    text = out.read_text()
+    # The comparison goes before the known limits, from this model's side, with the report linked.
+    assert text.index("## Held-out evaluation") < text.index("## Against the other models") < text.index("## Known")
+    assert "| two | 11 | -0.10 (p = 0.08) | -0.12 (p = 0.007) | +0.058 (p = 0.001) | -0.04 (p = 0.019) |" in text
+    assert "| one | 11 | +0.86 (p = 0.004) | +0.86 (p = 0.004) | - | - |" in text
+    assert "[docs/evaluation/inputs/report.md](../evaluation/inputs/report.md)" in text
+    assert "no more faithful than `two`, which does without the T1C" in text and "leave the T1C out" in text
+    # The model with fewer inputs that it beats gets no such sentence; rewriting replaces the section.
+    assert "than `one`" not in text
+    assert training_main(args[:2] + [str(bundle_path)] + args[3:]) == 0
+    assert out.read_text().count("## Against the other models") == 1
+    # Stored in the bundle: the weights as they were (fp16), the earlier SHA-256 kept.
+    assert training_main(["set-model-card", "--bundle", str(bundle_path), "--model-card", str(out)]) == 0
+    stored = load_bundle(bundle_path)
+    assert stored.provenance["model_card"] == text and stored.provenance["earlier_sha256"] == [old_sha]
+    assert all(torch.equal(v, bundle.state_dict[k].half()) and v.dtype == torch.float16
+               for k, v in stored.state_dict.items() if v.is_floating_point())
+    # Bad input is named and leaves the bundle as it was.
+    before = bundle_path.read_bytes()
+    (tmp_path / "notes.md").write_text("some notes")
+    assert training_main(["set-model-card", "--bundle", str(bundle_path), "--model-card", str(tmp_path / "notes.md")]) == 2
+    assert training_main(["model-card", "--from-bundle", str(bundle_path), "--compared-in", str(evaluation),
+                          "--label", "four", "--out", str(out)]) == 2
+    assert training_main(["model-card", "--from-bundle", str(bundle_path), "--label", "three", "--out", str(out)]) == 2
+    assert bundle_path.read_bytes() == before and out.read_text() == text

@@ -259,6 +259,11 @@ def model_card_cli(args) -> int:
     from MRISynthesisLib.bundle import BundleError, load_bundle
 
     if args.from_bundle:
+        ignored = [o for o, v in (("--evaluation", args.evaluation), ("--name", args.name),
+                                  ("--preprocessing-from", args.preprocessing_from)) if v]
+        if ignored:
+            raise InputError(f"{' and '.join(ignored)} {'goes' if len(ignored) == 1 else 'go'} with --run; "
+                             "--from-bundle keeps the bundle's card and rewrites only its --compared-in section")
         if not args.compared_in:
             raise InputError("--from-bundle rewrites a bundle's card with --compared-in; give --run to write a new card")
         try:

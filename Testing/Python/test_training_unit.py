@@ -761,4 +761,5 @@ def test_a_shipped_models_card_gains_the_comparison_with_other_inputs_without_it
     assert training_main(["model-card", "--from-bundle", str(bundle_path), "--compared-in", str(evaluation),
                           "--label", "four", "--out", str(out)]) == 2
     assert training_main(["model-card", "--from-bundle", str(bundle_path), "--label", "three", "--out", str(out)]) == 2
+    assert training_main(args + ["--evaluation", str(evaluation)]) == 2
     assert bundle_path.read_bytes() == before and out.read_text() == text

@@ -65,7 +65,7 @@ class Subject:
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Run options that hold a file or folder (named portably in provenance, cards and reports).
-PATH_OPTIONS = ("data", "out", "cache_dir", "split", "groups_file", "init_from")
+PATH_OPTIONS = ("data", "out", "cache_dir", "split", "groups_file", "init_from", "init_discriminator_from")
 
 
 # The subjects ../shared/more-data/stage.py writes wherever its user puts them: named by

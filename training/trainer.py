@@ -98,8 +98,8 @@ def resolve_config(given: dict) -> dict:
         raise InputError(f"unknown training options: {sorted(unknown)}")
     if cfg["data"] is None or cfg["out"] is None:
         raise InputError("--data and --out are required")
-    for key in ("out", "cache_dir", "split", "groups_file", "init_from", "init_discriminator_from"):
-        if cfg[key] is not None:
+    for key in data_mod.PATH_OPTIONS:  # "data" may list several folders (below)
+        if key != "data" and cfg[key] is not None:
             cfg[key] = str(Path(cfg[key]).resolve())
     cfg["data"] = os.pathsep.join(str(p.resolve()) for p in data_mod.data_folders(cfg["data"]))
     sources = [s.strip() for s in cfg["sources"].split(",")] if isinstance(cfg["sources"], str) else list(cfg["sources"])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from MRISynthesisLib.bundle import bundle_from_generator, save_bundle
+from MRISynthesisLib.bundle import bundle_from_generator, load_bundle, save_bundle
 from MRISynthesisLib.errors import InputError
 from MRISynthesisLib.networks import ModelConfig, build_discriminator, build_generator, init_generator, init_weights
 from test_training_unit import gen_data, small_run  # noqa: F401  (module fixture and helper)
@@ -187,3 +187,9 @@ def test_a_bundle_fine_tune_takes_its_discriminator_from_another_run(gen_data, t
         ws.warm_start(G, D, bundle, config, ["t1", "t2"], discriminator_from=tmp_path / "missing")
     with pytest.raises(InputError, match="--init-discriminator-from goes with --init-from"):
         small_run(gen_data, tmp_path / "no_generator", init_discriminator_from=str(donor))
+    # A run: the log says where each network came from; the bundle names both portably.
+    run = tmp_path / "fine_tune"
+    small_run(gen_data, run, epochs=1, init_from=str(bundle), init_discriminator_from=str(donor))
+    assert "discriminator taken from donor (t1+t2)" in (run / "train.log").read_text()
+    options = load_bundle(run / "model.safetensors").provenance["options"]
+    assert options["init_discriminator_from"] == "<elsewhere>/donor" and str(tmp_path) not in json.dumps(options)

@@ -4,7 +4,8 @@
 # (issue 20), the pix2pix baseline (T1+T2) and the per-voxel linear baseline; check the T1+T2
 # targets (python -m training targets; a missed one is reported, not fatal); write the model
 # cards and reports under docs/, and export the shipped fp16 bundles (card and evaluation in
-# their provenance) into Resources/Models, and the README's quality table.
+# their provenance) into Resources/Models, compare the three paper models' inputs in one
+# evaluation (scripts/compare_inputs.sh), and write the README's quality table.
 # Usage: bash scripts/finalize_default_models.sh DATA_DIRS [RUNS_DIR] [NAME ...]
 #        (NAME: t1_t2_to_flair, t1_t2_t1c_to_flair, t1_to_flair; default all three;
 #         t1_t2_to_flair also exports pix2pix_t1_t2_to_flair)
@@ -96,6 +97,9 @@ finalize t1_t2_t1c_to_flair fdgan_t1_t2_t1c --baseline linear
 # T1: the run of the plain recipe (fdgan_t1, as T1+T2+T1c's), with its T1 histogram standardised
 # (STANDARDIZED above); the runs trained on contrast- and blur-augmented T1s are not needed then.
 finalize t1_to_flair fdgan_t1 --baseline linear
+# What each added input buys: the shipped paper models in one evaluation, into their cards
+# and bundles (REUSE_EVALUATION=1 passes through: the cards only).
+bash scripts/compare_inputs.sh "$DATA"
 # The README's quality table, from the reports just written.
 $PY -m training quality-table docs/evaluation/t1_t2_to_flair docs/evaluation/t1_to_flair \
     docs/evaluation/t1_t2_t1c_to_flair --readme README.md

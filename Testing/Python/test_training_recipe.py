@@ -68,7 +68,7 @@ def test_feature_matching_compares_the_discriminators_layers():
     x, y = torch.rand(2, 2, 64, 64), torch.rand(2, 1, 64, 64)
     logits, features = D.forward_with_features(x, y)
     assert torch.equal(logits, D(x, y)) and len(features) == 4  # one per LeakyReLU
-    assert float(recipe.feature_matching(features, features)) == 0.0
+    assert float(recipe.feature_matching(features, features).detach()) == 0.0
     _, other = D.forward_with_features(x, y.flip(-1))
     fake = [f.detach().clone().requires_grad_(True) for f in other]
     loss = recipe.feature_matching(fake, features)

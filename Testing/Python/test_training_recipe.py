@@ -73,7 +73,7 @@ def test_feature_matching_compares_the_discriminators_layers():
     fake = [f.detach().clone().requires_grad_(True) for f in other]
     loss = recipe.feature_matching(fake, features)
     loss.backward()
-    assert float(loss) > 0 and all(f.grad is not None for f in fake)
+    assert float(loss.detach()) > 0 and all(f.grad is not None for f in fake)
     # In the training step it adds to G's loss and nothing to D's.
     from MRISynthesisLib.networks import ModelConfig, build_generator, init_generator
     from contextlib import nullcontext

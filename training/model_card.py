@@ -272,15 +272,14 @@ def model_card_cli(args) -> int:
             raise InputError(f"--from-bundle: {exc}") from None
         if not card:
             raise InputError(f"--from-bundle: {args.from_bundle} holds no model card")
-        text = with_comparison(card, comparison_section(args.compared_in, args.label, _report_link(args.compared_in)))
+        text = card
     else:
         if not args.evaluation or not args.name:
             raise InputError("--run needs --evaluation and --name (the shipped name, e.g. t1_t2_to_flair)")
         preprocessing = load_bundle(args.preprocessing_from).preprocessing if args.preprocessing_from else None
         text = render_model_card(args.run, args.evaluation, args.label, args.name, preprocessing)
-        if args.compared_in:
-            text = with_comparison(text, comparison_section(args.compared_in, args.label,
-                                                            _report_link(args.compared_in)))
+    if args.compared_in:
+        text = with_comparison(text, comparison_section(args.compared_in, args.label, _report_link(args.compared_in)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text, encoding="utf-8")
     print(args.out)

@@ -26,6 +26,7 @@ fresh; from a run folder or training checkpoint, both networks are taken.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from pathlib import Path
@@ -58,21 +59,21 @@ def load_trained_model(path) -> TrainedModel:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
-        raise InputError(f"--init-from: no model bundle or training checkpoint at {path}")
+        raise InputError(f"no model bundle or training checkpoint at {path}")
     if path.suffix == ".safetensors":
         try:
             bundle = load_bundle(path)
         except BundleError as exc:
-            raise InputError(f"--init-from: {exc}") from None
+            raise InputError(str(exc)) from None
         return TrainedModel(bundle.model, bundle.sources, dict(bundle.state_dict), None, origin)
     from .trainer import model_config  # the trainer imports this module lazily
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a checkpoint"
-        raise InputError(f"--init-from: {path} is neither a model bundle nor a readable checkpoint ({exc})") from None
+        raise InputError(f"{path} is neither a model bundle nor a readable checkpoint ({exc})") from None
     if not isinstance(state, dict) or state.get("format") != "mrisynthesis-training-checkpoint":
-        raise InputError(f"--init-from: {path} is not a training checkpoint of this package")
+        raise InputError(f"{path} is not a training checkpoint of this package")
     cfg = state["config"]
     return TrainedModel(model_config(cfg), cfg["sources"].split(","), state["G"], state["D"], origin)
 
@@ -111,13 +112,13 @@ def check_compatible(new: ModelConfig, old: ModelConfig) -> None:
         differ.append(f"base_width {old.base_width} (new run: {new.base_width}; only the paper model's "
                       "generator can grow wider)")
     if differ:
-        raise InputError("--init-from: the trained model differs from this run in " + ", ".join(differ))
+        raise InputError("the trained model differs from this run in " + ", ".join(differ))
 
 
 def fitted(value: torch.Tensor, target: torch.Tensor, what: str) -> torch.Tensor:
     """``value`` in ``target``'s dtype, refused by name when its shape differs."""
     if tuple(value.shape) != tuple(target.shape):
-        raise InputError(f"--init-from: {what} has shape {tuple(value.shape)} in the trained model, "
+        raise InputError(f"{what} has shape {tuple(value.shape)} in the trained model, "
                          f"this run needs {tuple(target.shape)}")
     return value.to(target.dtype)
 
@@ -217,21 +218,31 @@ def map_discriminator(new_state: Dict[str, torch.Tensor], old: TrainedModel, new
     return out
 
 
+@contextlib.contextmanager
+def named_after(option: str):
+    """Errors of the block start with the option whose model they concern."""
+    try:
+        yield
+    except InputError as exc:
+        raise InputError(f"{option}: {exc}") from None
+
+
 def warm_start(G: torch.nn.Module, D: torch.nn.Module, path, new_config: ModelConfig,
                new_sources: Sequence[str], discriminator_from=None) -> str:
     """Load the mapped weights into ``G`` (and ``D`` where the source holds one, or from
     ``discriminator_from``, a run folder or checkpoint); returns a one-line description for
     the log."""
-    old = load_trained_model(path)
-    check_compatible(new_config, old.config)
-    if new_config.base_width == old.config.base_width:
-        G.load_state_dict(map_generator(G.state_dict(), old, new_config, new_sources))
-    else:  # map the sources at the old width, then widen
-        from MRISynthesisLib.networks import build_generator
+    with named_after("--init-from"):
+        old = load_trained_model(path)
+        check_compatible(new_config, old.config)
+        if new_config.base_width == old.config.base_width:
+            G.load_state_dict(map_generator(G.state_dict(), old, new_config, new_sources))
+        else:  # map the sources at the old width, then widen
+            from MRISynthesisLib.networks import build_generator
 
-        narrow_config = dataclasses.replace(new_config, base_width=old.config.base_width)
-        narrow = map_generator(build_generator(narrow_config).state_dict(), old, narrow_config, new_sources)
-        G.load_state_dict(widen_generator(G, narrow))
+            narrow_config = dataclasses.replace(new_config, base_width=old.config.base_width)
+            narrow = map_generator(build_generator(narrow_config).state_dict(), old, narrow_config, new_sources)
+            G.load_state_dict(widen_generator(G, narrow))
     kept = [s for s in new_sources if s in old.sources]
     added = [s for s in new_sources if s not in old.sources]
     dropped = [s for s in old.sources if s not in new_sources]
@@ -250,17 +261,16 @@ def warm_start(G: torch.nn.Module, D: torch.nn.Module, path, new_config: ModelCo
     if discriminator_from is not None:
         # A bundle keeps no discriminator, and a fresh one against a trained generator let
         # fine-tunes blur (docs/learning_curves.md); another run's trained one is the alternative.
-        try:
+        with named_after("--init-discriminator-from"):
             other = load_trained_model(discriminator_from)
             if other.D is None:
-                raise InputError(f"--init-from: {discriminator_from} is a bundle, which holds no discriminator; "
+                raise InputError(f"{discriminator_from} is a bundle, which holds no discriminator; "
                                  "give a run folder or training checkpoint")
             D.load_state_dict(map_discriminator(D.state_dict(), other, new_config, new_sources))
-        except InputError as exc:  # the same checks as --init-from's, named after this option
-            raise InputError(str(exc).replace("--init-from:", "--init-discriminator-from:", 1)) from None
         parts.append(f"discriminator taken from {other.origin} ({'+'.join(other.sources)})")
     elif old.D is not None:
-        D.load_state_dict(map_discriminator(D.state_dict(), old, new_config, new_sources))
+        with named_after("--init-from"):
+            D.load_state_dict(map_discriminator(D.state_dict(), old, new_config, new_sources))
         parts.append("discriminator taken")
     else:
         parts.append("discriminator fresh (a bundle holds none)")

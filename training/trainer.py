@@ -58,7 +58,10 @@ VAL_KEYS = tuple(f"val_{k}" for k in VAL_METRICS)
 CURVE_KEYS = ("step", "epoch", "cpu_hours", "wall_hours", "lr", "loss_G_L1", "loss_D", "loss_G_GAN", *VAL_KEYS)
 # Options that may change when resuming; everything else must match the saved run.
 RESUME_OVERRIDABLE = {"resume", "no_progress", "stop_after_steps", "stop_mode", "num_threads", "device",
-                      "epochs", "epochs_constant", "epochs_decay", "data", "cache_dir", "val_every"}
+                      "epochs", "epochs_constant", "epochs_decay", "data", "cache_dir", "val_every",
+                      "memory_format", "compile"}
+# Layouts of the networks' weights and batches in the training step (channels-last: oneDNN's).
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 DEFAULTS = dict(
     data=None, out=None, sources="t1,t2", target="flair", subjects=None,
@@ -73,7 +76,7 @@ DEFAULTS = dict(
     resize_interpolation="bicubic", field_of_view_mm=240.0,
     slices_per_subject=80, val_fraction=0.1, test_fraction=0.2, split=None, split_over="usable",
     group=[], groups_file=None, no_default_groups=False,
-    seed=0, precision="fp32", device="auto", num_threads=None, cache_dir=None,
+    seed=0, precision="fp32", device="auto", num_threads=None, memory_format="contiguous", compile=False, cache_dir=None,
     max_val_slices=None, val_every=500, resume=False, no_progress=False, stop_after_steps=None, stop_mode="interrupt",
 )
 # The L1 weights each reduction defaults to: pix2pix's 100 on a per-pixel mean, or the
@@ -149,6 +152,8 @@ def resolve_config(given: dict) -> dict:
         cfg["slices_per_subject"] = None  # 0 means every brain slice
     if cfg["precision"] not in ("fp32", "bf16"):
         raise InputError(f"--precision must be fp32 or bf16, got {cfg['precision']!r}")
+    if cfg["memory_format"] not in MEMORY_FORMATS:
+        raise InputError(f"--memory-format must be one of {', '.join(MEMORY_FORMATS)}, got {cfg['memory_format']!r}")
     if cfg["split_over"] not in ("usable", "all"):
         raise InputError("--split-over must be usable or all")
     if cfg["val_every"] is None or cfg["val_every"] < 0:
@@ -280,6 +285,19 @@ def train_step(G, D, D_plain, opt_G, opt_D, x, y, brain, autocast, objective: Ob
         loss_G.backward()
         opt_G.step()
     return loss_D, loss_G, loss_gan, loss_l1, loss_pseudo
+
+
+def require_compiler(device: torch.device) -> None:
+    """``--compile`` builds C++ kernels for the CPU during the first steps, after the data is
+    prepared: check for a compiler at the start instead."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise InputError("--compile: torch.compile needs a C++ compiler for the CPU (g++ or clang++, or one named by "
+                         "the CXX environment variable) and none was found; train without --compile") from None
 
 
 def device_description(device: torch.device, world: int = 1) -> str:
@@ -522,7 +540,8 @@ class Run:
             from .warm_start import warm_start
             self.log(warm_start(G, D, cfg["init_from"], self.model_config, cfg["sources"].split(","),
                                 discriminator_from=cfg["init_discriminator_from"]))
-        self.G, self.D = G.to(self.dist.device), D.to(self.dist.device)
+        layout = MEMORY_FORMATS[cfg["memory_format"]]
+        self.G, self.D = G.to(self.dist.device, memory_format=layout), D.to(self.dist.device, memory_format=layout)
         betas = (cfg["beta1"], cfg["beta2"])
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg["lr"], betas=betas)
@@ -579,6 +598,12 @@ class Run:
             self.log(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, step {start_step}")
         G, D = self.wrap()
         D_plain = self.D  # the G step calls D without DDP: D's weights get no gradient there
+        if cfg["compile"]:
+            # Only the training step runs compiled (one process: train() refuses DDP); validation,
+            # plots and checkpoints use the plain modules, which share the weights.
+            G, D = torch.compile(G, dynamic=False), torch.compile(D, dynamic=False)
+            D_plain = D
+        layout = MEMORY_FORMATS[cfg["memory_format"]]
         sampler = torch.utils.data.DistributedSampler(self.train_data, num_replicas=dist_.world, rank=dist_.rank,
                                                       shuffle=True, seed=cfg["seed"], drop_last=False)
         autocast = lambda: autocast_context(device, cfg["precision"])  # noqa: E731
@@ -632,6 +657,7 @@ class Run:
                     if cfg["augment"]:
                         x, y, masks = recipe.augment(x, y, masks, recipe.augment_generator(cfg["seed"], epoch, step),
                                                      augment_config, slices_per_source=self.model_config.slices_per_source)
+                    x, y, masks = (t.contiguous(memory_format=layout) for t in (x, y, masks))
                     values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, masks, autocast, objective,
                                         update_G=global_step >= cfg["d_warmup_steps"])
                     loss_D, loss_G = values[0], values[1]
@@ -907,6 +933,10 @@ def train(given: dict) -> dict:
         cfg = resolve_config(given)
     dist_ = Distributed(cfg["device"])
     try:
+        if cfg["compile"]:
+            if dist_.active:
+                raise InputError("--compile runs in one process only; under torchrun train without it")
+            require_compiler(dist_.device)
         if cfg["num_threads"]:
             torch.set_num_threads(int(cfg["num_threads"]))
         run_dir = Path(cfg["out"])

@@ -240,12 +240,19 @@ def test_training_step_exists_once():
     assert ".backward(" not in source and "torch.optim" not in source
 
 
-def test_training_bench_quick(capsys):
+def test_training_bench_quick(capsys, tmp_path):
     from training.cli import main as training_main
 
+    out = tmp_path / "bench.json"
     assert training_main(["bench", "--quick", "--width", "4", "--models", "fdgan-m1", "--precision", "fp32",
-                          "--memory-format", "contiguous", "channels_last", "--repeats", "1", "--warmup", "0"]) == 0
+                          "--memory-format", "contiguous", "channels_last", "--execution", "eager", "compiled",
+                          "--repeats", "1", "--warmup", "0", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "training.trainer.train_step" in printed and "fdgan-m1" in printed
-    rows = [line for line in printed.splitlines() if line.startswith("fdgan-m1")]
-    assert [row.split()[2] for row in rows] == ["contiguous", "channels_last"]
+    rows = [line.split() for line in printed.splitlines() if line.startswith("fdgan-m1")]
+    assert [row[2:4] for row in rows] == [["contiguous", "eager"], ["contiguous", "compiled"],
+                                         ["channels_last", "eager"], ["channels_last", "compiled"]]
+    measured = json.loads(out.read_text())["rows"]
+    # The compiled step counts the eager step's FLOPs; its first step (the compilation) is apart.
+    assert measured[0]["flops_per_step"] == measured[1]["flops_per_step"] > 0
+    assert measured[0]["first_step_s"] is None and measured[1]["first_step_s"] > measured[1]["step_s"]

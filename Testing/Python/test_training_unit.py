@@ -763,3 +763,40 @@ def test_a_shipped_models_card_gains_the_comparison_with_other_inputs_without_it
     assert training_main(["model-card", "--from-bundle", str(bundle_path), "--label", "three", "--out", str(out)]) == 2
     assert training_main(args + ["--evaluation", str(evaluation)]) == 2
     assert bundle_path.read_bytes() == before and out.read_text() == text
+
+
+def test_a_compiled_channels_last_step_trains_as_the_plain_one_and_resumes_bit_exact(gen_data, tmp_path):
+    """--compile --memory-format channels_last (the faster step on the CPU, docs/performance.md)
+    changes only the rounding: the same losses as the plain step; a run killed mid-way and
+    resumed ends with the uninterrupted run's weights; its bundle is ordinary."""
+    fast_opts = dict(architecture="fdgan", width=2, compile=True, memory_format="channels_last")
+    plain = small_run(gen_data, tmp_path / "plain", architecture="fdgan", width=2)
+    fast = small_run(gen_data, tmp_path / "fast", **fast_opts)
+    state = load_ckpt(tmp_path / "fast")
+    assert state["config"]["compile"] and state["config"]["memory_format"] == "channels_last"
+    kernels = [t for t in state["G"].values() if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1]
+    assert kernels and all(t.is_contiguous(memory_format=torch.channels_last) for t in kernels)
+    for a, b in zip(plain["history"], fast["history"], strict=True):
+        for key in ("loss_D", "loss_G", "loss_G_GAN", "loss_G_L1", "loss_G_L1_pseudo"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    plain_state = load_ckpt(tmp_path / "plain")
+    assert any(not torch.equal(plain_state["G"][k], state["G"][k]) for k in state["G"])  # it did run compiled
+    with pytest.raises(trainer.StopTraining):
+        small_run(gen_data, tmp_path / "crash", stop_after_steps=5, stop_mode="crash", **fast_opts)
+    trainer.train({"out": tmp_path / "crash", "resume": True, "no_progress": True})
+    assert_same_state(state, load_ckpt(tmp_path / "crash"))
+    # Dropped on resume: the run goes on with the plain step.
+    small_run(gen_data, tmp_path / "drop", stop_after_steps=5, **fast_opts)
+    resumed = trainer.train({"out": tmp_path / "drop", "resume": True, "no_progress": True, "compile": False,
+                             "memory_format": "contiguous"})
+    assert not resumed["stopped"] and json.loads((tmp_path / "drop" / "config.json").read_text())["compile"] is False
+    bundle = load_bundle(tmp_path / "fast" / "model.safetensors")
+    assert all(t.is_contiguous() for t in bundle.state_dict.values())
+    with pytest.raises(InputError, match="--memory-format"):
+        trainer.resolve_config({"data": tmp_path, "out": tmp_path, "memory_format": "nhwc"})
+    # No C++ compiler: one line at the start, before any data is read.
+    from torch._inductor import config as inductor_config
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-g++"),)}):
+        with pytest.raises(InputError, match="--compile: torch.compile needs a C\\+\\+ compiler"):
+            small_run(gen_data, tmp_path / "nocompiler", **fast_opts)
+    assert not (tmp_path / "nocompiler" / "checkpoint.pt").exists()

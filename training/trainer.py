@@ -540,8 +540,9 @@ class Run:
             from .warm_start import warm_start
             self.log(warm_start(G, D, cfg["init_from"], self.model_config, cfg["sources"].split(","),
                                 discriminator_from=cfg["init_discriminator_from"]))
-        layout = MEMORY_FORMATS[cfg["memory_format"]]
-        self.G, self.D = G.to(self.dist.device, memory_format=layout), D.to(self.dist.device, memory_format=layout)
+        self.layout = MEMORY_FORMATS[cfg["memory_format"]]  # of the weights here, of each batch in train()
+        self.G = G.to(self.dist.device, memory_format=self.layout)
+        self.D = D.to(self.dist.device, memory_format=self.layout)
         betas = (cfg["beta1"], cfg["beta2"])
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg["lr"], betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg["lr"], betas=betas)
@@ -603,7 +604,6 @@ class Run:
             # plots and checkpoints use the plain modules, which share the weights.
             G, D = torch.compile(G, dynamic=False), torch.compile(D, dynamic=False)
             D_plain = D
-        layout = MEMORY_FORMATS[cfg["memory_format"]]
         sampler = torch.utils.data.DistributedSampler(self.train_data, num_replicas=dist_.world, rank=dist_.rank,
                                                       shuffle=True, seed=cfg["seed"], drop_last=False)
         autocast = lambda: autocast_context(device, cfg["precision"])  # noqa: E731
@@ -657,7 +657,7 @@ class Run:
                     if cfg["augment"]:
                         x, y, masks = recipe.augment(x, y, masks, recipe.augment_generator(cfg["seed"], epoch, step),
                                                      augment_config, slices_per_source=self.model_config.slices_per_source)
-                    x, y, masks = (t.contiguous(memory_format=layout) for t in (x, y, masks))
+                    x, y, masks = (t.contiguous(memory_format=self.layout) for t in (x, y, masks))
                     values = train_step(G, D, D_plain, self.opt_G, self.opt_D, x, y, masks, autocast, objective,
                                         update_G=global_step >= cfg["d_warmup_steps"])
                     loss_D, loss_G = values[0], values[1]

@@ -263,7 +263,8 @@ def test_catalog_readiness_license_and_urls():
     metadata names must point at a file that exists."""
     license_text = (REPO / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0" in license_text
-    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()  # the SPDX form: the table form is deprecated
+    assert re.search(r'^license = "Apache-2\.0"\nlicense-files = \["LICENSE"\]$', pyproject, re.M)
     texts = [(REPO / "CMakeLists.txt").read_text(), (REPO / "MRISynthesis.json").read_text()]
     urls = [u for text in texts for u in re.findall(r"https://raw\.githubusercontent\.com/[^\s\"';]+", text)]
     ours = [u for u in urls if "/MRISynthesis/SlicerMRISynthesis/" in u]
